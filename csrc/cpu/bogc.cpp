@@ -1,0 +1,308 @@
+// BOGC on the CPU (SPEC.md §3): the fused step over the flat M x N buffer in one pass,
+// plus the element-wise pieces the pure functions of mmgrad.ops expose.
+#include "bogc.h"
+
+#include "common.h"
+
+namespace mmgrad {
+namespace cpu {
+namespace {
+
+using math::BogcParams;
+using math::CoordinateResult;
+
+// Where a chunk's per-objective mean and variance come from.
+enum class Source { kEma, kSamples, kMoments };
+
+template <typename scalar_t, typename acc_t>
+struct BogcArgs {
+  int M = 0;
+  int64_t N = 0, S = 0;
+  const scalar_t* g = nullptr;     // kEma: M x N; kSamples: S x M x N; kMoments: mu (M x N)
+  const acc_t* var_in = nullptr;   // kMoments: var (M x N)
+  const acc_t* m_in = nullptr;     // kEma state in ...
+  const acc_t* v_in = nullptr;
+  acc_t* m_out = nullptr;          // ... and out (may alias the inputs)
+  acc_t* v_out = nullptr;
+  acc_t beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
+  scalar_t* out = nullptr;         // N
+  acc_t* fused_u = nullptr;        // optional N-long diagnostics
+  acc_t* fused_b_pos = nullptr;
+  acc_t* fused_b_neg = nullptr;
+  BogcParams<acc_t> prm{};
+};
+
+// Fill mu/var scratch (M x kChunk each) for one chunk; returns its non-finite count.
+template <Source src, typename scalar_t, typename acc_t>
+double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, acc_t* mu, acc_t* var,
+                     acc_t* scratch) {
+  const int M = a.M;
+  if (src == Source::kEma) {
+    const double bad = load_rows(M, a.g + lo, a.N, len, mu);
+    for (int k = 0; k < M; ++k) {
+      const int64_t base = k * a.N + lo;
+      acc_t* mk = mu + k * kChunk;
+      acc_t* vk = var + k * kChunk;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) {
+        acc_t m1, v1;
+        math::ema_update(mk[t], a.m_in[base + t], a.v_in[base + t], a.beta, a.one_minus_beta,
+                         a.inv_bias_correction, m1, v1, vk[t]);
+        a.m_out[base + t] = m1;
+        a.v_out[base + t] = v1;
+      }
+    }
+    return bad;
+  }
+  if (src == Source::kMoments) {
+    const double bad = load_rows(M, a.g + lo, a.N, len, mu);
+    for (int k = 0; k < M; ++k) std::copy(a.var_in + k * a.N + lo, a.var_in + k * a.N + lo + len, var + k * kChunk);
+    return bad;
+  }
+  // Samples: two passes over the chunk's S rows (the second from cache) for an exact
+  // mean and an unbiased variance, as the reference computes them.
+  double bad = 0.0;
+  const acc_t inv_s = acc_t(1) / static_cast<acc_t>(a.S);
+  const acc_t inv_s1 = acc_t(1) / static_cast<acc_t>(a.S - 1);
+  for (int k = 0; k < M; ++k) {
+    acc_t* mk = mu + k * kChunk;
+    acc_t* vk = var + k * kChunk;
+    std::fill(mk, mk + len, acc_t(0));
+    std::fill(vk, vk + len, acc_t(0));
+    for (int64_t s = 0; s < a.S; ++s) {
+      bad += load_rows(1, a.g + (s * M + k) * a.N + lo, a.N, len, scratch);
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) mk[t] += scratch[t];
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) mk[t] *= inv_s;
+    for (int64_t s = 0; s < a.S; ++s) {
+      load_rows(1, a.g + (s * M + k) * a.N + lo, a.N, len, scratch);
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) {
+        const acc_t d = scratch[t] - mk[t];
+        vk[t] += d * d;
+      }
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) vk[t] *= inv_s1;
+  }
+  return bad;
+}
+
+template <Source src, typename scalar_t, typename acc_t, int MT>
+at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) {
+  const int M = a.M;
+  const StatsLayout L{M, plan.num_groups()};
+  return run_chunks<acc_t>(plan, L, (2 * M + 1) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
+    int64_t grp, lo, len;
+    plan.locate(c, grp, lo, len);
+    acc_t* mu = buf;
+    acc_t* var = mu + M * kChunk;
+    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, var + M * kChunk);
+
+    double sum_sq = 0, out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
+    double share_sum[math::kMaxObjectives] = {0};
+#pragma omp simd reduction(+ : sum_sq, out_sq, u_sum, conflict_sum, share_count)
+    for (int64_t t = 0; t < len; ++t) {
+      acc_t mu_d[MT > 0 ? MT : math::kMaxObjectives], var_d[MT > 0 ? MT : math::kMaxObjectives];
+      acc_t w_d[MT > 0 ? MT : math::kMaxObjectives];
+      double total = 0;
+      for (int k = 0; k < M; ++k) {
+        mu_d[k] = mu[k * kChunk + t];
+        var_d[k] = var[k * kChunk + t];
+        total += static_cast<double>(mu_d[k]);
+      }
+      const CoordinateResult<acc_t> r = math::bogc_coordinate<acc_t, MT>(M, mu_d, var_d, a.prm, w_d);
+      a.out[lo + t] = static_cast<scalar_t>(r.out);
+      if (a.fused_u != nullptr) {
+        a.fused_u[lo + t] = r.fused.u;
+        a.fused_b_pos[lo + t] = r.fused.b_pos;
+        a.fused_b_neg[lo + t] = r.fused.b_neg;
+      }
+      sum_sq += total * total;
+      out_sq += static_cast<double>(r.out) * static_cast<double>(r.out);
+      u_sum += static_cast<double>(r.fused.u);
+      conflict_sum += static_cast<double>(r.conflict);
+      share_count += r.share_scale > acc_t(0) ? 1.0 : 0.0;
+      // Shares go into a per-chunk array, later added once (kept out of the simd reduction).
+      for (int k = 0; k < M; ++k) var[k * kChunk + t] = w_d[k] * r.share_scale;
+    }
+    for (int k = 0; k < M; ++k)
+      for (int64_t t = 0; t < len; ++t) share_sum[k] += static_cast<double>(var[k * kChunk + t]);
+    add_chunk_gram(M, mu, len, st + L.gram() + grp * M * M);
+    st[L.sum_sq()] += sum_sq;
+    st[L.out_sq()] += out_sq;
+    st[L.u_sum()] += u_sum;
+    st[L.conflict_sum()] += conflict_sum;
+    st[L.share_count()] += share_count;
+    for (int k = 0; k < M; ++k) st[L.share_sum() + k] += share_sum[k];
+  });
+}
+
+template <Source src, typename scalar_t, typename acc_t>
+at::Tensor bogc_dispatch_m(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) {
+  switch (a.M) {
+    case 1: return bogc_pass<src, scalar_t, acc_t, 1>(a, plan);
+    case 2: return bogc_pass<src, scalar_t, acc_t, 2>(a, plan);
+    case 3: return bogc_pass<src, scalar_t, acc_t, 3>(a, plan);
+    case 4: return bogc_pass<src, scalar_t, acc_t, 4>(a, plan);
+    case 5: return bogc_pass<src, scalar_t, acc_t, 5>(a, plan);
+    case 6: return bogc_pass<src, scalar_t, acc_t, 6>(a, plan);
+    case 7: return bogc_pass<src, scalar_t, acc_t, 7>(a, plan);
+    case 8: return bogc_pass<src, scalar_t, acc_t, 8>(a, plan);
+    default: return bogc_pass<src, scalar_t, acc_t, 0>(a, plan);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+BogcArgs<scalar_t, acc_t> make_args(const at::Tensor& g, const at::Tensor& out, const BogcOptions& o, int M,
+                                    int64_t N) {
+  BogcArgs<scalar_t, acc_t> a;
+  a.M = M;
+  a.N = N;
+  a.g = g.data_ptr<scalar_t>();
+  a.out = out.data_ptr<scalar_t>();
+  a.prm = {static_cast<acc_t>(o.gamma), static_cast<acc_t>(o.eps), o.confidence, o.weights};
+  return a;
+}
+
+}  // namespace
+
+at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+                     const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
+                     double beta, const BogcOptions& o) {
+  const ChunkPlan plan(group_offsets);
+  const int M = static_cast<int>(g.size(0));
+  const int64_t N = g.size(1);
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mmgrad_bogc_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, acc_t>(g, out, o, M, N);
+    a.m_in = m_in.data_ptr<acc_t>();
+    a.v_in = v_in.data_ptr<acc_t>();
+    a.m_out = m_out.data_ptr<acc_t>();
+    a.v_out = v_out.data_ptr<acc_t>();
+    a.beta = static_cast<acc_t>(beta);
+    a.one_minus_beta = static_cast<acc_t>(1.0 - beta);
+    a.inv_bias_correction = static_cast<acc_t>(1.0 / (1.0 - std::pow(beta, static_cast<double>(step))));
+    stats = bogc_dispatch_m<Source::kEma>(a, plan);
+  });
+  return stats;
+}
+
+at::Tensor bogc_sample_step(const at::Tensor& samples, const at::Tensor& out, const at::Tensor& group_offsets,
+                            const BogcOptions& o) {
+  const ChunkPlan plan(group_offsets);
+  const int M = static_cast<int>(samples.size(1));
+  const int64_t N = samples.size(2);
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, samples.scalar_type(), "mmgrad_bogc_sample_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, acc_t>(samples, out, o, M, N);
+    a.S = samples.size(0);
+    stats = bogc_dispatch_m<Source::kSamples>(a, plan);
+  });
+  return stats;
+}
+
+at::Tensor bogc_from_moments(const at::Tensor& mu, const at::Tensor& var, const at::Tensor& out,
+                             const at::Tensor& fused_u, const at::Tensor& fused_b_pos, const at::Tensor& fused_b_neg,
+                             const BogcOptions& o) {
+  const at::Tensor whole = at::tensor({int64_t(0), mu.size(1)}, at::TensorOptions().dtype(at::kLong));
+  const ChunkPlan plan(whole);
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "mmgrad_bogc_from_moments", [&] {
+    auto a = make_args<scalar_t, scalar_t>(mu, out, o, static_cast<int>(mu.size(0)), mu.size(1));
+    a.var_in = var.data_ptr<scalar_t>();
+    a.fused_u = fused_u.data_ptr<scalar_t>();
+    a.fused_b_pos = fused_b_pos.data_ptr<scalar_t>();
+    a.fused_b_neg = fused_b_neg.data_ptr<scalar_t>();
+    stats = bogc_dispatch_m<Source::kMoments>(a, plan);
+  });
+  return stats;
+}
+
+namespace {
+
+// The loops live outside AT_DISPATCH_*: a #pragma cannot stand inside a macro argument.
+template <typename scalar_t, typename acc_t>
+void ema_moments_impl(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+                      const at::Tensor& v_out, const at::Tensor& var_out, int64_t step, double beta) {
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  const acc_t* m0 = m_in.data_ptr<acc_t>();
+  const acc_t* v0 = v_in.data_ptr<acc_t>();
+  acc_t* m1 = m_out.data_ptr<acc_t>();
+  acc_t* v1 = v_out.data_ptr<acc_t>();
+  acc_t* var = var_out.data_ptr<acc_t>();
+  const acc_t b = static_cast<acc_t>(beta), omb = static_cast<acc_t>(1.0 - beta);
+  const acc_t ibc = static_cast<acc_t>(1.0 / (1.0 - std::pow(beta, static_cast<double>(step))));
+  at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i)
+      math::ema_update(static_cast<acc_t>(gp[i]), m0[i], v0[i], b, omb, ibc, m1[i], v1[i], var[i]);
+  });
+}
+
+template <typename scalar_t>
+void opinions_impl(const at::Tensor& mu, const at::Tensor& var, const at::Tensor& lam, const at::Tensor& b_pos,
+                   const at::Tensor& b_neg, const at::Tensor& u, double gamma, double eps) {
+  const scalar_t *mp = mu.data_ptr<scalar_t>(), *vp = var.data_ptr<scalar_t>();
+  scalar_t *lp = lam.data_ptr<scalar_t>(), *bp = b_pos.data_ptr<scalar_t>(), *bn = b_neg.data_ptr<scalar_t>(),
+           *up = u.data_ptr<scalar_t>();
+  const scalar_t gm = static_cast<scalar_t>(gamma), ep = static_cast<scalar_t>(eps);
+  at::parallel_for(0, mu.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      lp[i] = math::precision(mp[i], vp[i], ep);
+      const math::Opinion<scalar_t> op = math::opinion(mp[i], math::evidence(mp[i], lp[i], gm));
+      bp[i] = op.b_pos;
+      bn[i] = op.b_neg;
+      up[i] = op.u;
+    }
+  });
+}
+
+template <typename scalar_t>
+void ds_combine_impl(const at::Tensor& b_pos, const at::Tensor& b_neg, const at::Tensor& u, const at::Tensor& out_b_pos,
+                     const at::Tensor& out_b_neg, const at::Tensor& out_u) {
+  const int64_t M = b_pos.size(0), N = b_pos.size(1);
+  const scalar_t *bp = b_pos.data_ptr<scalar_t>(), *bn = b_neg.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>();
+  scalar_t *obp = out_b_pos.data_ptr<scalar_t>(), *obn = out_b_neg.data_ptr<scalar_t>(), *ou = out_u.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 1 << 12, [&](int64_t lo, int64_t hi) {
+    for (int64_t d = lo; d < hi; ++d) {
+      math::Opinion<scalar_t> f{bp[d], bn[d], up[d]};
+      for (int64_t k = 1; k < M; ++k) {
+        scalar_t kept;
+        f = math::ds_combine2(f, math::Opinion<scalar_t>{bp[k * N + d], bn[k * N + d], up[k * N + d]}, kept);
+      }
+      obp[d] = f.b_pos;
+      obn[d] = f.b_neg;
+      ou[d] = f.u;
+    }
+  });
+}
+
+}  // namespace
+
+void ema_moments(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+                 const at::Tensor& v_out, const at::Tensor& var_out, int64_t step, double beta) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mmgrad_ema_moments", [&] {
+    ema_moments_impl<scalar_t, at::opmath_type<scalar_t>>(g, m_in, v_in, m_out, v_out, var_out, step, beta);
+  });
+}
+
+void opinions(const at::Tensor& mu, const at::Tensor& var, const at::Tensor& lam, const at::Tensor& b_pos,
+              const at::Tensor& b_neg, const at::Tensor& u, double gamma, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "mmgrad_opinions",
+                             [&] { opinions_impl<scalar_t>(mu, var, lam, b_pos, b_neg, u, gamma, eps); });
+}
+
+void ds_combine(const at::Tensor& b_pos, const at::Tensor& b_neg, const at::Tensor& u, const at::Tensor& out_b_pos,
+                const at::Tensor& out_b_neg, const at::Tensor& out_u) {
+  AT_DISPATCH_FLOATING_TYPES(b_pos.scalar_type(), "mmgrad_ds_combine",
+                             [&] { ds_combine_impl<scalar_t>(b_pos, b_neg, u, out_b_pos, out_b_neg, out_u); });
+}
+
+}  // namespace cpu
+}  // namespace mmgrad

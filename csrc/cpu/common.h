@@ -1,0 +1,112 @@
+// Chunked, threaded traversal of the flat M x N buffer and the per-thread statistics
+// the fused CPU kernels accumulate (Gram per parameter group, norms, diagnostics).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "../mmgrad_math.h"
+
+namespace mmgrad {
+namespace cpu {
+
+// Coordinates processed together: the chunk's M rows (and state) stay in L1/L2 while
+// the element math, the norms and the Gram matrix all read them, so memory is read once.
+constexpr int64_t kChunk = 1024;
+
+// Chunks never straddle a parameter-group boundary, so each chunk adds to one group's Gram.
+struct ChunkPlan {
+  std::vector<int64_t> offsets;      // group offsets [0, ..., N]
+  std::vector<int64_t> chunk_begin;  // first chunk index of each group, plus the total
+
+  explicit ChunkPlan(const at::Tensor& group_offsets) {
+    const int64_t* p = group_offsets.data_ptr<int64_t>();
+    offsets.assign(p, p + group_offsets.numel());
+    chunk_begin.push_back(0);
+    for (size_t g = 0; g + 1 < offsets.size(); ++g) {
+      const int64_t len = offsets[g + 1] - offsets[g];
+      chunk_begin.push_back(chunk_begin.back() + (len + kChunk - 1) / kChunk);
+    }
+  }
+  int64_t num_groups() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  int64_t num_chunks() const { return chunk_begin.back(); }
+  // Chunk c -> (group, first coordinate, length).
+  void locate(int64_t c, int64_t& group, int64_t& lo, int64_t& len) const {
+    group = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), c) - chunk_begin.begin() - 1;
+    lo = offsets[group] + (c - chunk_begin[group]) * kChunk;
+    len = std::min(kChunk, offsets[group + 1] - lo);
+  }
+};
+
+// Layout of the float64 statistics vector the step kernels return (also read by Python).
+struct StatsLayout {
+  int64_t m, groups;
+  int64_t gram() const { return 0; }
+  int64_t sum_sq() const { return groups * m * m; }
+  int64_t out_sq() const { return sum_sq() + 1; }
+  int64_t nonfinite() const { return sum_sq() + 2; }
+  int64_t u_sum() const { return sum_sq() + 3; }
+  int64_t conflict_sum() const { return sum_sq() + 4; }
+  int64_t share_count() const { return sum_sq() + 5; }
+  int64_t share_sum() const { return sum_sq() + 6; }
+  int64_t size() const { return share_sum() + m; }
+};
+
+// Run body(chunk, stats, scratch) over all chunks in torch's thread pool; each thread
+// sums into its own float64 vector, merged once at the end, and owns scratch_elems of acc_t.
+template <typename acc_t, typename Layout, typename Body>
+at::Tensor run_chunks(const ChunkPlan& plan, const Layout& layout, int64_t scratch_elems, const Body& body) {
+  at::Tensor stats = at::zeros({layout.size()}, at::TensorOptions().dtype(at::kDouble));
+  double* total = stats.data_ptr<double>();
+  std::mutex merge;
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> local(layout.size(), 0.0);
+    std::vector<acc_t> scratch(static_cast<size_t>(scratch_elems));
+    for (int64_t c = begin; c < end; ++c) body(c, local.data(), scratch.data());
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t i = 0; i < layout.size(); ++i) total[i] += local[i];
+  });
+  return stats;
+}
+
+// Upper triangle of the chunk's Gram matrix, added (symmetrically) to gram[M x M].
+template <typename acc_t>
+inline void add_chunk_gram(int M, const acc_t* rows, int64_t len, double* gram) {
+  for (int i = 0; i < M; ++i) {
+    const acc_t* a = rows + i * kChunk;
+    for (int j = i; j < M; ++j) {
+      const acc_t* b = rows + j * kChunk;
+      double s = 0.0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t t = 0; t < len; ++t) s += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+      gram[i * M + j] += s;
+      if (j != i) gram[j * M + i] += s;
+    }
+  }
+}
+
+// Copy M rows of a chunk into the float scratch (converting bf16/fp16), counting non-finite.
+template <typename scalar_t, typename acc_t>
+inline double load_rows(int M, const scalar_t* src, int64_t row_stride, int64_t len, acc_t* dst) {
+  int64_t bad = 0;
+  for (int k = 0; k < M; ++k) {
+    const scalar_t* s = src + k * row_stride;
+    acc_t* d = dst + k * kChunk;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t t = 0; t < len; ++t) {
+      const acc_t x = static_cast<acc_t>(s[t]);
+      d[t] = x;
+      bad += (x - x == x - x) ? 0 : 1;  // x - x is NaN exactly when x is inf or NaN
+    }
+  }
+  return static_cast<double>(bad);
+}
+
+}  // namespace cpu
+}  // namespace mmgrad

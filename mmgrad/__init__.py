@@ -1,0 +1,17 @@
+"""mmgrad: fused gradient calibration for multi-modal learning.
+
+>>> import torch, mmgrad
+>>> enc = torch.nn.Linear(4, 2)
+>>> cal = mmgrad.FusedCalibrator(enc.parameters(), num_objectives=2, method="mgda")
+>>> x = torch.randn(8, 4)
+>>> cal.backward([enc(x).pow(2).mean(), (enc(x) - 1).pow(2).mean()])
+>>> cal.step()
+True
+"""
+
+from . import ops, reference
+from .backends import backends
+from .calibrator import FusedCalibrator, NonFiniteGradientError
+
+__version__ = "0.1.0"
+__all__ = ["FusedCalibrator", "NonFiniteGradientError", "backends", "ops", "reference", "__version__"]

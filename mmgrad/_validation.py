@@ -1,0 +1,103 @@
+"""Argument checks shared by the reference, the kernel wrappers and the calibrator.
+
+Every check raises ``TypeError`` for a wrong kind of value and ``ValueError`` for a
+wrong value, and names the argument, so a user sees which call site to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+CONFIDENCE_MODES = ("belief", "certainty", "none")
+WEIGHT_MODES = ("belief", "precision")
+MGDA_NORMALIZATIONS = ("none", "l2", "loss")
+
+# eps below this makes 1/eps overflow float32 (mmgrad's own bound, see README).
+MIN_EPS = 1e-30
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def check_float_tensor(name: str, t: object, *, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype {[str(d) for d in FLOAT_DTYPES]}; got {t.dtype}")
+    if t.is_sparse:
+        raise TypeError(f"{name} must be a dense tensor; got a sparse one")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions; got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_shape(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> None:
+    names, tensors = list(names), list(tensors)
+    shape = tensors[0].shape
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.shape != shape:
+            raise ValueError(f"{n} must have the shape of {names[0]} {tuple(shape)}; got {tuple(t.shape)}")
+    device = tensors[0].device
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.device != device:
+            raise ValueError(f"{n} is on {t.device} but {names[0]} is on {device}")
+
+
+def check_positive(name: str, value: object, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= minimum:
+        raise ValueError(f"{name} must be finite and > {minimum:g}; got {value!r}")
+    return value
+
+
+def check_beta(beta: object) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a real number; got {type(beta).__name__}")
+    beta = float(beta)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1); got {beta!r}")
+    return beta
+
+
+def check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int (the 1-based count of EMA updates); got {type(step).__name__}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the count after this update); got {step}")
+    return step
+
+
+def check_bogc_options(gamma: object, eps: object, confidence: object, weights: object) -> tuple[float, float]:
+    gamma = check_positive("gamma", gamma)
+    eps = check_positive("eps", eps, minimum=0.0)
+    if eps < MIN_EPS:
+        raise ValueError(f"eps must be >= {MIN_EPS:g} so that 1/eps is finite in float32; got {eps!r}")
+    check_choice("confidence", confidence, CONFIDENCE_MODES)
+    check_choice("weights", weights, WEIGHT_MODES)
+    return gamma, eps
+
+
+def check_group_offsets(group_offsets: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Offsets ``[0, n_1, ..., N]`` of the parameter groups along N (int64, CPU)."""
+    if group_offsets is None:
+        return torch.tensor([0, n], dtype=torch.int64)
+    if not isinstance(group_offsets, torch.Tensor):
+        group_offsets = torch.as_tensor(group_offsets)
+    if group_offsets.dtype not in (torch.int32, torch.int64) or group_offsets.dim() != 1:
+        raise TypeError("group_offsets must be a 1-D integer tensor [0, ..., N]")
+    off = group_offsets.to(device="cpu", dtype=torch.int64)
+    if off.numel() < 2 or int(off[0]) != 0 or int(off[-1]) != n or bool((off[1:] < off[:-1]).any()):
+        raise ValueError(f"group_offsets must rise from 0 to N={n}; got {off.tolist()}")
+    return off

@@ -1,0 +1,92 @@
+"""Which kernel backends this installation has, and why a missing one is missing."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    devices: tuple
+    reason: str  # why it is unavailable, or what it runs on
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"{self.name:10s} {state:12s} {self.reason}"
+
+
+_cpu_ext = None
+_cpu_error: Optional[str] = None
+
+
+def cpu_extension():
+    """The compiled ``mmgrad._C`` module, or None (warned once) when it is missing."""
+    global _cpu_ext, _cpu_error
+    if _cpu_ext is None and _cpu_error is None:
+        try:
+            _cpu_ext = importlib.import_module("mmgrad._C")
+        except ImportError as exc:  # not built, or built against another torch
+            _cpu_error = f"the C++ extension mmgrad._C did not load ({exc}); reinstall with `make install`"
+            if os.environ.get("MMGRAD_QUIET") != "1":
+                warnings.warn(f"mmgrad: {_cpu_error}; falling back to the reference backend", RuntimeWarning, stacklevel=3)
+    return _cpu_ext
+
+
+def _triton_info() -> BackendInfo:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return BackendInfo("triton", False, (), f"triton does not import ({exc})")
+    return BackendInfo("triton", False, (), "Triton kernels are not implemented yet (issue: Triton kernels)")
+
+
+def backends() -> Dict[str, BackendInfo]:
+    """Every backend with whether it can run here and why (not).
+
+    >>> import mmgrad
+    >>> mmgrad.backends()["reference"].available
+    True
+    """
+    cpu_ok = cpu_extension() is not None
+    info = {
+        "reference": BackendInfo("reference", True, ("cpu", "cuda"), "pure PyTorch, any device and float dtype"),
+        "cpu": BackendInfo("cpu", cpu_ok, ("cpu",) if cpu_ok else (), "C++/OpenMP kernels" if cpu_ok else _cpu_error or ""),
+        "triton": _triton_info(),
+        "cuda": BackendInfo(
+            "cuda",
+            False,
+            (),
+            "CUDA kernels are not built: torch has no CUDA here" if not torch.cuda.is_available() else "CUDA kernels are not implemented yet",
+        ),
+    }
+    return info
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend ``"auto"`` picks for tensors on ``device``, or a checked explicit choice."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {['auto', *BACKENDS]}; got {type(backend).__name__}")
+    info = backends()
+    if backend == "auto":
+        for name in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
+            if info[name].available:
+                return name
+        return "reference"
+    if backend not in info:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}; got {backend!r}")
+    b = info[backend]
+    if not b.available:
+        raise ValueError(f"backend {backend!r} is unavailable: {b.reason}")
+    if device.type not in b.devices:
+        raise ValueError(f"backend {backend!r} runs on {list(b.devices)} tensors; these are on {device}")
+    return backend

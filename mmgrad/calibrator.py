@@ -1,0 +1,473 @@
+"""``FusedCalibrator``: per-objective gradients into one flat M x N buffer, calibrated in one pass.
+
+>>> import torch, mmgrad
+>>> audio, video, head = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.nn.Linear(8, 3)
+>>> params = [*audio.parameters(), *video.parameters(), *head.parameters()]
+>>> opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+>>> cal = mmgrad.FusedCalibrator(
+...     [{"params": audio.parameters()}, {"params": video.parameters()}],
+...     num_objectives=3, method="bogc")
+>>> cal.attach(opt)
+>>> xa, xv, y = torch.randn(16, 6), torch.randn(16, 5), torch.randint(0, 3, (16,))
+>>> za, zv = audio(xa), video(xv)
+>>> ce = torch.nn.functional.cross_entropy
+>>> losses = [ce(head(torch.cat([za, zv], 1)), y), ce(za[:, :3], y), ce(zv[:, :3], y)]
+>>> cal.backward(losses)     # per-objective gradients -> the M x N buffer
+>>> opt.step(); opt.zero_grad()   # the pre-hook calibrates, writes .grad, then SGD steps
+>>> sorted(cal.diagnostics)
+['conflict', 'gram', 'uncertainty', 'weights']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from . import _validation as V
+from .ops import backend_module
+from .reference.moo import mgda_weights, mimo_weights, mmpareto_weights
+
+Tensor = torch.Tensor
+ParamsArg = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
+
+METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum", "mean")
+BACKWARD_MODES = ("loop", "batched")
+
+# Options each method accepts, with defaults (SPEC.md §3-4).
+_COMMON = {"skip_nonfinite": False, "backward_mode": "loop"}
+_METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "bogc": {
+        "estimator": "ema",
+        "beta": 0.9,
+        "gamma": 1.0,
+        "eps": 1e-8,
+        "confidence": "belief",
+        "weights": "belief",
+        "rescale": True,
+    },
+    "mgda": {"normalize": "none", "lagged": False},
+    "mmpareto": {"magnitude": 1.5, "lagged": False},
+    "mimo": {"rho": 1.0, "tau": 1.0},
+    "sum": {},
+    "mean": {},
+}
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-objective gradient held inf or NaN; the calibrator's state was left untouched."""
+
+
+class FusedCalibrator:
+    """Calibrates the gradients of the given parameters from M per-objective gradients.
+
+    Args:
+        params: parameters, or parameter groups as an optimizer takes them
+            (``[{"params": enc_a.parameters()}, ...]``). MOO weights are solved per group.
+            Parameters with ``requires_grad=False`` are skipped.
+        num_objectives: M, the number of losses ``backward`` receives.
+        method: ``"bogc"``, ``"mgda"``, ``"mmpareto"``, ``"mimo"``, ``"sum"`` or ``"mean"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
+        **options: the method's options (README, "Options"); ``skip_nonfinite`` and
+            ``backward_mode`` (``"loop"``: one backward per objective, accumulating into
+            views of the buffer; ``"batched"``: one vmapped ``autograd.grad``).
+
+    Parameters not handed to the calibrator receive the plain summed gradient.
+    """
+
+    def __init__(
+        self,
+        params: ParamsArg,
+        num_objectives: int,
+        method: str = "bogc",
+        backend: str = "auto",
+        **options: Any,
+    ) -> None:
+        V.check_choice("method", method, METHODS)
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int):
+            raise TypeError(f"num_objectives must be an int; got {type(num_objectives).__name__}")
+        if num_objectives < 1:
+            raise ValueError(f"num_objectives must be >= 1; got {num_objectives}")
+        self.method = method
+        self.num_objectives = num_objectives
+        self.options = self._parse_options(method, options)
+        self.groups = self._parse_params(params)
+        self.params: List[Tensor] = [p for grp in self.groups for p in grp]
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.backend = backend
+        self._ops = backend_module(backend, self.device)
+        self.backend_name = self._ops.__name__.rsplit(".", 1)[-1]
+
+        sizes = [p.numel() for p in self.params]
+        self.num_elements = sum(sizes)
+        self._param_offsets = [0]
+        for s in sizes:
+            self._param_offsets.append(self._param_offsets[-1] + s)
+        group_sizes = [sum(p.numel() for p in grp) for grp in self.groups]
+        self.group_offsets = torch.tensor([0, *torch.tensor(group_sizes).cumsum(0).tolist()], dtype=torch.int64)
+
+        m, n = num_objectives, self.num_elements
+        self._out = torch.zeros(n, device=self.device, dtype=self.dtype)
+        self._out_views = self._views(self._out)
+        self._grads: Optional[Tensor] = None  # M x N, or S x M x N for the sample estimator
+        self._grad_views: List[List[Tensor]] = []
+        self._state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        if self._uses_ema:
+            # Two slots: the kernel reads one and writes the other, so a step with
+            # non-finite gradients leaves the committed state bit-identical.
+            self._m = torch.zeros(2, m, n, device=self.device, dtype=self._state_dtype)
+            self._v = torch.zeros_like(self._m)
+        self._slot = 0
+        self.step_count = 0
+        self._prev_alpha: Optional[Tensor] = None
+        self._loss_values: Optional[Tensor] = None
+        # "idle" -> backward() -> "pending" -> step() -> "calibrated" | "skipped" -> optimizer step -> "idle"
+        self._phase = "idle"
+        self._hook = None
+        self.diagnostics: Dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _parse_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+        allowed = {**_COMMON, **_METHOD_OPTIONS[method]}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes {sorted(allowed)}")
+        opts = {**allowed, **options}
+        V.check_choice("backward_mode", opts["backward_mode"], BACKWARD_MODES)
+        if method == "bogc":
+            V.check_choice("estimator", opts["estimator"], ("ema", "sample"))
+            V.check_beta(opts["beta"])
+            V.check_bogc_options(opts["gamma"], opts["eps"], opts["confidence"], opts["weights"])
+        elif method == "mgda":
+            V.check_choice("normalize", opts["normalize"], V.MGDA_NORMALIZATIONS)
+        elif method == "mmpareto":
+            V.check_positive("magnitude", opts["magnitude"])
+        elif method == "mimo":
+            V.check_positive("rho", opts["rho"])
+            V.check_positive("tau", opts["tau"])
+        for flag in ("skip_nonfinite", "rescale", "lagged"):
+            if flag in opts and not isinstance(opts[flag], bool):
+                raise TypeError(f"{flag} must be a bool; got {type(opts[flag]).__name__}")
+        return opts
+
+    @staticmethod
+    def _parse_params(params: ParamsArg) -> List[List[Tensor]]:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or of dicts, not a single tensor")
+        items = list(params)
+        if not items:
+            raise ValueError("params is empty: give the parameters to calibrate")
+        raw = [list(d["params"]) if isinstance(d, dict) else None for d in items]
+        if all(r is None for r in raw):
+            raw_groups = [items]
+        elif all(r is not None for r in raw):
+            for d in items:
+                extra = sorted(set(d) - {"params"})
+                if extra:
+                    raise ValueError(f"parameter groups take only the key 'params'; got {extra}")
+            raw_groups = raw  # type: ignore[assignment]
+        else:
+            raise TypeError("params must be all tensors or all dicts with 'params', not a mix")
+        seen, groups = set(), []
+        for gi, grp in enumerate(raw_groups):
+            kept = []
+            for p in grp:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"params (group {gi}) must hold tensors; got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError(f"params: a parameter of shape {tuple(p.shape)} appears twice")
+                seen.add(id(p))
+                if not p.is_leaf:
+                    raise ValueError(f"params: a tensor of shape {tuple(p.shape)} is not a leaf (not a parameter)")
+                if p.requires_grad:  # frozen parameters take no part
+                    kept.append(p)
+            if kept:
+                groups.append(kept)
+        if not groups:
+            raise ValueError("params: every parameter has requires_grad=False; nothing to calibrate")
+        flat = [p for g in groups for p in g]
+        devices = {p.device for p in flat}
+        if len(devices) > 1:
+            raise ValueError(f"params must all be on one device; got {sorted(map(str, devices))} (use one calibrator per device)")
+        dtypes = {p.dtype for p in flat}
+        if len(dtypes) > 1:
+            raise TypeError(f"params must share one dtype; got {sorted(map(str, dtypes))} (use one calibrator per dtype)")
+        if flat[0].dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"params must be floating point; got {flat[0].dtype}")
+        return groups
+
+    @property
+    def _uses_ema(self) -> bool:
+        return self.method == "bogc" and self.options["estimator"] == "ema"
+
+    def _views(self, flat: Tensor) -> List[Tensor]:
+        return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self._param_offsets[:-1], self._param_offsets[1:])]
+
+    # --------------------------------------------------------------- backward
+    def backward(self, losses: Union[Sequence[Tensor], Tensor]) -> None:
+        """Fill row m of the buffer with d loss_m / d params (each calibrated parameter).
+
+        ``losses`` holds the M scalar losses (``[fusion, modality_1, ...]``); for
+        ``estimator="sample"``, an ``S x M`` nested sequence or tensor (S >= 2
+        micro-batches). Parameters not handed to the calibrator accumulate the sum.
+        """
+        rows = self._check_losses(losses)
+        self._loss_values = torch.stack([r.detach().reshape(()) for r in rows]).to(torch.float64).cpu()
+        if self.method == "sum":
+            # Exactly plain joint training: one backward of the summed loss.
+            for p in self.params:
+                p.grad = None
+            torch.stack([r.reshape(()) for r in rows]).sum().backward()
+            self._phase = "pending"
+            return
+        self._ensure_grad_buffer(len(rows))
+        if self.options["backward_mode"] == "batched":
+            self._backward_batched(rows)
+        else:
+            self._backward_loop(rows)
+        for p in self.params:
+            p.grad = None  # nothing stale is visible until the calibrated gradient is written
+        self._phase = "pending"
+
+    def _check_losses(self, losses: Union[Sequence[Tensor], Tensor]) -> List[Tensor]:
+        sample = self.method == "bogc" and self.options["estimator"] == "sample"
+        if isinstance(losses, torch.Tensor):
+            want_dim = 2 if sample else 1
+            if losses.dim() != want_dim:
+                raise ValueError(f"losses must be a {want_dim}-D tensor of {'S x M' if sample else 'M'} losses; got shape {tuple(losses.shape)}")
+            nested = [list(row.unbind(0)) for row in losses.unbind(0)] if sample else [list(losses.unbind(0))]
+        else:
+            if not isinstance(losses, (list, tuple)):
+                raise TypeError(f"losses must be a list/tuple of scalar tensors or a tensor; got {type(losses).__name__}")
+            nested = [list(r) for r in losses] if sample else [list(losses)]
+        if sample and len(nested) < 2:
+            raise ValueError(f"losses must hold S >= 2 micro-batches for estimator='sample'; got {len(nested)}")
+        rows: List[Tensor] = []
+        for s, row in enumerate(nested):
+            if len(row) != self.num_objectives:
+                raise ValueError(f"losses must hold num_objectives={self.num_objectives} losses{f' per micro-batch (row {s})' if sample else ''}; got {len(row)}")
+            for i, loss in enumerate(row):
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(f"losses[{i}] must be a tensor; got {type(loss).__name__}")
+                if loss.numel() != 1:
+                    raise ValueError(f"losses[{i}] must be a scalar; got shape {tuple(loss.shape)}")
+                if not loss.requires_grad:
+                    raise ValueError(f"losses[{i}] does not require grad (computed under no_grad, or from frozen parameters only)")
+                rows.append(loss)
+        return rows
+
+    def _ensure_grad_buffer(self, num_rows: int) -> None:
+        m, n = self.num_objectives, self.num_elements
+        sample = self.method == "bogc" and self.options["estimator"] == "sample"
+        shape = (num_rows // m, m, n) if sample else (m, n)
+        if self._grads is None or tuple(self._grads.shape) != shape:
+            self._grads = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            flat = self._grads.view(-1, n)
+            self._grad_views = [self._views(flat[r]) for r in range(flat.shape[0])]
+
+    def _backward_loop(self, rows: List[Tensor]) -> None:
+        assert self._grads is not None
+        self._grads.zero_()
+        last = len(rows) - 1
+        for r, loss in enumerate(rows):
+            # autograd adds into an existing .grad in place, so the row fills with no copy;
+            # an objective that does not reach a parameter leaves zeros there.
+            for p, view in zip(self.params, self._grad_views[r]):
+                p.grad = view
+            loss.backward(retain_graph=r < last)
+
+    def _backward_batched(self, rows: List[Tensor]) -> None:
+        assert self._grads is not None
+        stacked = torch.stack([r.reshape(()) for r in rows])
+        eye = torch.eye(len(rows), device=stacked.device, dtype=stacked.dtype)
+        grads = torch.autograd.grad(stacked, self.params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True)
+        flat = self._grads.view(len(rows), -1)
+        for p, g, a, b in zip(self.params, grads, self._param_offsets[:-1], self._param_offsets[1:]):
+            if g is None:
+                flat[:, a:b].zero_()
+            else:
+                flat[:, a:b].copy_(g.reshape(len(rows), -1))
+        others = self._other_leaves(stacked)
+        if others:  # parameters outside the calibrator still get the summed gradient
+            stacked.sum().backward(inputs=others)
+
+    def _other_leaves(self, root: Tensor) -> List[Tensor]:
+        mine, found, stack, seen = {id(p) for p in self.params}, [], [root.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None and id(var) not in mine:
+                found.append(var)
+            stack.extend(nf for nf, _ in fn.next_functions)
+        return found
+
+    # ------------------------------------------------------------------ step
+    def attach(self, optimizer: torch.optim.Optimizer) -> "FusedCalibrator":
+        """Calibrate in a step pre-hook of ``optimizer`` (before every ``optimizer.step()``)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if self._hook is not None:
+            raise RuntimeError("this calibrator is already attached to an optimizer; call detach() first")
+        self._optimizer = optimizer
+        self._hook = optimizer.register_step_pre_hook(self._pre_step_hook)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hook that ``attach`` registered."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._phase == "idle":
+            raise RuntimeError("optimizer.step() was called without FusedCalibrator.backward(losses) since the last step")
+        if self._phase == "pending":  # else the user called step() already (e.g. to clip)
+            self.step()
+        if self._phase == "skipped":
+            for group in optimizer.param_groups:  # skip the whole step, as GradScaler does
+                for p in group["params"]:
+                    p.grad = None
+        self._phase = "idle"
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Calibrate now and write ``.grad`` of the calibrated parameters.
+
+        Returns False (and writes no gradient) when the step was skipped for non-finite
+        gradients under ``skip_nonfinite=True``; raises ``NonFiniteGradientError`` for
+        them otherwise. The calibrator's state is untouched in both cases.
+        """
+        if self._phase != "pending":
+            raise RuntimeError("FusedCalibrator.step() needs backward(losses) first (once per step)")
+        if self.method == "sum":
+            self.diagnostics = {"weights": torch.full((self.num_objectives,), 1.0 / self.num_objectives, dtype=torch.float64)}
+            ok = self._check_sum_finite()
+        else:
+            ok = self._step_bogc() if self.method == "bogc" else self._step_weighted()
+            if ok:
+                for p, view in zip(self.params, self._out_views):
+                    p.grad = view
+        self._phase = "calibrated" if ok else "skipped"
+        return ok
+
+    def _check_sum_finite(self) -> bool:
+        for i, p in enumerate(self.params):
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return self._nonfinite(f"the summed gradient of parameter {i} (shape {tuple(p.shape)}) is not finite")
+        return True
+
+    def _nonfinite(self, where: str) -> bool:
+        if self.options["skip_nonfinite"]:
+            for p in self.params:
+                p.grad = None
+            self.diagnostics = {"skipped": torch.tensor(True)}
+            return False
+        raise NonFiniteGradientError(f"{where}; the calibrator's state is unchanged (pass skip_nonfinite=True to skip such steps)")
+
+    def _locate_nonfinite(self) -> str:
+        assert self._grads is not None
+        flat = self._grads.reshape(-1, self.num_elements)
+        bad = (~torch.isfinite(flat)).nonzero()[0].tolist()
+        row, d = bad
+        param = next(i for i in range(len(self.params)) if self._param_offsets[i + 1] > d)
+        obj = row % self.num_objectives
+        return f"the gradient of objective {obj} (losses[{obj}]) for parameter {param} (shape {tuple(self.params[param].shape)}) is not finite"
+
+    def _step_bogc(self) -> bool:
+        o = self.options
+        kw = dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"], rescale=o["rescale"], group_offsets=self.group_offsets)
+        if o["estimator"] == "sample":
+            _, stats = self._ops.bogc_sample_step(self._grads, out=self._out, **kw)
+            if int(stats["nonfinite"]) > 0:
+                return self._nonfinite(self._locate_nonfinite())
+        else:
+            cur, nxt, t = self._slot, 1 - self._slot, self.step_count + 1
+            _, _, _, stats = self._ops.bogc_step(self._grads, self._m[cur], self._v[cur], t, beta=o["beta"], m_out=self._m[nxt], v_out=self._v[nxt], out=self._out, **kw)
+            if int(stats["nonfinite"]) > 0:
+                return self._nonfinite(self._locate_nonfinite())
+            self._slot = nxt
+        self.step_count += 1
+        self.diagnostics = {k: stats[k] for k in ("weights", "uncertainty", "conflict", "gram")}
+        return True
+
+    def _solve(self, grams: Tensor) -> Tensor:
+        o, rows = self.options, []
+        for k in grams:
+            if self.method == "mgda":
+                rows.append(mgda_weights(k, o["normalize"], losses=self._loss_values if o["normalize"] == "loss" else None))
+            else:
+                rows.append(mmpareto_weights(k, o["magnitude"]))
+        return torch.stack(rows)
+
+    def _step_weighted(self) -> bool:
+        o, m, groups = self.options, self.num_objectives, self.group_offsets.numel() - 1
+        grams = None
+        if self.method in ("mimo", "mean"):
+            w = mimo_weights(self._loss_values, o["rho"], o["tau"]) if self.method == "mimo" else torch.full((m,), 1.0 / m, dtype=torch.float64)
+            alpha = w.to(torch.float64).expand(groups, m).contiguous()
+        elif o["lagged"] and self._prev_alpha is not None:
+            alpha = self._prev_alpha  # one read: combine with last step's weights, Gram for the next
+        else:
+            grams = self._ops.gram(self._grads, group_offsets=self.group_offsets)
+            if not bool(torch.isfinite(grams).all()):  # K_mm = sum g^2 is inf/NaN iff row m is
+                return self._nonfinite(self._locate_nonfinite())
+            alpha = self._solve(grams)
+        lagged = self.method in ("mgda", "mmpareto") and o["lagged"]
+        _, stats = self._ops.combine_and_gram(self._grads, alpha, group_offsets=self.group_offsets, out=self._out, with_gram=lagged)
+        if int(stats["nonfinite"]) > 0:
+            return self._nonfinite(self._locate_nonfinite())
+        if lagged:
+            grams = stats["gram"]
+            self._prev_alpha = self._solve(grams)
+        self.step_count += 1
+        share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        self.diagnostics = {"weights": share.mean(dim=0), "group_weights": alpha}
+        if grams is not None:
+            self.diagnostics["gram"] = grams
+        return True
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Method, options, step count, EMA moments (committed slot) and lagged weights."""
+        state: Dict[str, Any] = {
+            "method": self.method,
+            "num_objectives": self.num_objectives,
+            "num_elements": self.num_elements,
+            "group_offsets": self.group_offsets.clone(),
+            "options": dict(self.options),
+            "step_count": self.step_count,
+        }
+        if self._uses_ema:
+            state["m"] = self._m[self._slot].clone()
+            state["v"] = self._v[self._slot].clone()
+        if self._prev_alpha is not None:
+            state["prev_alpha"] = self._prev_alpha.clone()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a ``state_dict`` of a calibrator built with the same parameters and method."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
+        for key, mine in (("method", self.method), ("num_objectives", self.num_objectives), ("num_elements", self.num_elements)):
+            if state.get(key) != mine:
+                raise ValueError(f"state {key}={state.get(key)!r} does not match this calibrator's {mine!r}")
+        if not torch.equal(torch.as_tensor(state["group_offsets"]), self.group_offsets):
+            raise ValueError("state group_offsets do not match this calibrator's parameter groups")
+        self.options = self._parse_options(self.method, {k: v for k, v in state["options"].items()})
+        self.step_count = int(state["step_count"])
+        if self._uses_ema:
+            self._slot = 0
+            self._m[0].copy_(state["m"])
+            self._v[0].copy_(state["v"])
+        self._prev_alpha = state["prev_alpha"].clone() if "prev_alpha" in state else None
+        self._phase = "idle"
+
+    def __repr__(self) -> str:
+        return (f"FusedCalibrator(method={self.method!r}, num_objectives={self.num_objectives}, "
+                f"groups={len(self.groups)}, num_elements={self.num_elements}, backend={self.backend_name!r})")

@@ -1,0 +1,1 @@
+"""Kernel backends behind mmgrad.ops; import them through the dispatcher, not directly."""

@@ -1,0 +1,252 @@
+"""The ``cpu`` backend: checked Python wrappers around the C++/OpenMP kernels of ``mmgrad._C``.
+
+Same names, signatures and results as ``mmgrad.reference`` (SPEC.md §6). Reached through
+``mmgrad.ops``; the tiny M x M solves are the reference's host solvers.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import _validation as V
+from ..backends import cpu_extension
+from ..reference.bogc import _norm_ratio
+from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # host solves, shared
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "bogc_from_moments",
+    "bogc_sample_step",
+    "bogc_step",
+    "combine",
+    "combine_and_gram",
+    "ds_combine",
+    "ema_moments",
+    "gram",
+    "mgda_weights",
+    "mimo_weights",
+    "mmpareto_weights",
+    "opinions",
+]
+
+_CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
+_WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
+
+
+def _ext():
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError("the cpu backend needs the compiled extension mmgrad._C; see mmgrad.backends()")
+    return ext
+
+
+def _kernel_input(name: str, t: object, dim: int) -> Tensor:
+    t = V.check_float_tensor(name, t, dim=dim)
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for backend='cpu'; got one on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous for backend='cpu' (call .contiguous() on it)")
+    if dim >= 2 and t.shape[-2] > _ext().MAX_OBJECTIVES:
+        raise ValueError(f"{name} has M={t.shape[-2]} objectives; the kernels take at most {_ext().MAX_OBJECTIVES}")
+    return t
+
+
+def _state_dtype(g: Tensor) -> torch.dtype:
+    return torch.float64 if g.dtype == torch.float64 else torch.float32
+
+
+def _check_state(name: str, t: Tensor, g: Tensor) -> Tensor:
+    _kernel_input(name, t, 2)
+    want = _state_dtype(g)
+    if t.dtype != want:
+        raise TypeError(f"{name} must be {want} (the state dtype for {g.dtype} gradients); got {t.dtype}")
+    if t.shape != g.shape:
+        raise ValueError(f"{name} must have the shape of g {tuple(g.shape)}; got {tuple(t.shape)}")
+    return t
+
+
+def _float_pair(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """Inputs of the element-wise pure functions, promoted to float32/float64 like the reference."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt).contiguous() for t in tensors)
+
+
+def _parse_stats(stats: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
+    g_end = groups * m * m
+    gram = stats[:g_end].view(groups, m, m)
+    rest = stats[g_end:]
+    share_count = rest[5]
+    return {
+        "gram": gram,
+        "sum_sq": rest[0],
+        "out_sq": rest[1],
+        "nonfinite": rest[2].to(torch.int64),
+        "uncertainty": rest[3] / max(n, 1),
+        "conflict": rest[4] / max(n, 1),
+        "weights": rest[6 : 6 + m] / share_count.clamp_min(1.0),
+    }
+
+
+def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor, Tensor]:
+    g = _kernel_input("g", g, 2)
+    m, v = _check_state("m", m, g), _check_state("v", v, g)
+    step, beta = V.check_step(step), V.check_beta(beta)
+    m_out, v_out, var = torch.empty_like(m), torch.empty_like(v), torch.empty_like(m)
+    _ext().ema_moments(g, m, v, m_out, v_out, var, step, beta)
+    return m_out, v_out, var
+
+
+def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    mu, var = _kernel_input("mu", mu, 2), _kernel_input("var", var, 2)
+    V.check_same_shape(("mu", "var"), (mu, var))
+    gamma, eps = V.check_bogc_options(gamma, eps, "belief", "belief")
+    mu, var = _float_pair(mu, var)
+    lam, b_pos, b_neg, u = (torch.empty_like(mu) for _ in range(4))
+    _ext().opinions(mu, var, lam, b_pos, b_neg, u, gamma, eps)
+    return lam, b_pos, b_neg, u
+
+
+def ds_combine(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    for name, t in (("b_pos", b_pos), ("b_neg", b_neg), ("u", u)):
+        _kernel_input(name, t, 2)
+    V.check_same_shape(("b_pos", "b_neg", "u"), (b_pos, b_neg, u))
+    if b_pos.shape[0] < 1:
+        raise ValueError("b_pos must hold at least one opinion (M >= 1)")
+    b_pos, b_neg, u = _float_pair(b_pos, b_neg, u)
+    outs = tuple(torch.empty(b_pos.shape[1], dtype=b_pos.dtype) for _ in range(3))
+    _ext().ds_combine(b_pos, b_neg, u, *outs)
+    return outs
+
+
+def bogc_from_moments(
+    mu: Tensor,
+    var: Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+    mu, var = _kernel_input("mu", mu, 2), _kernel_input("var", var, 2)
+    V.check_same_shape(("mu", "var"), (mu, var))
+    mu, var = _float_pair(mu, var)
+    n = mu.shape[1]
+    out, fu, fbp, fbn = (torch.empty(n, dtype=mu.dtype) for _ in range(4))
+    stats = _ext().bogc_from_moments(mu, var, out, fu, fbp, fbn, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    s = _parse_stats(stats, mu.shape[0], 1, n)
+    return out, {"uncertainty": fu, "belief_pos": fbp, "belief_neg": fbn, "weights": s["weights"], "conflict": s["conflict"]}
+
+
+def bogc_step(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: int,
+    *,
+    beta: float = 0.9,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+    rescale: bool = True,
+    group_offsets: Optional[Tensor] = None,
+    m_out: Optional[Tensor] = None,
+    v_out: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
+    """Fused BOGC step: one read of g, m, v; writes m_out, v_out (may alias m, v) and out.
+
+    The state update goes to ``m_out``/``v_out`` so a caller can keep ``m``/``v`` intact
+    when the step turns out to hold non-finite gradients (``stats["nonfinite"] > 0``).
+    """
+    g = _kernel_input("g", g, 2)
+    m, v = _check_state("m", m, g), _check_state("v", v, g)
+    step, beta = V.check_step(step), V.check_beta(beta)
+    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+    off = V.check_group_offsets(group_offsets, g.shape[1])
+    m_out = torch.empty_like(m) if m_out is None else _check_state("m_out", m_out, g)
+    v_out = torch.empty_like(v) if v_out is None else _check_state("v_out", v_out, g)
+    out = _check_out(out, g)
+    stats = _ext().bogc_step(g, m, v, m_out, v_out, out, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
+    if rescale:
+        out.mul_(_norm_ratio(s["sum_sq"], s["out_sq"]).to(out.dtype))
+    return out, m_out, v_out, s
+
+
+def bogc_sample_step(
+    samples: Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+    rescale: bool = True,
+    group_offsets: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    samples = _kernel_input("samples", samples, 3)
+    if samples.shape[0] < 2:
+        raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
+    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+    off = V.check_group_offsets(group_offsets, samples.shape[2])
+    out = _check_out(out, samples[0])
+    stats = _ext().bogc_sample_step(samples, out, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
+    if rescale:
+        out.mul_(_norm_ratio(s["sum_sq"], s["out_sq"]).to(out.dtype))
+    return out, s
+
+
+def _check_out(out: Optional[Tensor], g: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty(g.shape[-1], dtype=g.dtype)
+    _kernel_input("out", out, 1)
+    if out.dtype != g.dtype or out.shape != (g.shape[-1],):
+        raise ValueError(f"out must be a {g.dtype} vector of length {g.shape[-1]}; got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def gram(g: Tensor, *, group_offsets: Optional[Tensor] = None) -> Tensor:
+    g = _kernel_input("g", g, 2)
+    off = V.check_group_offsets(group_offsets, g.shape[1])
+    m, groups = g.shape[0], off.numel() - 1
+    k = _ext().gram(g, off)[: groups * m * m].view(groups, m, m)
+    return k[0] if group_offsets is None else k
+
+
+def combine(g: Tensor, alpha: Tensor, *, group_offsets: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    out, _ = combine_and_gram(g, alpha, group_offsets=group_offsets, out=out, with_gram=False)
+    return out
+
+
+def combine_and_gram(
+    g: Tensor,
+    alpha: Tensor,
+    *,
+    group_offsets: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    with_gram: bool = True,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``combine`` that also returns the non-finite count and (``with_gram``) the per-group
+    Gram from the same read (lagged MOO)."""
+    g = _kernel_input("g", g, 2)
+    V.check_float_tensor("alpha", alpha)
+    off = V.check_group_offsets(group_offsets, g.shape[1])
+    m, groups = g.shape[0], off.numel() - 1
+    want = (m,) if group_offsets is None else (groups, m)
+    if tuple(alpha.shape) != want:
+        raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
+    a = alpha.detach().to("cpu", torch.float64).reshape(groups, m).contiguous()
+    out = _check_out(out, g)
+    stats = _ext().combine(g, a, off, out, with_gram)
+    res = {"nonfinite": stats[-1].to(torch.int64)}
+    if with_gram:
+        res["gram"] = stats[: groups * m * m].view(groups, m, m)
+    return out, res

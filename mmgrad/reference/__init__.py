@@ -1,0 +1,34 @@
+"""The pure-PyTorch oracle: every function of SPEC.md §6, in any float dtype, on any device.
+
+``mmgrad.reference.X`` is what every kernel backend is tested against; use
+``mmgrad.ops.X(..., backend=...)`` to run the fast versions.
+"""
+
+from .bogc import (
+    EVIDENCE_MAX,
+    bogc_from_moments,
+    bogc_sample_step,
+    bogc_step,
+    ds_combine,
+    ema_moments,
+    opinions,
+    sample_moments,
+)
+from .moo import combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights
+
+__all__ = [
+    "EVIDENCE_MAX",
+    "bogc_from_moments",
+    "bogc_sample_step",
+    "bogc_step",
+    "combine",
+    "combine_and_gram",
+    "ds_combine",
+    "ema_moments",
+    "gram",
+    "mgda_weights",
+    "mimo_weights",
+    "mmpareto_weights",
+    "opinions",
+    "sample_moments",
+]

@@ -1,0 +1,269 @@
+"""BOGC in plain PyTorch: the oracle every kernel is tested against (SPEC.md §3).
+
+Written for clarity, not speed: each step of the spec is one line or two, in any float
+dtype (float64 for the oracle) on any device. The fused kernels compute the same
+function in one pass; ``bogc_step`` here is their reference.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .. import _validation as V
+
+# Evidence is clamped here so that every opinion keeps u > 0 in float32: the
+# Dempster-Shafer fold then never divides 0 by 0 (mmgrad's choice; README, "Spec notes").
+EVIDENCE_MAX = 1e30
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """EMA estimator of SPEC §3.1: returns the updated ``(m, v)`` and the variance.
+
+    ``step`` is the count of updates including this one (1 on the first step); the
+    variance is ``max(v/(1-beta**step) - (m/(1-beta**step))**2, 0)``. Inputs are not
+    modified.
+
+    >>> g = torch.tensor([[1.0, -2.0]]); z = torch.zeros(1, 2)
+    >>> m, v, var = ema_moments(g, z, z, step=1, beta=0.9)
+    >>> var
+    tensor([[0., 0.]])
+    """
+    V.check_float_tensor("g", g, dim=2)
+    V.check_float_tensor("m", m, dim=2)
+    V.check_float_tensor("v", v, dim=2)
+    V.check_same_shape(("g", "m", "v"), (g, m, v))
+    step, beta = V.check_step(step), V.check_beta(beta)
+    dt = _compute_dtype(g, m, v)
+    g, m, v = g.to(dt), m.to(dt), v.to(dt)
+    m = beta * m + (1.0 - beta) * g
+    v = beta * v + (1.0 - beta) * (g * g)
+    inv_bc = 1.0 / (1.0 - beta**step)
+    m_hat, v_hat = m * inv_bc, v * inv_bc
+    var = torch.clamp_min(v_hat - m_hat * m_hat, 0.0)
+    return m, v, var
+
+
+def sample_moments(samples: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sample estimator of SPEC §3.1: mean and unbiased variance over S >= 2 samples.
+
+    ``samples`` is ``S x M x N``; returns ``(mu, var)``, each ``M x N``.
+    """
+    V.check_float_tensor("samples", samples, dim=3)
+    if samples.shape[0] < 2:
+        raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
+    x = samples.to(_compute_dtype(samples))
+    mu = x.mean(dim=0)
+    var = ((x - mu) ** 2).sum(dim=0) / (x.shape[0] - 1)
+    return mu, var
+
+
+def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Precision, evidence and the binomial opinion on sign(g) (SPEC §3.2-3.4).
+
+    Returns ``(lam, b_pos, b_neg, u)``, each ``M x N``. Where the objective does not
+    reach a coordinate (``mu == 0`` and ``var == 0``), ``lam = 0`` and ``u = 1``.
+    """
+    V.check_float_tensor("mu", mu, dim=2)
+    V.check_float_tensor("var", var, dim=2)
+    V.check_same_shape(("mu", "var"), (mu, var))
+    gamma, eps = V.check_bogc_options(gamma, eps, "belief", "belief")
+    dt = _compute_dtype(mu, var)
+    mu, var = mu.to(dt), var.to(dt)
+    reaches = (mu != 0) | (var != 0)
+    lam = torch.where(reaches, 1.0 / (var + eps), torch.zeros_like(var))
+    evidence = torch.clamp_max(gamma * lam * (mu * mu), EVIDENCE_MAX)
+    strength = evidence + 2.0
+    belief = evidence / strength
+    zero = torch.zeros_like(belief)
+    b_pos = torch.where(mu > 0, belief, zero)
+    b_neg = torch.where(mu < 0, belief, zero)
+    u = 2.0 / strength
+    return lam, b_pos, b_neg, u
+
+
+def _ds_fold(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fold M opinions left to right; also returns the total conflict mass per d."""
+    bp, bn, uu = b_pos[0], b_neg[0], u[0]
+    kept = torch.ones_like(uu)
+    for k in range(1, b_pos.shape[0]):
+        # Unnormalised masses; their sum is 1 - C without ever forming 1 - C (SPEC §3.5).
+        p = bp * b_pos[k] + bp * u[k] + b_pos[k] * uu
+        n = bn * b_neg[k] + bn * u[k] + b_neg[k] * uu
+        w = uu * u[k]
+        s = p + n + w
+        # s == 0 only for two dogmatic (u = 0) opposite opinions: total conflict
+        # leaves no information, so the result is vacuous (mmgrad's choice).
+        total = s == 0
+        inv = torch.where(total, torch.zeros_like(s), 1.0 / torch.where(total, torch.ones_like(s), s))
+        bp, bn = p * inv, n * inv
+        uu = torch.where(total, torch.ones_like(s), w * inv)
+        kept = kept * s
+    return bp, bn, uu, 1.0 - kept
+
+
+def ds_combine(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reduced Dempster-Shafer combination of M opinions (TMC's rule), SPEC §3.5.
+
+    Each input is ``M x N`` (each opinion sums to 1 over ``b_pos + b_neg + u``);
+    returns the fused ``(b_pos, b_neg, u)``, each ``N``.
+
+    >>> bp, bn, u = ds_combine(torch.tensor([[0.8], [0.0]]), torch.tensor([[0.0], [0.8]]),
+    ...                        torch.tensor([[0.2], [0.2]]))
+    >>> float(bp - bn)
+    0.0
+    """
+    for name, t in (("b_pos", b_pos), ("b_neg", b_neg), ("u", u)):
+        V.check_float_tensor(name, t, dim=2)
+    V.check_same_shape(("b_pos", "b_neg", "u"), (b_pos, b_neg, u))
+    if b_pos.shape[0] < 1:
+        raise ValueError("b_pos must hold at least one opinion (M >= 1)")
+    dt = _compute_dtype(b_pos, b_neg, u)
+    bp, bn, uu, _ = _ds_fold(b_pos.to(dt), b_neg.to(dt), u.to(dt))
+    return bp, bn, uu
+
+
+def bogc_from_moments(
+    mu: Tensor,
+    var: Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Calibrated gradient from per-objective means and variances (SPEC §3.2-3.6).
+
+    Returns ``(out, diagnostics)`` with ``out`` of length N (not norm-matched: that is
+    the step's job, SPEC §3.7) and the diagnostics ``uncertainty``, ``belief_pos``,
+    ``belief_neg`` (each N), ``weights`` (M, mean share of each objective where any
+    weight is non-zero) and ``conflict`` (mean conflict mass).
+
+    >>> mu = torch.tensor([[1.0, 2.0], [1.0, -2.0]], dtype=torch.float64)
+    >>> out, diag = bogc_from_moments(mu, torch.zeros_like(mu), confidence="none")
+    >>> out.tolist()  # equal weights: the plain sum
+    [2.0, 0.0]
+    """
+    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+    lam, b_pos, b_neg, u = opinions(mu, var, gamma, eps)
+    mu = mu.to(lam.dtype)
+    fb_pos, fb_neg, fu, conflict = _ds_fold(b_pos, b_neg, u)
+
+    reaches = lam > 0
+    n_reach = reaches.sum(dim=0).to(lam.dtype)
+    w = (b_pos + b_neg) if weights == "belief" else lam  # b = 1 - u, formed without cancellation
+    w_sum = w.sum(dim=0)
+    positive = w_sum > 0
+    inv = torch.where(positive, 1.0 / torch.where(positive, w_sum, torch.ones_like(w_sum)), torch.zeros_like(w_sum))
+    share = w * inv
+    mu_fused = n_reach * (share * mu).sum(dim=0)
+
+    if confidence == "belief":
+        scale = (fb_pos - fb_neg).abs()
+    elif confidence == "certainty":
+        scale = 1.0 - fu
+    else:
+        scale = torch.ones_like(fu)
+    out = scale * mu_fused
+
+    n_pos = positive.sum()
+    mean_share = share.sum(dim=1) / n_pos.clamp_min(1).to(share.dtype)
+    diagnostics = {
+        "uncertainty": fu,
+        "belief_pos": fb_pos,
+        "belief_neg": fb_neg,
+        "weights": mean_share,
+        "conflict": conflict.mean(),
+    }
+    return out, diagnostics
+
+
+def bogc_step(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: int,
+    *,
+    beta: float = 0.9,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+    rescale: bool = True,
+    group_offsets: Tensor | None = None,
+    m_out: Tensor | None = None,
+    v_out: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
+    """One BOGC step with the EMA estimator: what the fused kernel computes in one pass.
+
+    Returns ``(out, m_new, v_new, stats)``; ``stats`` holds ``gram`` (G x M x M,
+    float64, one per parameter group), ``sum_sq`` (||sum_m g_m||^2), ``out_sq``
+    (||out||^2 before rescaling), ``nonfinite`` (count of non-finite entries of g),
+    ``uncertainty`` (mean fused u), ``conflict`` and ``weights``. Given ``m_out``,
+    ``v_out``, ``out``, the results are written there (the inputs stay untouched).
+    """
+    m_new, v_new, var = ema_moments(g, m, v, step, beta)
+    res, stats = _calibrate(g, var, gamma, eps, confidence, weights, rescale, group_offsets)
+    return _into(out, res), _into(m_out, m_new), _into(v_out, v_new), stats
+
+
+def bogc_sample_step(
+    samples: Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    confidence: str = "belief",
+    weights: str = "belief",
+    rescale: bool = True,
+    group_offsets: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """One BOGC step with the sample estimator (``S x M x N``): returns ``(out, stats)``.
+
+    The direction uses the per-objective means; the norm matching uses their sum.
+    """
+    mu, var = sample_moments(samples)
+    res, stats = _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
+    return _into(out, res), stats
+
+
+def _into(dst: Tensor | None, src: Tensor) -> Tensor:
+    return src if dst is None else dst.copy_(src)
+
+
+def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets):
+    from .moo import gram  # local import: moo imports nothing from here
+
+    out, diag = bogc_from_moments(mu, var, gamma=gamma, eps=eps, confidence=confidence, weights=weights)
+    mu64 = mu.to(torch.float64)
+    sum_sq = mu64.sum(dim=0).pow(2).sum()
+    out_sq = out.to(torch.float64).pow(2).sum()
+    if rescale:
+        out = out * _norm_ratio(sum_sq, out_sq).to(out.dtype)
+    stats = {
+        "gram": gram(mu, group_offsets=V.check_group_offsets(group_offsets, mu.shape[1])),
+        "sum_sq": sum_sq,
+        "out_sq": out_sq,
+        "nonfinite": (~torch.isfinite(mu)).sum(),
+        "uncertainty": diag["uncertainty"].mean(),
+        "conflict": diag["conflict"],
+        "weights": diag["weights"],
+    }
+    return out, stats
+
+
+def _norm_ratio(sum_sq: Tensor, out_sq: Tensor) -> Tensor:
+    """||sum g|| / ||out||, and 0 where out is all zeros (nothing to scale)."""
+    positive = out_sq > 0
+    return torch.where(positive, torch.sqrt(sum_sq / torch.where(positive, out_sq, torch.ones_like(out_sq))), torch.zeros_like(out_sq))

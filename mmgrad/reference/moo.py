@@ -1,0 +1,211 @@
+"""Multi-objective weights in plain PyTorch/NumPy (SPEC.md §4): the oracle and the host solver.
+
+The weights need only the M x M Gram matrix of a parameter group, so the solvers here
+are tiny (M <= a few dozen) and run in float64 on the host for the reference and the
+CPU backend alike.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import _validation as V
+
+Tensor = torch.Tensor
+
+MGDA_MAX_ITER = 1000
+MGDA_GAP_TOL = 1e-7  # duality gap, relative to max_i K_ii (SPEC §4)
+
+
+def gram(g: Tensor, *, group_offsets: Tensor | None = None) -> Tensor:
+    """``K_ij = <g_i, g_j>`` in float64: ``M x M``, or ``G x M x M`` per group.
+
+    >>> gram(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    tensor([[ 5., 11.],
+            [11., 25.]], dtype=torch.float64)
+    """
+    V.check_float_tensor("g", g, dim=2)
+    g64 = g.to(torch.float64)
+    if group_offsets is None:
+        return g64 @ g64.T
+    off = V.check_group_offsets(group_offsets, g.shape[1]).tolist()
+    return torch.stack([g64[:, a:b] @ g64[:, a:b].T for a, b in zip(off[:-1], off[1:])])
+
+
+def _check_gram(k: Tensor) -> np.ndarray:
+    V.check_float_tensor("gram", k, dim=2)
+    if k.shape[0] != k.shape[1] or k.shape[0] < 1:
+        raise ValueError(f"gram must be square M x M with M >= 1; got shape {tuple(k.shape)}")
+    a = k.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(a).all():
+        raise ValueError("gram has non-finite entries (a gradient overflowed or was NaN)")
+    return a
+
+
+def _min_norm_two(k11: float, k12: float, k22: float) -> float:
+    """Weight ``t`` on the first vector of ``min ||t g1 + (1-t) g2||``, exact."""
+    denom = k11 + k22 - 2.0 * k12
+    if denom <= 0.0:  # g1 == g2: every t gives the same point
+        return 0.5
+    return float(min(1.0, max(0.0, (k22 - k12) / denom)))
+
+
+def _project_simplex(y: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex (sort-based, exact)."""
+    u = np.sort(y)[::-1]
+    css = np.cumsum(u) - 1.0
+    idx = np.arange(1, y.size + 1)
+    rho = np.nonzero(u - css / idx > 0)[0][-1]
+    return np.maximum(y - css[rho] / (rho + 1.0), 0.0)
+
+
+def min_norm_solve(k: np.ndarray) -> np.ndarray:
+    """``argmin_{a in simplex} a^T K a`` for a PSD K with positive diagonal."""
+    m = k.shape[0]
+    if m == 1:
+        return np.ones(1)
+    if m == 2:
+        t = _min_norm_two(k[0, 0], k[0, 1], k[1, 1])
+        return np.array([t, 1.0 - t])
+    k = k / np.max(np.diag(k))  # scale-free: the gap test below is relative
+    step = 1.0 / max(np.abs(k).sum(axis=1).max(), 1e-300)  # 1/L by Gershgorin
+    a = np.full(m, 1.0 / m)
+    for _ in range(MGDA_MAX_ITER):
+        ka = k @ a
+        if a @ ka - ka.min() <= MGDA_GAP_TOL:  # Frank-Wolfe gap: a certificate of optimality
+            break
+        d = _project_simplex(a - step * ka) - a
+        dkd = d @ k @ d
+        if dkd <= 0.0:
+            break
+        a = a + min(1.0, max(0.0, -(a @ k @ d) / dkd)) * d  # exact line search
+    return a
+
+
+def _normalizers(k: np.ndarray, normalize: str, losses: Tensor | Sequence[float] | None) -> np.ndarray:
+    if normalize == "none":
+        return np.ones(k.shape[0])
+    if normalize == "l2":
+        return np.sqrt(np.maximum(np.diag(k), 0.0))
+    if losses is None:
+        raise ValueError('losses must be given when normalize="loss"')
+    vals = np.asarray(torch.as_tensor(losses, dtype=torch.float64).detach().cpu(), dtype=np.float64).reshape(-1)
+    if vals.size != k.shape[0]:
+        raise ValueError(f"losses must hold M={k.shape[0]} values; got {vals.size}")
+    if not (np.isfinite(vals).all() and (vals > 0).all()):
+        raise ValueError('normalize="loss" needs finite, positive losses')
+    return vals
+
+
+def mgda_weights(gram: Tensor, normalize: str = "none", *, losses: Tensor | Sequence[float] | None = None) -> Tensor:
+    """MGDA's min-norm weights ``alpha`` (on the simplex) from an ``M x M`` Gram matrix.
+
+    Objectives with an all-zero gradient (``K_mm = 0``) get weight 0; ``K = 0`` gives
+    uniform weights. ``normalize`` ("none", "l2", "loss") rescales g_m before the
+    solve, as Sener & Koltun do; the weights then apply to the raw gradients.
+
+    >>> mgda_weights(torch.tensor([[1.0, -1.0], [-1.0, 4.0]], dtype=torch.float64))
+    tensor([0.7143, 0.2857], dtype=torch.float64)
+    """
+    V.check_choice("normalize", normalize, V.MGDA_NORMALIZATIONS)
+    k = _check_gram(gram)
+    m = k.shape[0]
+    active = np.diag(k) > 0
+    alpha = np.zeros(m)
+    if not active.any():
+        alpha[:] = 1.0 / m
+    else:
+        scale = _normalizers(k, normalize, losses)[active]
+        ka = k[np.ix_(active, active)] / np.outer(scale, scale)
+        alpha[active] = min_norm_solve(ka)
+    return torch.from_numpy(alpha).to(gram.device)
+
+
+def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
+    """MMPareto's combination weights for one parameter group (SPEC §4).
+
+    Direction: uniform over the objectives that reach the group when every pair has
+    a positive cosine, else MGDA's min-norm weights. Magnitude (MMPareto's rule):
+    ``n * sum_m alpha_m g_m`` is scaled up, never down, to ``||sum_m g_m||``, then by
+    ``magnitude``. Returns the final weights ``w`` with ``out = sum_m w_m g_m``.
+    """
+    magnitude = V.check_positive("magnitude", magnitude)
+    k = _check_gram(gram)
+    m = k.shape[0]
+    active = np.diag(k) > 0
+    n = int(active.sum())
+    w = np.zeros(m)
+    if n == 0:
+        return torch.from_numpy(w).to(gram.device)
+    ka = k[np.ix_(active, active)]
+    d = np.sqrt(np.diag(ka))
+    cos = ka / np.outer(d, d)
+    alpha = np.full(n, 1.0 / n) if (cos > 0).all() else min_norm_solve(ka)
+    c = n * alpha
+    c_sq, sum_sq = c @ ka @ c, ka.sum()
+    boost = max(1.0, float(np.sqrt(sum_sq / c_sq))) if c_sq > 0 else 1.0
+    w[active] = c * boost * magnitude
+    return torch.from_numpy(w).to(gram.device)
+
+
+def mimo_weights(losses: Tensor | Sequence[float], rho: float = 1.0, tau: float = 1.0) -> Tensor:
+    """MIMO's weights: 1 for the fusion loss (index 0), ``rho * softmax(f/tau)`` for the rest.
+
+    They are the gradient weights of ``F = f0 + rho * tau * logsumexp(f_1..f_M / tau)``.
+
+    >>> mimo_weights(torch.tensor([0.5, 1.0, 1.0]))
+    tensor([1.0000, 0.5000, 0.5000])
+    """
+    rho, tau = V.check_positive("rho", rho), V.check_positive("tau", tau)
+    f = torch.as_tensor(losses).detach()
+    if not f.is_floating_point():
+        f = f.to(torch.float32)
+    if f.dim() != 1 or f.numel() < 2:
+        raise ValueError(f"losses must be 1-D with the fusion loss first and >= 1 unimodal loss; got shape {tuple(f.shape)}")
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError("losses must be finite")
+    return torch.cat([torch.ones_like(f[:1]), rho * torch.softmax(f[1:] / tau, dim=0)])
+
+
+def combine(g: Tensor, alpha: Tensor, *, group_offsets: Tensor | None = None) -> Tensor:
+    """``sum_m alpha_m g_m``: ``alpha`` is ``M``, or ``G x M`` with ``group_offsets``.
+
+    >>> combine(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.5, 0.5]))
+    tensor([2., 3.])
+    """
+    V.check_float_tensor("g", g, dim=2)
+    V.check_float_tensor("alpha", alpha)
+    m = g.shape[0]
+    dt = torch.promote_types(g.dtype, torch.float32)
+    if group_offsets is None:
+        if alpha.shape != (m,):
+            raise ValueError(f"alpha must have shape ({m},); got {tuple(alpha.shape)}")
+        return (alpha.to(g.device, dt)[:, None] * g.to(dt)).sum(dim=0).to(g.dtype)
+    off = V.check_group_offsets(group_offsets, g.shape[1]).tolist()
+    if alpha.shape != (len(off) - 1, m):
+        raise ValueError(f"alpha must have shape ({len(off) - 1}, {m}) for {len(off) - 1} groups; got {tuple(alpha.shape)}")
+    a = alpha.to(g.device, dt)
+    parts = [(a[i][:, None] * g[:, lo:hi].to(dt)).sum(dim=0) for i, (lo, hi) in enumerate(zip(off[:-1], off[1:]))]
+    return torch.cat(parts).to(g.dtype)
+
+
+def combine_and_gram(
+    g: Tensor,
+    alpha: Tensor,
+    *,
+    group_offsets: Tensor | None = None,
+    out: Tensor | None = None,
+    with_gram: bool = True,
+) -> tuple[Tensor, dict]:
+    """``combine`` plus, from the same read in the kernels, the per-group Gram (``G x M x M``)
+    and the count of non-finite entries of ``g``: what the lagged MOO step needs."""
+    res = combine(g, alpha, group_offsets=group_offsets)
+    if out is not None:
+        res = out.copy_(res)
+    stats = {"nonfinite": (~torch.isfinite(g)).sum()}
+    if with_gram:
+        stats["gram"] = gram(g, group_offsets=V.check_group_offsets(group_offsets, g.shape[1]))
+    return res, stats
