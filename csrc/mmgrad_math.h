@@ -37,17 +37,21 @@ struct BogcParams {
   int confidence, weights;
 };
 
-// SPEC §3.1: one EMA update and the bias-corrected variance. one_minus_beta and
-// inv_bias_correction = 1/(1-beta^t) are formed on the host in double.
-template <typename T>
-MMGRAD_HD void ema_update(T g, T m0, T v0, T beta, T one_minus_beta, T inv_bias_correction,
-                          T& m1, T& v1, T& var) {
-  m1 = beta * m0 + one_minus_beta * g;
-  v1 = beta * v0 + one_minus_beta * (g * g);
-  const T m_hat = m1 * inv_bias_correction;
-  const T v_hat = v1 * inv_bias_correction;
-  const T d = v_hat - m_hat * m_hat;
-  var = d > T(0) ? d : T(0);
+// SPEC §3.1: one EMA update and the bias-corrected variance. The update runs in double
+// (W): the state is stored as T, but v_hat - m_hat^2 cancels badly when sigma^2 << m^2,
+// so the variance is formed from the unrounded moments, as the float64 oracle does.
+// one_minus_beta and inv_bias_correction = 1/(1-beta^t) are formed on the host.
+template <typename T, typename W = double>
+MMGRAD_HD void ema_update(T g, T m0, T v0, W beta, W one_minus_beta, W inv_bias_correction, T& m1, T& v1,
+                          T& var) {
+  const W gw = static_cast<W>(g);
+  const W mw = beta * static_cast<W>(m0) + one_minus_beta * gw;
+  const W vw = beta * static_cast<W>(v0) + one_minus_beta * (gw * gw);
+  m1 = static_cast<T>(mw);
+  v1 = static_cast<T>(vw);
+  const W m_hat = mw * inv_bias_correction;
+  const W d = vw * inv_bias_correction - m_hat * m_hat;
+  var = static_cast<T>(d > W(0) ? d : W(0));
 }
 
 // SPEC §3.2: 0 where the objective does not reach the coordinate (mu = var = 0 exactly).

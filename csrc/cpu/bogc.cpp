@@ -24,7 +24,7 @@ struct BogcArgs {
   const acc_t* v_in = nullptr;
   acc_t* m_out = nullptr;          // ... and out (may alias the inputs)
   acc_t* v_out = nullptr;
-  acc_t beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
+  double beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
   scalar_t* out = nullptr;         // N
   acc_t* fused_u = nullptr;        // optional N-long diagnostics
   acc_t* fused_b_pos = nullptr;
@@ -183,9 +183,9 @@ at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tens
     a.v_in = v_in.data_ptr<acc_t>();
     a.m_out = m_out.data_ptr<acc_t>();
     a.v_out = v_out.data_ptr<acc_t>();
-    a.beta = static_cast<acc_t>(beta);
-    a.one_minus_beta = static_cast<acc_t>(1.0 - beta);
-    a.inv_bias_correction = static_cast<acc_t>(1.0 / (1.0 - std::pow(beta, static_cast<double>(step))));
+    a.beta = beta;
+    a.one_minus_beta = 1.0 - beta;
+    a.inv_bias_correction = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));
     stats = bogc_dispatch_m<Source::kEma>(a, plan);
   });
   return stats;
@@ -235,8 +235,8 @@ void ema_moments_impl(const at::Tensor& g, const at::Tensor& m_in, const at::Ten
   acc_t* m1 = m_out.data_ptr<acc_t>();
   acc_t* v1 = v_out.data_ptr<acc_t>();
   acc_t* var = var_out.data_ptr<acc_t>();
-  const acc_t b = static_cast<acc_t>(beta), omb = static_cast<acc_t>(1.0 - beta);
-  const acc_t ibc = static_cast<acc_t>(1.0 / (1.0 - std::pow(beta, static_cast<double>(step))));
+  const double b = beta, omb = 1.0 - beta;
+  const double ibc = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));
   at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i)
