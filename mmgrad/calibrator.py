@@ -348,6 +348,7 @@ class FusedCalibrator:
         if self.method == "sum":
             self.diagnostics = {"weights": torch.full((self.num_objectives,), 1.0 / self.num_objectives, dtype=torch.float64)}
             ok = self._check_sum_finite()
+            self.step_count += int(ok)
         else:
             ok = self._step_bogc() if self.method == "bogc" else self._step_weighted()
             if ok:
@@ -408,6 +409,9 @@ class FusedCalibrator:
     def _step_weighted(self) -> bool:
         o, m, groups = self.options, self.num_objectives, self.group_offsets.numel() - 1
         grams = None
+        if self.method == "mimo" and not bool(torch.isfinite(self._loss_values).all()):
+            bad = int((~torch.isfinite(self._loss_values)).nonzero()[0, 0])
+            return self._nonfinite(f"the loss of objective {bad} (losses[{bad}]) is not finite")
         if self.method in ("mimo", "mean"):
             w = mimo_weights(self._loss_values, o["rho"], o["tau"]) if self.method == "mimo" else torch.full((m,), 1.0 / m, dtype=torch.float64)
             alpha = w.to(torch.float64).expand(groups, m).contiguous()

@@ -45,12 +45,15 @@ def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tupl
     V.check_same_shape(("g", "m", "v"), (g, m, v))
     step, beta = V.check_step(step), V.check_beta(beta)
     dt = _compute_dtype(g, m, v)
-    g, m, v = g.to(dt), m.to(dt), v.to(dt)
+    # In float64 whatever the dtype, as the kernels do: v_hat - m_hat^2 cancels when
+    # sigma^2 << m^2, so the variance is formed from the unrounded moments.
+    g, m, v = g.double(), m.double(), v.double()
     m = beta * m + (1.0 - beta) * g
     v = beta * v + (1.0 - beta) * (g * g)
     inv_bc = 1.0 / (1.0 - beta**step)
-    m_hat, v_hat = m * inv_bc, v * inv_bc
-    var = torch.clamp_min(v_hat - m_hat * m_hat, 0.0)
+    m_hat = m * inv_bc
+    var = torch.clamp_min(v * inv_bc - m_hat * m_hat, 0.0)
+    m, v, var = m.to(dt), v.to(dt), var.to(dt)
     return m, v, var
 
 

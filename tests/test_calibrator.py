@@ -1,0 +1,309 @@
+"""FusedCalibrator: the gradients it writes, training, checkpoints and misuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mmgrad
+from mmgrad import reference as R
+from mmgrad.verify import rel_err
+
+from conftest import kernel_backends
+
+BACKENDS = ["reference", *kernel_backends()]
+F = nn.functional
+
+
+class TwoView(nn.Module):
+    """Two encoders, a fusion head and per-view heads; a third input the unimodal heads never see."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.enc_a = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.enc_b = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.extra = nn.Linear(3, 4)  # reached by the fusion loss only
+        self.fuse = nn.Linear(20, 3)
+        self.head_a, self.head_b = nn.Linear(8, 3), nn.Linear(8, 3)
+        self.to(dtype)
+
+    def losses(self, xa, xb, xc, y):
+        za, zb = self.enc_a(xa), self.enc_b(xb)
+        fused = self.fuse(torch.cat([za, zb, self.extra(xc)], 1))
+        return [F.cross_entropy(fused, y), F.cross_entropy(self.head_a(za), y), F.cross_entropy(self.head_b(zb), y)]
+
+    def groups(self):
+        return [{"params": self.enc_a.parameters()}, {"params": self.enc_b.parameters()}, {"params": self.extra.parameters()}]
+
+
+def batch(gen, n=16, dtype=torch.float32):
+    return (torch.randn(n, 6, generator=gen, dtype=dtype), torch.randn(n, 5, generator=gen, dtype=dtype),
+            torch.randn(n, 3, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen))
+
+
+def per_objective_grads(model, params, b):
+    """Ground truth: each loss's gradient by a separate autograd.grad, None -> zeros."""
+    rows = []
+    for loss in model.losses(*b):
+        gs = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+    return torch.stack(rows)
+
+
+def _groups_offsets(model):
+    sizes = [sum(p.numel() for p in g["params"]) for g in model.groups()]
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mmpareto", "mimo", "mean"])
+def test_written_gradient_is_the_reference_function(gen, backend, method):
+    torch.manual_seed(0)
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, backend=backend)
+    params = cal.params
+    off = _groups_offsets(model)
+    m_state = torch.zeros(3, cal.num_elements)
+    v_state = torch.zeros(3, cal.num_elements)
+    for step in range(1, 4):
+        b = batch(gen)
+        g = per_objective_grads(model, params, b).double()
+        losses = model.losses(*b)
+        cal.backward(losses)
+        assert all(p.grad is None for p in params)
+        assert cal.step()
+        got = torch.cat([p.grad.reshape(-1) for p in params])
+        if method == "bogc":
+            want, m_state, v_state, _ = R.bogc_step(g, m_state.double(), v_state.double(), step, group_offsets=off)
+        else:
+            k = R.gram(g, group_offsets=off)
+            lv = torch.stack([x.detach() for x in losses]).double()
+            if method == "mgda":
+                alpha = torch.stack([R.mgda_weights(kk) for kk in k])
+            elif method == "mmpareto":
+                alpha = torch.stack([R.mmpareto_weights(kk) for kk in k])
+            elif method == "mimo":
+                alpha = R.mimo_weights(lv).expand(3, 3)
+            else:
+                alpha = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+            want = R.combine(g, alpha, group_offsets=off)
+        assert rel_err(got, want) <= 2e-5, f"step {step}"
+        for p in params:  # a plain SGD step so the next step sees new parameters
+            p.data -= 0.1 * p.grad
+            p.grad = None
+
+
+def test_uncalibrated_parameters_get_the_summed_gradient(gen):
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator([{"params": model.enc_a.parameters()}], 3, method="mgda")
+    others = [*model.fuse.parameters(), *model.head_b.parameters(), *model.enc_b.parameters()]
+    b = batch(gen)
+    want = [sum(g for g in gs if g is not None) for gs in zip(*[torch.autograd.grad(l, others, allow_unused=True, retain_graph=True) for l in model.losses(*b)])]
+    cal.backward(model.losses(*b))
+    for p, w in zip(others, want):
+        assert torch.allclose(p.grad, w, rtol=1e-6, atol=1e-7)
+
+
+def test_sum_trains_bit_for_bit_like_plain_joint_training(gen):
+    torch.manual_seed(1)
+    plain = TwoView()
+    calibrated = copy.deepcopy(plain)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    opt_c = torch.optim.AdamW(calibrated.parameters(), lr=1e-2)
+    cal = mmgrad.FusedCalibrator(calibrated.groups(), 3, method="sum").attach(opt_c)
+    for _ in range(20):
+        b = batch(gen)
+        sum(plain.losses(*b)).backward()
+        opt_p.step()
+        opt_p.zero_grad()
+        cal.backward(calibrated.losses(*b))
+        opt_c.step()
+        opt_c.zero_grad()
+    for p, q in zip(plain.parameters(), calibrated.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd", "sgd-momentum", "adam", "adamw"],
+)
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mmpareto", "mimo", "mean", "sum"])
+def test_training_lowers_the_loss_with_every_optimizer(gen, make_opt, method):
+    torch.manual_seed(2)
+    model = TwoView()
+    model.head_a.weight.requires_grad_(False)  # a frozen parameter in the optimizer and the model
+    opt = make_opt([{"params": [*model.enc_a.parameters(), *model.enc_b.parameters()]},
+                    {"params": [p for n, p in model.named_parameters() if not n.startswith("enc")], "lr": 1e-2}])
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method).attach(opt)
+    fixed = batch(gen, n=64)
+    start = sum(model.losses(*fixed)).item()
+    for _ in range(30):
+        cal.backward(model.losses(*fixed))
+        opt.step()
+        opt.zero_grad()
+    assert sum(model.losses(*fixed)).item() < start
+    assert model.head_a.weight.grad is None
+
+
+@pytest.mark.parametrize("method", ["bogc", "mgda"])
+def test_cpu_backend_trains_like_the_reference(gen, method):
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu kernels not built")
+    torch.manual_seed(3)
+    a = TwoView()
+    b_model = copy.deepcopy(a)
+    runs = []
+    for model, backend in ((a, "reference"), (b_model, "cpu")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, backend=backend).attach(opt)
+        g2 = torch.Generator().manual_seed(7)
+        for _ in range(10):
+            cal.backward(model.losses(*batch(g2)))
+            opt.step()
+            opt.zero_grad()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert rel_err(runs[1], runs[0]) <= 1e-5
+
+
+def test_sample_estimator_matches_the_reference(gen):
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc", estimator="sample")
+    chunks = [batch(gen, n=8) for _ in range(3)]
+    samples = torch.stack([per_objective_grads(model, cal.params, c) for c in chunks]).double()
+    cal.backward([model.losses(*c) for c in chunks])
+    cal.step()
+    want, _ = R.bogc_sample_step(samples, group_offsets=_groups_offsets(model))
+    assert rel_err(torch.cat([p.grad.reshape(-1) for p in cal.params]), want) <= 2e-5
+
+
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_backward_modes_fill_the_same_buffer(gen, mode):
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method="mgda", backward_mode=mode)
+    b = batch(gen)
+    want = per_objective_grads(model, cal.params, b)
+    cal.backward(model.losses(*b))
+    assert rel_err(cal._grads, want) <= 1e-6
+    assert torch.equal(cal._grads[1][cal.group_offsets[1]:], torch.zeros_like(cal._grads[1][cal.group_offsets[1]:]))
+
+
+@pytest.mark.parametrize("method, options", [("bogc", {}), ("bogc", {"estimator": "sample"}), ("mgda", {"lagged": True}), ("mmpareto", {})])
+def test_state_dict_round_trip_resumes_identically(gen, method, options):
+    torch.manual_seed(4)
+    data = [batch(gen) if method != "bogc" or not options else [batch(gen, 8) for _ in range(2)] for _ in range(10)]
+
+    def losses(model, d):
+        return [model.losses(*c) for c in d] if options.get("estimator") == "sample" else model.losses(*d)
+
+    def make(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return opt, mmgrad.FusedCalibrator(model.groups(), 3, method=method, **options).attach(opt)
+
+    model = TwoView()
+    opt, cal = make(model)
+    for d in data[:5]:
+        cal.backward(losses(model, d))
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), cal.state_dict()))
+    for d in data[5:]:
+        cal.backward(losses(model, d))
+        opt.step()
+        opt.zero_grad()
+    model2 = TwoView()
+    opt2, cal2 = make(model2)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    cal2.load_state_dict(saved[2])
+    for d in data[5:]:
+        cal2.backward(losses(model2, d))
+        opt2.step()
+        opt2.zero_grad()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def _poisoned_losses(model, b, which):
+    losses = model.losses(*b)
+    losses[which] = losses[which] * torch.tensor(float("inf"))
+    return losses
+
+
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mimo", "sum"])
+def test_nonfinite_gradient_raises_naming_objective_and_leaves_state(gen, method):
+    model = TwoView()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method).attach(opt)
+    cal.backward(model.losses(*batch(gen)))
+    opt.step()
+    opt.zero_grad()
+    before = copy.deepcopy(cal.state_dict())
+    cal.backward(_poisoned_losses(model, batch(gen), 1))
+    with pytest.raises(mmgrad.NonFiniteGradientError, match="objective 1" if method != "sum" else "not finite"):
+        opt.step()
+    after = cal.state_dict()
+    assert after["step_count"] == before["step_count"]
+    for key in ("m", "v"):
+        if key in before:
+            assert torch.equal(after[key], before[key])
+
+
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mmpareto", "mimo", "sum"])
+def test_skip_nonfinite_leaves_optimizer_and_calibrator_bit_identical(gen, method):
+    model = TwoView()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, skip_nonfinite=True).attach(opt)
+    for _ in range(3):
+        cal.backward(model.losses(*batch(gen)))
+        opt.step()
+        opt.zero_grad()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), cal.state_dict()))
+    cal.backward(_poisoned_losses(model, batch(gen), 2))
+    opt.step()
+    opt.zero_grad()
+    after = (model.state_dict(), opt.state_dict(), cal.state_dict())
+    for k, v in before[0].items():
+        assert torch.equal(after[0][k], v)
+    for pid, st in before[1]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after[1]["state"][pid][k], v)
+    assert after[2]["step_count"] == before[2]["step_count"]
+    if "m" in before[2]:
+        assert torch.equal(after[2]["m"], before[2]["m"]) and torch.equal(after[2]["v"], before[2]["v"])
+    # and training goes on afterwards
+    cal.backward(model.losses(*batch(gen)))
+    opt.step()
+    assert cal.state_dict()["step_count"] == before[2]["step_count"] + 1
+
+
+def test_step_then_clip_then_optimizer_step(gen):
+    model = TwoView()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc").attach(opt)
+    cal.backward(model.losses(*batch(gen)))
+    assert cal.step()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    clipped = [p.grad.clone() for p in cal.params]
+    before = [p.detach().clone() for p in cal.params]
+    opt.step()  # the hook sees the step was calibrated already and does not recalibrate
+    for p, b, g in zip(cal.params, before, clipped):
+        assert torch.allclose(p, b - 0.1 * g)
+
+
+def test_float64_and_bfloat16_parameters(gen):
+    for dtype in (torch.float64, torch.bfloat16):
+        model = TwoView(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        cal = mmgrad.FusedCalibrator(model.groups(), 3).attach(opt)
+        cal.backward(model.losses(*batch(gen, dtype=dtype)))
+        opt.step()
+        assert all(p.grad.dtype == dtype for p in cal.params)

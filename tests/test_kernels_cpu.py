@@ -1,0 +1,143 @@
+"""CPU kernels against the float64 reference (issue: C++/OpenMP fused kernels).
+
+Tolerances (normwise max relative error, mmgrad.verify.TOLERANCE): float32 <= 1e-5,
+bf16/fp16 <= 1e-2 (the output is rounded to the gradient dtype), float64 <= 1e-10.
+Outputs are poisoned with NaN before the kernel writes them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmgrad import ops
+from mmgrad import reference as R
+from mmgrad.verify import TOLERANCE, compare_all, random_case, rel_err
+
+from conftest import requires_cpu_kernels
+
+pytestmark = requires_cpu_kernels
+
+MS = (1, 2, 3, 4, 8, 11)
+NS = (1, 7, 1023, 4097)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def f64(t):
+    return t.to(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", MS)
+def test_every_function_matches_the_reference(gen, m, dtype):
+    for n in NS:
+        errs = compare_all("cpu", random_case(m, n, dtype, gen))
+        bad = {k: e for k, e in errs.items() if not e <= TOLERANCE[dtype]}
+        assert not bad, f"M={m} N={n} {dtype}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("m", (2, 11))
+def test_large_n_not_a_multiple_of_the_chunk(gen, m, dtype):
+    n = 2**20 + 3
+    c = random_case(m, n, dtype, gen, samples=2)
+    out = torch.full((n,), float("nan"), dtype=dtype)
+    m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
+    res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, out=out, m_out=m_out, v_out=v_out, backend="cpu")
+    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, group_offsets=c.group_offsets)
+    assert res.data_ptr() == out.data_ptr() and m1.data_ptr() == m_out.data_ptr()
+    tol = TOLERANCE[dtype]
+    assert rel_err(res, ref) <= tol and rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
+    assert rel_err(st["gram"], rst["gram"]) <= 1e-12
+    assert rel_err(ops.gram(c.g, backend="cpu"), R.gram(f64(c.g))) <= 1e-12
+
+
+@pytest.mark.parametrize("confidence", ("belief", "certainty", "none"))
+@pytest.mark.parametrize("weights", ("belief", "precision"))
+@pytest.mark.parametrize("rescale", (True, False))
+def test_bogc_step_options_with_poisoned_outputs(gen, confidence, weights, rescale):
+    for m in (1, 3, 8, 11):
+        c = random_case(m, 1023, torch.float32, gen)
+        kw = dict(beta=0.8, gamma=0.5, eps=1e-6, confidence=confidence, weights=weights, rescale=rescale, group_offsets=c.group_offsets)
+        out = torch.full((1023,), float("nan"))
+        m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
+        res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, out=out, m_out=m_out, v_out=v_out, backend="cpu", **kw)
+        ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, **kw)
+        assert rel_err(res, ref) <= 1e-5, f"M={m}"
+        assert rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
+        for key in ("uncertainty", "conflict", "weights", "sum_sq", "out_sq"):
+            assert rel_err(st[key], rst[key]) <= 1e-5, key
+        assert int(st["nonfinite"]) == 0
+
+
+def test_sample_step_with_poisoned_output(gen):
+    c = random_case(4, 4097, torch.float32, gen, samples=5)
+    out = torch.full((4097,), float("nan"))
+    res, st = ops.bogc_sample_step(c.samples, group_offsets=c.group_offsets, out=out, confidence="certainty", backend="cpu")
+    ref, rst = R.bogc_sample_step(f64(c.samples), group_offsets=c.group_offsets, confidence="certainty")
+    # the Gram of the float32 means: float32 rounding of mu, not of the products
+    assert rel_err(res, ref) <= 1e-5 and rel_err(st["gram"], rst["gram"]) <= 1e-6
+
+
+def test_state_may_be_updated_in_place(gen):
+    c = random_case(3, 4097, torch.float32, gen)
+    ref, rm1, rv1, _ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step)
+    m, v = c.m.clone(), c.v.clone()
+    res, m1, v1, _ = ops.bogc_step(c.g, m, v, c.step, m_out=m, v_out=v, backend="cpu")
+    assert m1.data_ptr() == m.data_ptr() and rel_err(m, rm1) <= 1e-6 and rel_err(res, ref) <= 1e-5
+
+
+def test_combine_and_gram_share_one_read(gen):
+    c = random_case(5, 4097, torch.float32, gen)
+    groups = c.group_offsets.numel() - 1
+    alpha = torch.rand(groups, 5, dtype=torch.float64)
+    out = torch.full((4097,), float("nan"))
+    res, st = ops.combine_and_gram(c.g, alpha, group_offsets=c.group_offsets, out=out, backend="cpu")
+    assert rel_err(res, R.combine(f64(c.g), alpha, group_offsets=c.group_offsets)) <= 1e-6
+    assert rel_err(st["gram"], R.gram(f64(c.g), group_offsets=c.group_offsets)) <= 1e-12
+
+
+def test_nonfinite_entries_are_counted(gen):
+    c = random_case(3, 1023, torch.float32, gen)
+    g = c.g.clone()
+    g[1, 5], g[2, 700], g[0, 1022] = float("nan"), float("inf"), -float("inf")
+    *_, st = ops.bogc_step(g, c.m, c.v, 1, backend="cpu")
+    assert int(st["nonfinite"]) == 3
+    _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu")
+    assert int(st["nonfinite"]) == 3
+
+
+def test_confident_opposite_objectives_float32_kernel():
+    g = torch.tensor([[1.0, 5.0, 1e25], [-1.0, -5.0, -1e25]])
+    z = torch.zeros_like(g)
+    out, d = ops.bogc_from_moments(g, z, backend="cpu")
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+    assert torch.isfinite(d["uncertainty"]).all()
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ops.gram(torch.randn(3, 8).T, backend="cpu"), ValueError, "contiguous"),
+        (lambda: ops.gram(torch.randn(3, 8, dtype=torch.float64).to(torch.int32), backend="cpu"), TypeError, "floating"),
+        (lambda: ops.gram(torch.randn(8), backend="cpu"), ValueError, "2 dimensions"),
+        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1, 0.9, backend="cpu"), TypeError, "m must be torch.float32"),
+        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 5), torch.zeros(2, 5), 1, 0.9, backend="cpu"), ValueError, "shape"),
+        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 0, 0.9, backend="cpu"), ValueError, "step"),
+        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1, 1.0, backend="cpu"), ValueError, "beta"),
+        (lambda: ops.bogc_from_moments(torch.randn(2, 4), torch.rand(2, 4), eps=0.0, backend="cpu"), ValueError, "eps"),
+        (lambda: ops.bogc_from_moments(torch.randn(2, 4), torch.rand(2, 4), confidence="max", backend="cpu"), ValueError, "confidence"),
+        (lambda: ops.bogc_from_moments(torch.randn(2, 4), torch.rand(2, 4), weights="x", backend="cpu"), ValueError, "weights"),
+        (lambda: ops.bogc_from_moments(torch.randn(2, 4), torch.rand(2, 4), gamma=-1.0, backend="cpu"), ValueError, "gamma"),
+        (lambda: ops.bogc_step(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1, out=torch.zeros(3), backend="cpu"), ValueError, "out"),
+        (lambda: ops.bogc_sample_step(torch.randn(1, 2, 4), backend="cpu"), ValueError, "S >= 2"),
+        (lambda: ops.combine(torch.randn(2, 4), torch.ones(3), backend="cpu"), ValueError, "alpha"),
+        (lambda: ops.gram(torch.randn(2, 4), group_offsets=torch.tensor([0, 5]), backend="cpu"), ValueError, "group_offsets"),
+        (lambda: ops.gram(torch.randn(70, 4), backend="cpu"), ValueError, "at most 64"),
+        (lambda: ops.gram(torch.randn(2, 4), backend="gpu"), ValueError, "backend must be one of"),
+        (lambda: ops.gram(torch.randn(2, 4), backend="cuda"), ValueError, "unavailable"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
