@@ -105,10 +105,11 @@ struct CoordinateResult {
   T out;            // calibrated gradient before norm matching
   Opinion<T> fused; // fused opinion
   T conflict;       // 1 - prod(kept) over the fold
-  T share_scale;    // 1/sum(w), 0 where sum(w) = 0; share_m = w_m * share_scale
+  bool any_weight;  // sum(w) > 0; then weight[m] holds the share w_m / sum(w)
 };
 
-// SPEC §3.2-3.6 for one coordinate: mu[m], var[m] for m < M in; weight[m] out.
+// SPEC §3.2-3.6 for one coordinate: mu[m], var[m] for m < M in; weight[m] out (the share
+// of objective m in the direction, 0 for all m where no weight is positive).
 // MT > 0 fixes M at compile time (unrolled); MT == 0 uses the runtime m_count.
 template <typename T, int MT>
 MMGRAD_HD CoordinateResult<T> bogc_coordinate(int m_count, const T* mu, const T* var,
@@ -133,10 +134,16 @@ MMGRAD_UNROLL
       kept_all *= kept;
     }
   }
-  r.share_scale = w_sum > T(0) ? T(1) / w_sum : T(0);
+  // share_m = w_m / sum(w), a division each: 1/sum(w) overflows when the sum is subnormal
+  // (belief weights of tiny gradients), and inf * 0 would put NaN into the gradient.
+  const bool any = w_sum > T(0);
+  r.any_weight = any;
   T acc = T(0);
 MMGRAD_UNROLL
-  for (int k = 0; k < M; ++k) acc += (weight[k] * r.share_scale) * mu[k];
+  for (int k = 0; k < M; ++k) {
+    weight[k] = any ? weight[k] / w_sum : T(0);
+    acc += weight[k] * mu[k];
+  }
   r.out = confidence_scale(r.fused, prm.confidence) * (n_reach * acc);
   r.conflict = T(1) - kept_all;
   return r;

@@ -387,15 +387,22 @@ class FusedCalibrator:
             _, stats = self._ops.bogc_sample_step(self._grads, out=self._out, **kw)
             if int(stats["nonfinite"]) > 0:
                 return self._nonfinite(self._locate_nonfinite())
+            self._check_output(stats)
         else:
             cur, nxt, t = self._slot, 1 - self._slot, self.step_count + 1
             _, _, _, stats = self._ops.bogc_step(self._grads, self._m[cur], self._v[cur], t, beta=o["beta"], m_out=self._m[nxt], v_out=self._v[nxt], out=self._out, **kw)
             if int(stats["nonfinite"]) > 0:
                 return self._nonfinite(self._locate_nonfinite())
+            self._check_output(stats)
             self._slot = nxt
         self.step_count += 1
         self.diagnostics = {k: stats[k] for k in ("weights", "uncertainty", "conflict", "gram")}
         return True
+
+    @staticmethod
+    def _check_output(stats: Dict[str, Tensor]) -> None:
+        if not bool(torch.isfinite(stats["out_sq"])):  # finite inputs must give a finite output
+            raise RuntimeError("mmgrad: the calibrated gradient is not finite although every input was; please report this")
 
     def _solve(self, grams: Tensor) -> Tensor:
         o, rows = self.options, []

@@ -141,3 +141,12 @@ def test_confident_opposite_objectives_float32_kernel():
 def test_bad_input_gives_a_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("weights", ["belief", "precision"])
+def test_subnormal_weight_sums_kernel(weights):
+    mu = torch.tensor([[1e-20, -3e-20, 2e-20], [2e-20, 1e-20, 0.0]], dtype=torch.float32)
+    out, d = ops.bogc_from_moments(mu, torch.ones_like(mu), weights=weights, confidence="none", backend="cpu")
+    ref, _ = R.bogc_from_moments(mu.double(), torch.ones_like(mu).double(), weights=weights, confidence="none")
+    assert torch.isfinite(out).all() and torch.isfinite(d["weights"]).all()
+    assert rel_err(out, ref) <= 1e-5

@@ -175,3 +175,13 @@ def test_mmpareto_rule():
 def test_mimo_weights():
     w = R.mimo_weights(t([0.3, 1.0, 1.0 + math.log(3.0)]), rho=2.0, tau=1.0)
     assert w.tolist() == pytest.approx([1.0, 2 * 0.25, 2 * 0.75])  # softmax of (1, 1+log 3) = (1/4, 3/4)
+
+
+@pytest.mark.parametrize("weights", ["belief", "precision"])
+def test_subnormal_weight_sums_do_not_overflow_in_float32(weights):
+    # e = mu^2 / var ~ 1e-40: belief weights are subnormal and 1/sum(w) would be inf
+    mu = torch.tensor([[1e-20, -3e-20, 2e-20], [2e-20, 1e-20, 0.0]], dtype=torch.float32)
+    out, d = R.bogc_from_moments(mu, torch.ones_like(mu), weights=weights, confidence="none")
+    ref, _ = R.bogc_from_moments(mu.double(), torch.ones_like(mu).double(), weights=weights, confidence="none")
+    assert torch.isfinite(out).all() and torch.isfinite(d["weights"]).all()
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=0)

@@ -124,9 +124,9 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
       out_sq += static_cast<double>(r.out) * static_cast<double>(r.out);
       u_sum += static_cast<double>(r.fused.u);
       conflict_sum += static_cast<double>(r.conflict);
-      share_count += r.share_scale > acc_t(0) ? 1.0 : 0.0;
+      share_count += r.any_weight ? 1.0 : 0.0;
       // Shares go into a per-chunk array, later added once (kept out of the simd reduction).
-      for (int k = 0; k < M; ++k) var[k * kChunk + t] = w_d[k] * r.share_scale;
+      for (int k = 0; k < M; ++k) var[k * kChunk + t] = w_d[k];
     }
     for (int k = 0; k < M; ++k)
       for (int64_t t = 0; t < len; ++t) share_sum[k] += static_cast<double>(var[k * kChunk + t]);

@@ -167,8 +167,8 @@ def bogc_from_moments(
     w = (b_pos + b_neg) if weights == "belief" else lam  # b = 1 - u, formed without cancellation
     w_sum = w.sum(dim=0)
     positive = w_sum > 0
-    inv = torch.where(positive, 1.0 / torch.where(positive, w_sum, torch.ones_like(w_sum)), torch.zeros_like(w_sum))
-    share = w * inv
+    # w / sum(w), not w * (1/sum(w)): the reciprocal of a subnormal sum overflows
+    share = torch.where(positive, w / torch.where(positive, w_sum, torch.ones_like(w_sum)), torch.zeros_like(w))
     mu_fused = n_reach * (share * mu).sum(dim=0)
 
     if confidence == "belief":
