@@ -21,7 +21,9 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math lets GCC turn the selects of the element math into blends, so the
+    # coordinate loops vectorise (5x faster); mmgrad never relies on FP exception traps.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-wrapv", "-Wall", "-Wno-unknown-pragmas"]
     if os.environ.get("MMGRAD_PORTABLE") != "1":
         cxx.append("-march=native")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

@@ -1,5 +1,9 @@
 // Element math of mmgrad (SPEC.md §3), shared by the C++ CPU kernels and the CUDA kernels.
 //
+// Every function takes and returns values (no out-parameters): OpenMP lowers a simd loop
+// before inlining, and any local whose address is taken becomes a per-lane array that
+// stops GCC from vectorising the CPU loops.
+//
 // Everything here is a __host__ __device__ inline function of one coordinate d, so the
 // CPU build (and its tests against the float64 reference) exercises exactly the
 // arithmetic the GPU runs. The order of operations mirrors mmgrad/reference/bogc.py so
@@ -20,6 +24,11 @@ namespace math {
 // Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32, so the
 // Dempster-Shafer fold never meets 0/0 (README, "Spec notes").
 constexpr double kEvidenceMax = 1e30;
+template <typename T>
+MMGRAD_HD T max0(T x) {
+  return x > T(0) ? x : T(0);
+}
+
 // Runtime-M kernels keep per-objective values in registers/stack arrays of this size.
 constexpr int kMaxObjectives = 64;
 
@@ -41,23 +50,27 @@ struct BogcParams {
 // (W): the state is stored as T, but v_hat - m_hat^2 cancels badly when sigma^2 << m^2,
 // so the variance is formed from the unrounded moments, as the float64 oracle does.
 // one_minus_beta and inv_bias_correction = 1/(1-beta^t) are formed on the host.
+template <typename T>
+struct EmaResult {
+  T m, v, var;  // updated moments (stored as T) and the bias-corrected variance
+};
+
 template <typename T, typename W = double>
-MMGRAD_HD void ema_update(T g, T m0, T v0, W beta, W one_minus_beta, W inv_bias_correction, T& m1, T& v1,
-                          T& var) {
+MMGRAD_HD EmaResult<T> ema_update(T g, T m0, T v0, W beta, W one_minus_beta, W inv_bias_correction) {
   const W gw = static_cast<W>(g);
   const W mw = beta * static_cast<W>(m0) + one_minus_beta * gw;
   const W vw = beta * static_cast<W>(v0) + one_minus_beta * (gw * gw);
-  m1 = static_cast<T>(mw);
-  v1 = static_cast<T>(vw);
   const W m_hat = mw * inv_bias_correction;
   const W d = vw * inv_bias_correction - m_hat * m_hat;
-  var = static_cast<T>(d > W(0) ? d : W(0));
+  return {static_cast<T>(mw), static_cast<T>(vw), static_cast<T>(max0(d))};
 }
 
 // SPEC §3.2: 0 where the objective does not reach the coordinate (mu = var = 0 exactly).
+// Written without branches (| not ||, selects) so that the CPU loops vectorise.
 template <typename T>
 MMGRAD_HD T precision(T mu, T var, T eps) {
-  return (mu == T(0) && var == T(0)) ? T(0) : T(1) / (var + eps);
+  const T lam = T(1) / (var + eps);
+  return ((mu != T(0)) | (var != T(0))) ? lam : T(0);
 }
 
 // SPEC §3.3, clamped to kEvidenceMax (an overflow to inf clamps too).
@@ -76,77 +89,109 @@ MMGRAD_HD Opinion<T> opinion(T mu, T e) {
 }
 
 // SPEC §3.5: reduced Dempster-Shafer rule for two opinions. The three unnormalised
-// masses are divided by their sum (= 1 - C, never formed as a difference). `kept`
-// receives that sum. Two dogmatic opposite opinions (sum 0) give a vacuous result.
+// masses are divided by their sum kept = 1 - C (never formed as a difference). Two
+// dogmatic opposite opinions (sum 0) give a vacuous result.
 template <typename T>
-MMGRAD_HD Opinion<T> ds_combine2(const Opinion<T>& a, const Opinion<T>& b, T& kept) {
+struct Combined {
+  Opinion<T> fused;
+  T kept;
+};
+
+template <typename T>
+MMGRAD_HD Combined<T> ds_combine2(Opinion<T> a, Opinion<T> b) {
   const T p = a.b_pos * b.b_pos + a.b_pos * b.u + b.b_pos * a.u;
   const T n = a.b_neg * b.b_neg + a.b_neg * b.u + b.b_neg * a.u;
   const T w = a.u * b.u;
-  kept = p + n + w;
-  if (kept == T(0)) return {T(0), T(0), T(1)};
-  const T inv = T(1) / kept;
-  return {p * inv, n * inv, w * inv};
+  const T kept = p + n + w;
+  const bool total_conflict = kept == T(0);
+  const T inv = total_conflict ? T(0) : T(1) / kept;
+  return {{p * inv, n * inv, total_conflict ? T(1) : w * inv}, kept};
 }
 
 template <typename T>
-MMGRAD_HD T confidence_scale(const Opinion<T>& fused, int mode) {
-  if (mode == kConfidenceBelief) {
-    const T d = fused.b_pos - fused.b_neg;
-    return d < T(0) ? -d : d;
-  }
-  if (mode == kConfidenceCertainty) return T(1) - fused.u;
-  return T(1);
+MMGRAD_HD T confidence_scale(Opinion<T> fused, int mode) {
+  const T d = fused.b_pos - fused.b_neg;
+  const T belief = d < T(0) ? -d : d;
+  return mode == kConfidenceBelief ? belief : (mode == kConfidenceCertainty ? T(1) - fused.u : T(1));
 }
 
-// What one coordinate contributes to a step's diagnostics and norms.
+// The Dempster-Shafer fold and the weight sums of one coordinate, objective by objective.
 template <typename T>
-struct CoordinateResult {
-  T out;            // calibrated gradient before norm matching
-  Opinion<T> fused; // fused opinion
-  T conflict;       // 1 - prod(kept) over the fold
-  bool any_weight;  // sum(w) > 0; then weight[m] holds the share w_m / sum(w)
+struct FoldState {
+  Opinion<T> fused;  // fused opinion of the objectives folded so far
+  T kept;            // prod over the folds of (1 - C)
+  T w_sum;           // sum of the weights
+  T n_reach;         // objectives that reach the coordinate
 };
 
-// SPEC §3.2-3.6 for one coordinate: mu[m], var[m] for m < M in; weight[m] out (the share
-// of objective m in the direction, 0 for all m where no weight is positive).
-// MT > 0 fixes M at compile time (unrolled); MT == 0 uses the runtime m_count.
-template <typename T, int MT>
-MMGRAD_HD CoordinateResult<T> bogc_coordinate(int m_count, const T* mu, const T* var,
-                                             const BogcParams<T>& prm, T* weight) {
-  const int M = MT > 0 ? MT : m_count;
-  CoordinateResult<T> r;
-  T n_reach = T(0);
-  T w_sum = T(0);
-  T kept_all = T(1);
-MMGRAD_UNROLL
-  for (int k = 0; k < M; ++k) {
-    const T lam = precision(mu[k], var[k], prm.eps);
-    const Opinion<T> op = opinion(mu[k], evidence(mu[k], lam, prm.gamma));
-    n_reach += lam > T(0) ? T(1) : T(0);
-    weight[k] = prm.weights == kWeightsBelief ? op.b_pos + op.b_neg : lam;
-    w_sum += weight[k];
-    if (k == 0) {
-      r.fused = op;
-    } else {
-      T kept;
-      r.fused = ds_combine2(r.fused, op, kept);
-      kept_all *= kept;
-    }
-  }
-  // share_m = w_m / sum(w), a division each: 1/sum(w) overflows when the sum is subnormal
-  // (belief weights of tiny gradients), and inf * 0 would put NaN into the gradient.
-  const bool any = w_sum > T(0);
-  r.any_weight = any;
-  T acc = T(0);
-MMGRAD_UNROLL
-  for (int k = 0; k < M; ++k) {
-    weight[k] = any ? weight[k] / w_sum : T(0);
-    acc += weight[k] * mu[k];
-  }
-  r.out = confidence_scale(r.fused, prm.confidence) * (n_reach * acc);
-  r.conflict = T(1) - kept_all;
+template <typename T>
+struct FoldStep {
+  FoldState<T> state;  // the fold with this objective joined
+  T weight;            // its raw weight: belief 1 - u (formed without cancellation) or lambda
+};
+
+// SPEC §3.2-3.5 for objective k of one coordinate: its opinion joins the fold (the first
+// one starts it; `state` is then ignored).
+template <typename T>
+MMGRAD_HD FoldStep<T> fold_objective(FoldState<T> state, T mu, T var, BogcParams<T> prm, bool first) {
+  const T lam = precision(mu, var, prm.eps);
+  const Opinion<T> op = opinion(mu, evidence(mu, lam, prm.gamma));
+  const T w = prm.weights == kWeightsBelief ? op.b_pos + op.b_neg : lam;
+  const Combined<T> c = ds_combine2(state.fused, op);
+  const T reach = lam > T(0) ? T(1) : T(0);
+  FoldStep<T> r;
+  r.state.fused.b_pos = first ? op.b_pos : c.fused.b_pos;
+  r.state.fused.b_neg = first ? op.b_neg : c.fused.b_neg;
+  r.state.fused.u = first ? op.u : c.fused.u;
+  r.state.kept = first ? T(1) : state.kept * c.kept;
+  r.state.w_sum = first ? w : state.w_sum + w;
+  r.state.n_reach = first ? reach : state.n_reach + reach;
+  r.weight = w;
   return r;
+}
+
+// share_m = w_m / sum(w), a division each: 1/sum(w) overflows when the sum is subnormal
+// (belief weights of tiny gradients), and inf * 0 would put NaN into the gradient.
+template <typename T>
+MMGRAD_HD T share_of(T w, T w_sum) {
+  return w_sum > T(0) ? w / w_sum : T(0);
+}
+
+// SPEC §3.6: ghat = confidence * n * sum_m share_m mu_m (weighted_mu is that sum).
+template <typename T>
+MMGRAD_HD T calibrated(FoldState<T> s, T weighted_mu, int confidence) {
+  return confidence_scale(s.fused, confidence) * (s.n_reach * weighted_mu);
+}
+
+// SPEC §3.2-3.6 for one coordinate, as a GPU thread runs it: mu_at(k), var_at(k) give
+// objective k's mean and variance, weight_at(k) is storage (T&) that ends holding its
+// share. The CPU kernel makes the same calls objective by objective over a block of
+// coordinates (structure of arrays, so its loops vectorise).
+template <typename T>
+struct CoordinateResult {
+  T out;
+  FoldState<T> state;
+};
+
+template <typename T, int MT, typename MuAt, typename VarAt, typename WeightAt>
+MMGRAD_HD CoordinateResult<T> bogc_coordinate(int m_count, const MuAt& mu_at, const VarAt& var_at,
+                                             BogcParams<T> prm, const WeightAt& weight_at) {
+  const int M = MT > 0 ? MT : m_count;
+  FoldState<T> s{{T(0), T(0), T(1)}, T(1), T(0), T(0)};
+MMGRAD_UNROLL
+  for (int k = 0; k < M; ++k) {
+    const FoldStep<T> step = fold_objective(s, mu_at(k), var_at(k), prm, k == 0);
+    s = step.state;
+    weight_at(k) = step.weight;
+  }
+  T weighted_mu = T(0);
+MMGRAD_UNROLL
+  for (int k = 0; k < M; ++k) {
+    T& w = weight_at(k);
+    w = share_of(w, s.w_sum);
+    weighted_mu += w * mu_at(k);
+  }
+  return {calibrated(s, weighted_mu, prm.confidence), s};
 }
 
 }  // namespace math

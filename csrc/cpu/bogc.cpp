@@ -9,7 +9,6 @@ namespace cpu {
 namespace {
 
 using math::BogcParams;
-using math::CoordinateResult;
 
 // Where a chunk's per-objective mean and variance come from.
 enum class Source { kEma, kSamples, kMoments };
@@ -43,13 +42,17 @@ double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len
       const int64_t base = k * a.N + lo;
       acc_t* mk = mu + k * kChunk;
       acc_t* vk = var + k * kChunk;
+      const acc_t* m_in = a.m_in + base;
+      const acc_t* v_in = a.v_in + base;
+      acc_t* m_out = a.m_out + base;
+      acc_t* v_out = a.v_out + base;
+      const double beta = a.beta, omb = a.one_minus_beta, ibc = a.inv_bias_correction;
 #pragma omp simd
       for (int64_t t = 0; t < len; ++t) {
-        acc_t m1, v1;
-        math::ema_update(mk[t], a.m_in[base + t], a.v_in[base + t], a.beta, a.one_minus_beta,
-                         a.inv_bias_correction, m1, v1, vk[t]);
-        a.m_out[base + t] = m1;
-        a.v_out[base + t] = v1;
+        const math::EmaResult<acc_t> e = math::ema_update(mk[t], m_in[t], v_in[t], beta, omb, ibc);
+        m_out[t] = e.m;
+        v_out[t] = e.v;
+        vk[t] = e.var;
       }
     }
     return bad;
@@ -90,53 +93,87 @@ double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len
   return bad;
 }
 
+// The per-coordinate math of mmgrad_math.h, objective by objective over a chunk: each
+// loop below is element-wise over t (structure of arrays), so it vectorises.
 template <Source src, typename scalar_t, typename acc_t, int MT>
 at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) {
-  const int M = a.M;
+  const int M = MT > 0 ? MT : a.M;  // a compile-time trip count where possible
   const StatsLayout L{M, plan.num_groups()};
-  return run_chunks<acc_t>(plan, L, (2 * M + 1) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
+  constexpr int kFold = 7;  // b_pos, b_neg, u, kept, w_sum, n_reach, weighted mu
+  return run_chunks<acc_t>(plan, L, (3 * M + kFold + 1) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
     int64_t grp, lo, len;
     plan.locate(c, grp, lo, len);
     acc_t* mu = buf;
     acc_t* var = mu + M * kChunk;
-    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, var + M * kChunk);
+    acc_t* share = var + M * kChunk;
+    acc_t* bp = share + M * kChunk;
+    acc_t *bn = bp + kChunk, *uu = bn + kChunk, *kept = uu + kChunk, *w_sum = kept + kChunk, *n_reach = w_sum + kChunk,
+          *wmu = n_reach + kChunk;
+    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, wmu + kChunk);
+    const BogcParams<acc_t> prm = a.prm;
 
-    double sum_sq = 0, out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
-    double share_sum[math::kMaxObjectives] = {0};
-#pragma omp simd reduction(+ : sum_sq, out_sq, u_sum, conflict_sum, share_count)
-    for (int64_t t = 0; t < len; ++t) {
-      acc_t mu_d[MT > 0 ? MT : math::kMaxObjectives], var_d[MT > 0 ? MT : math::kMaxObjectives];
-      acc_t w_d[MT > 0 ? MT : math::kMaxObjectives];
-      double total = 0;
-      for (int k = 0; k < M; ++k) {
-        mu_d[k] = mu[k * kChunk + t];
-        var_d[k] = var[k * kChunk + t];
-        total += static_cast<double>(mu_d[k]);
+    for (int k = 0; k < M; ++k) {
+      const acc_t *mk = mu + k * kChunk, *vk = var + k * kChunk;
+      acc_t* sk = share + k * kChunk;
+      const bool first = k == 0;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) {
+        const math::FoldStep<acc_t> r =
+            math::fold_objective(math::FoldState<acc_t>{{bp[t], bn[t], uu[t]}, kept[t], w_sum[t], n_reach[t]}, mk[t],
+                                 vk[t], prm, first);
+        sk[t] = r.weight;
+        bp[t] = r.state.fused.b_pos;
+        bn[t] = r.state.fused.b_neg;
+        uu[t] = r.state.fused.u;
+        kept[t] = r.state.kept;
+        w_sum[t] = r.state.w_sum;
+        n_reach[t] = r.state.n_reach;
       }
-      const CoordinateResult<acc_t> r = math::bogc_coordinate<acc_t, MT>(M, mu_d, var_d, a.prm, w_d);
-      a.out[lo + t] = static_cast<scalar_t>(r.out);
-      if (a.fused_u != nullptr) {
-        a.fused_u[lo + t] = r.fused.u;
-        a.fused_b_pos[lo + t] = r.fused.b_pos;
-        a.fused_b_neg[lo + t] = r.fused.b_neg;
-      }
-      sum_sq += total * total;
-      out_sq += static_cast<double>(r.out) * static_cast<double>(r.out);
-      u_sum += static_cast<double>(r.fused.u);
-      conflict_sum += static_cast<double>(r.conflict);
-      share_count += r.any_weight ? 1.0 : 0.0;
-      // Shares go into a per-chunk array, later added once (kept out of the simd reduction).
-      for (int k = 0; k < M; ++k) var[k * kChunk + t] = w_d[k];
     }
-    for (int k = 0; k < M; ++k)
-      for (int64_t t = 0; t < len; ++t) share_sum[k] += static_cast<double>(var[k * kChunk + t]);
+    std::fill(wmu, wmu + len, acc_t(0));
+    for (int k = 0; k < M; ++k) {
+      const acc_t* mk = mu + k * kChunk;
+      acc_t* sk = share + k * kChunk;
+      double share_sum = 0;
+#pragma omp simd reduction(+ : share_sum)
+      for (int64_t t = 0; t < len; ++t) {
+        sk[t] = math::share_of(sk[t], w_sum[t]);
+        wmu[t] += sk[t] * mk[t];
+        share_sum += static_cast<double>(sk[t]);
+      }
+      st[L.share_sum() + k] += share_sum;
+    }
+    scalar_t* const out = a.out + lo;
+    double out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
+#pragma omp simd reduction(+ : out_sq, u_sum, conflict_sum, share_count)
+    for (int64_t t = 0; t < len; ++t) {
+      const acc_t g =
+          math::calibrated(math::FoldState<acc_t>{{bp[t], bn[t], uu[t]}, kept[t], w_sum[t], n_reach[t]}, wmu[t],
+                           prm.confidence);
+      out[t] = static_cast<scalar_t>(g);
+      out_sq += static_cast<double>(g) * static_cast<double>(g);
+      u_sum += static_cast<double>(uu[t]);
+      conflict_sum += 1.0 - static_cast<double>(kept[t]);
+      share_count += w_sum[t] > acc_t(0) ? 1.0 : 0.0;
+    }
+    if constexpr (src == Source::kMoments) {  // the pure function's full diagnostics
+      std::copy(uu, uu + len, a.fused_u + lo);
+      std::copy(bp, bp + len, a.fused_b_pos + lo);
+      std::copy(bn, bn + len, a.fused_b_neg + lo);
+    }
+    double sum_sq = 0;  // ||sum_m g_m||^2, summed in double as the reference does
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t t = 0; t < len; ++t) {
+      double total = 0;
+      for (int k = 0; k < M; ++k) total += static_cast<double>(mu[k * kChunk + t]);
+      sum_sq += total * total;
+    }
     add_chunk_gram(M, mu, len, st + L.gram() + grp * M * M);
     st[L.sum_sq()] += sum_sq;
     st[L.out_sq()] += out_sq;
     st[L.u_sum()] += u_sum;
     st[L.conflict_sum()] += conflict_sum;
     st[L.share_count()] += share_count;
-    for (int k = 0; k < M; ++k) st[L.share_sum() + k] += share_sum[k];
   });
 }
 
@@ -239,8 +276,12 @@ void ema_moments_impl(const at::Tensor& g, const at::Tensor& m_in, const at::Ten
   const double ibc = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));
   at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i)
-      math::ema_update(static_cast<acc_t>(gp[i]), m0[i], v0[i], b, omb, ibc, m1[i], v1[i], var[i]);
+    for (int64_t i = lo; i < hi; ++i) {
+      const math::EmaResult<acc_t> e = math::ema_update(static_cast<acc_t>(gp[i]), m0[i], v0[i], b, omb, ibc);
+      m1[i] = e.m;
+      v1[i] = e.v;
+      var[i] = e.var;
+    }
   });
 }
 
@@ -272,10 +313,8 @@ void ds_combine_impl(const at::Tensor& b_pos, const at::Tensor& b_neg, const at:
   at::parallel_for(0, N, 1 << 12, [&](int64_t lo, int64_t hi) {
     for (int64_t d = lo; d < hi; ++d) {
       math::Opinion<scalar_t> f{bp[d], bn[d], up[d]};
-      for (int64_t k = 1; k < M; ++k) {
-        scalar_t kept;
-        f = math::ds_combine2(f, math::Opinion<scalar_t>{bp[k * N + d], bn[k * N + d], up[k * N + d]}, kept);
-      }
+      for (int64_t k = 1; k < M; ++k)
+        f = math::ds_combine2(f, math::Opinion<scalar_t>{bp[k * N + d], bn[k * N + d], up[k * N + d]}).fused;
       obp[d] = f.b_pos;
       obn[d] = f.b_neg;
       ou[d] = f.u;

@@ -18,7 +18,7 @@ namespace cpu {
 
 // Coordinates processed together: the chunk's M rows (and state) stay in L1/L2 while
 // the element math, the norms and the Gram matrix all read them, so memory is read once.
-constexpr int64_t kChunk = 1024;
+constexpr int64_t kChunk = 512;
 
 // Chunks never straddle a parameter-group boundary, so each chunk adds to one group's Gram.
 struct ChunkPlan {
