@@ -100,7 +100,7 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
   const int M = MT > 0 ? MT : a.M;  // a compile-time trip count where possible
   const StatsLayout L{M, plan.num_groups()};
   constexpr int kFold = 7;  // b_pos, b_neg, u, kept, w_sum, n_reach, weighted mu
-  return run_chunks<acc_t>(plan, L, (3 * M + kFold + 1) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
+  return run_chunks<acc_t>(plan, L, (3 * M + kFold + 1 + 2) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
     int64_t grp, lo, len;
     plan.locate(c, grp, lo, len);
     acc_t* mu = buf;
@@ -161,13 +161,18 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
       std::copy(bp, bp + len, a.fused_b_pos + lo);
       std::copy(bn, bn + len, a.fused_b_neg + lo);
     }
-    double sum_sq = 0;  // ||sum_m g_m||^2, summed in double as the reference does
-#pragma omp simd reduction(+ : sum_sq)
-    for (int64_t t = 0; t < len; ++t) {
-      double total = 0;
-      for (int k = 0; k < M; ++k) total += static_cast<double>(mu[k * kChunk + t]);
-      sum_sq += total * total;
+    // ||sum_m g_m||^2, the sum over m in double as the reference forms it; row by row so
+    // that each loop vectorises. Its double scratch: the last 2 * kChunk acc_t of buf.
+    double* total = reinterpret_cast<double*>(wmu + 2 * kChunk);
+    std::fill(total, total + len, 0.0);
+    for (int k = 0; k < M; ++k) {
+      const acc_t* mk = mu + k * kChunk;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) total[t] += static_cast<double>(mk[t]);
     }
+    double sum_sq = 0;
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t t = 0; t < len; ++t) sum_sq += total[t] * total[t];
     add_chunk_gram(M, mu, len, st + L.gram() + grp * M * M);
     st[L.sum_sq()] += sum_sq;
     st[L.out_sq()] += out_sq;
