@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test demo bench verify cuda-check clean
+.PHONY: install build test demo bench bench-pytest verify clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,3 +45,6 @@ bench: build
 
 clean:
 	rm -rf build mmgrad/_C*.so
+
+bench-pytest: build
+	MMGRAD_QUIET=1 $(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds
