@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test demo bench bench-pytest verify clean
+.PHONY: install build test demo bench bench-pytest verify cuda-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,8 +31,12 @@ build/.ext-stamp: $(CSRC) setup.py | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 
-test: build
+test: build cuda-check
 	MMGRAD_QUIET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Compile every .cu with nvcc (sm_80, sm_90), print registers/smem/spills; cached in build/cuda.
+cuda-check: $(STAMP)
+	$(PY) tests/cuda_compile.py
 
 demo: build
 	$(PY) -m mmgrad demo
