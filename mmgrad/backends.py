@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,20 +44,30 @@ def cpu_extension():
 
 
 def _triton_info() -> BackendInfo:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return BackendInfo("triton", False, (), f"triton does not import ({exc})")
-    return BackendInfo("triton", False, (), "Triton kernels are not implemented yet (issue: Triton kernels)")
+    # Found, not imported: triton reads TRITON_INTERPRET when it is first imported, so
+    # importing it here would fix the mode before a test (or user) sets it.
+    if importlib.util.find_spec("triton") is None:
+        return BackendInfo("triton", False, (), "triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return BackendInfo("triton", True, ("cpu",), "Triton kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1: for tests, slow)")
+    if torch.cuda.is_available():
+        return BackendInfo("triton", True, ("cuda",), "Triton kernels on CUDA tensors")
+    return BackendInfo("triton", False, (), "triton imports, but torch has no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, for testing)")
+
+
+_cache: Dict[tuple, Dict[str, BackendInfo]] = {}
 
 
 def backends() -> Dict[str, BackendInfo]:
-    """Every backend with whether it can run here and why (not).
+    """Every backend with whether it can run here and why (not); cached per TRITON_INTERPRET.
 
     >>> import mmgrad
     >>> mmgrad.backends()["reference"].available
     True
     """
+    key = (os.environ.get("TRITON_INTERPRET"),)
+    if key in _cache:
+        return _cache[key]
     cpu_ok = cpu_extension() is not None
     info = {
         "reference": BackendInfo("reference", True, ("cpu", "cuda"), "pure PyTorch, any device and float dtype"),
@@ -66,9 +77,10 @@ def backends() -> Dict[str, BackendInfo]:
             "cuda",
             False,
             (),
-            "CUDA kernels are not built: torch has no CUDA here" if not torch.cuda.is_available() else "CUDA kernels are not implemented yet",
+            "CUDA kernels are compile-checked only: torch has no CUDA here" if not torch.cuda.is_available() else "the CUDA kernels have no torch binding yet",
         ),
     }
+    _cache[key] = info
     return info
 
 

@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     print(f"mmgrad bench: bogc_step (EMA, fp32 grads), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    n_gpu, m_gpu = 100_000_000, 4
+    moved = bogc_bytes(m_gpu, n_gpu, torch.float32)
+    print(f"roofline (a PREDICTION, not a measurement): bogc_step at N=100M, M=4 moves {moved / 1e9:.1f} GB "
+          f"-> {1e3 * moved / 3.35e12:.2f} ms at H100's 3.35 TB/s, if the GPU kernels run at memory bandwidth")
     rows = []
     for n in args.sizes:
         for m in args.objectives:

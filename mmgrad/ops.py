@@ -47,6 +47,10 @@ def backend_module(backend: str, device: torch.device) -> ModuleType:
         from .kernels import cpu
 
         return cpu
+    if name == "triton":
+        from .kernels import triton_kernels
+
+        return triton_kernels
     return reference
 
 

@@ -1,0 +1,125 @@
+"""Triton kernels against the float64 reference, on CPU tensors in Triton's interpreter.
+
+TRITON_INTERPRET=1 is set here, before the kernels are imported (mmgrad imports them
+lazily), so a user never has to set it. Tolerances as for the CPU kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+import mmgrad  # noqa: E402
+from mmgrad import ops  # noqa: E402
+from mmgrad import reference as R  # noqa: E402
+from mmgrad.verify import TOLERANCE, random_case, rel_err  # noqa: E402
+
+
+def f64(t):
+    return t.to(torch.float64)
+
+
+def test_backend_is_available_under_the_interpreter():
+    info = mmgrad.backends()["triton"]
+    assert info.available and "cpu" in info.devices
+    assert ops.backend_module("triton", torch.device("cpu")).__name__.endswith("triton_kernels")
+
+
+@pytest.mark.parametrize("m", (1, 2, 3, 8))
+@pytest.mark.parametrize("n", (1, 7, 1025, 70_001))
+def test_bogc_step_matches_the_reference(gen, m, n):
+    c = random_case(m, n, torch.float32, gen)
+    out = torch.full((n,), float("nan"))
+    m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
+    res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, out=out, m_out=m_out, v_out=v_out, backend="triton")
+    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, group_offsets=c.group_offsets)
+    assert rel_err(res, ref) <= 1e-5 and rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
+    assert rel_err(st["gram"], rst["gram"]) <= 1e-12
+    for key in ("sum_sq", "out_sq"):
+        assert rel_err(st[key], rst[key]) <= 1e-5, key
+    for key in ("uncertainty", "conflict", "weights"):  # means of values in [0, 1]: absolute error
+        assert (f64(st[key]) - f64(rst[key])).abs().max() <= 1e-6, key
+    assert int(st["nonfinite"]) == 0
+
+
+@pytest.mark.parametrize("confidence", ("belief", "certainty", "none"))
+@pytest.mark.parametrize("weights", ("belief", "precision"))
+def test_bogc_options(gen, confidence, weights):
+    c = random_case(3, 1025, torch.float32, gen)
+    kw = dict(beta=0.8, gamma=0.5, eps=1e-6, confidence=confidence, weights=weights, rescale=False)
+    res, *_ = ops.bogc_step(c.g, c.m, c.v, c.step, backend="triton", **kw)
+    ref, *_ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, **kw)
+    assert rel_err(res, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_half_gradients(gen, dtype):
+    c = random_case(2, 1025, dtype, gen)
+    res, *_ = ops.bogc_step(c.g, c.m, c.v, c.step, backend="triton")
+    ref, *_ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step)
+    assert res.dtype == dtype and rel_err(res, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("m", (1, 2, 3, 8))
+def test_sample_step(gen, m):
+    c = random_case(m, 1025, torch.float32, gen, samples=4)
+    out = torch.full((1025,), float("nan"))
+    res, st = ops.bogc_sample_step(c.samples, group_offsets=c.group_offsets, out=out, backend="triton")
+    ref, rst = R.bogc_sample_step(f64(c.samples), group_offsets=c.group_offsets)
+    assert rel_err(res, ref) <= 1e-5 and rel_err(st["gram"], rst["gram"]) <= 1e-6
+
+
+@pytest.mark.parametrize("m", (1, 2, 3, 8))
+@pytest.mark.parametrize("n", (1, 7, 1025, 70_001))
+def test_gram_and_combine(gen, m, n):
+    c = random_case(m, n, torch.float32, gen)
+    groups = c.group_offsets.numel() - 1
+    alpha = torch.rand(groups, m, dtype=torch.float64)
+    out = torch.full((n,), float("nan"))
+    res, st = ops.combine_and_gram(c.g, alpha, group_offsets=c.group_offsets, out=out, backend="triton")
+    assert rel_err(res, R.combine(f64(c.g), alpha, group_offsets=c.group_offsets)) <= 1e-6
+    assert rel_err(st["gram"], R.gram(f64(c.g), group_offsets=c.group_offsets)) <= 1e-12
+    assert rel_err(ops.gram(c.g, backend="triton"), R.gram(f64(c.g))) <= 1e-12
+
+
+def test_nonfinite_is_counted(gen):
+    c = random_case(3, 1025, torch.float32, gen)
+    g = c.g.clone()
+    g[1, 5], g[2, 700] = float("nan"), float("inf")
+    *_, st = ops.bogc_step(g, c.m, c.v, 1, backend="triton")
+    assert int(st["nonfinite"]) == 2
+
+
+def test_calibrator_on_triton_trains_like_the_reference():
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        enc_a, enc_b, head = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.nn.Linear(8, 3)
+        params = [*enc_a.parameters(), *enc_b.parameters(), *head.parameters()]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        cal = mmgrad.FusedCalibrator([{"params": enc_a.parameters()}, {"params": enc_b.parameters()}], 3, backend=backend).attach(opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            xa, xb, y = torch.randn(16, 6, generator=gen), torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            za, zb = enc_a(xa), enc_b(xb)
+            ce = torch.nn.functional.cross_entropy
+            cal.backward([ce(head(torch.cat([za, zb], 1)), y), ce(za[:, :3], y), ce(zb[:, :3], y)])
+            opt.step()
+            opt.zero_grad()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    assert rel_err(runs[1], runs[0]) <= 1e-5
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.gram(torch.randn(3, 8).T, backend="triton")
+    with pytest.raises(TypeError, match="float32"):
+        ops.bogc_step(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64), 1, backend="triton")
+    with pytest.raises(ValueError, match="S >= 2"):
+        ops.bogc_sample_step(torch.randn(1, 2, 4), backend="triton")
