@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import cpu_extension
-from ..reference.bogc import _norm_ratio
+from ..reference.bogc import match_norm_
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # host solves, shared
 
 Tensor = torch.Tensor
@@ -176,7 +176,7 @@ def bogc_step(
     stats = _ext().bogc_step(g, m, v, m_out, v_out, out, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
     if rescale:
-        out.mul_(_norm_ratio(s["sum_sq"], s["out_sq"]).to(out.dtype))
+        match_norm_(out, s)
     return out, m_out, v_out, s
 
 
@@ -200,7 +200,7 @@ def bogc_sample_step(
     stats = _ext().bogc_sample_step(samples, out, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
     if rescale:
-        out.mul_(_norm_ratio(s["sum_sq"], s["out_sq"]).to(out.dtype))
+        match_norm_(out, s)
     return out, s
 
 

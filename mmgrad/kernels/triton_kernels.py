@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from ..reference.bogc import _norm_ratio, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
+from ..reference.bogc import match_norm_, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401  (host/device solves)
 
 Tensor = torch.Tensor
@@ -260,7 +260,7 @@ def bogc_step(g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belie
     out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
     st = _bogc_launch(g, m, v, m_out, v_out, out, off, 0, 1, beta, step, gamma, eps, confidence, weights)
     if rescale:
-        out.mul_(_norm_ratio(st["sum_sq"], st["out_sq"]).to(out.dtype))
+        match_norm_(out, st)
     return out, m_out, v_out, st
 
 
@@ -274,7 +274,7 @@ def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weigh
     out = torch.empty(samples.shape[2], dtype=samples.dtype, device=samples.device) if out is None else out
     st = _bogc_launch(samples, samples, samples, samples, samples, out, off, 1, samples.shape[0], 0.0, 1, gamma, eps, confidence, weights)
     if rescale:
-        out.mul_(_norm_ratio(st["sum_sq"], st["out_sq"]).to(out.dtype))
+        match_norm_(out, st)
     return out, st
 
 

@@ -266,6 +266,11 @@ def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
     return out, stats
 
 
+def match_norm_(out: Tensor, stats: Dict[str, Tensor]) -> Tensor:
+    """SPEC §3.7 in place on the N outputs: ``out *= ||sum_m g_m|| / ||out||`` from a step's stats."""
+    return out.mul_(_norm_ratio(stats["sum_sq"], stats["out_sq"]).to(out.dtype))
+
+
 def _norm_ratio(sum_sq: Tensor, out_sq: Tensor) -> Tensor:
     """||sum g|| / ||out||, and 0 where out is all zeros (nothing to scale)."""
     positive = out_sq > 0
