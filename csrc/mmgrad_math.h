@@ -74,9 +74,11 @@ MMGRAD_HD T precision(T mu, T var, T eps) {
 }
 
 // SPEC §3.3, clamped to kEvidenceMax (an overflow to inf clamps too).
+// Formed as (lambda mu) mu: mu^2 alone overflows float32 for |mu| > 1.8e19 even where the
+// evidence itself (with a large variance) is moderate.
 template <typename T>
 MMGRAD_HD T evidence(T mu, T lam, T gamma) {
-  const T e = gamma * lam * (mu * mu);
+  const T e = gamma * ((lam * mu) * mu);
   return e < T(kEvidenceMax) ? e : T(kEvidenceMax);
 }
 
@@ -105,23 +107,33 @@ MMGRAD_HD Combined<T> ds_combine2(Opinion<T> a, Opinion<T> b) {
   const T kept = p + n + w;
   const bool total_conflict = kept == T(0);
   const T inv = total_conflict ? T(0) : T(1) / kept;
-  return {{p * inv, n * inv, total_conflict ? T(1) : w * inv}, kept};
+  // u = a.u * (b.u / kept), not (a.u * b.u) / kept: for confident opinions (u ~ 2e-30) the
+  // product underflows float32 while the normalised uncertainty (~1e-30) does not, and a
+  // fused u of 0 would make every later fold forget how confident each side was.
+  return {{p * inv, n * inv, total_conflict ? T(1) : a.u * (b.u * inv)}, kept};
 }
 
 template <typename T>
 MMGRAD_HD T confidence_scale(Opinion<T> fused, int mode) {
   const T d = fused.b_pos - fused.b_neg;
   const T belief = d < T(0) ? -d : d;
-  return mode == kConfidenceBelief ? belief : (mode == kConfidenceCertainty ? T(1) - fused.u : T(1));
+  // certainty 1 - u formed as b_pos + b_neg (the opinion sums to 1): no cancellation when u ~ 1
+  return mode == kConfidenceBelief ? belief : (mode == kConfidenceCertainty ? fused.b_pos + fused.b_neg : T(1));
 }
 
 // The Dempster-Shafer fold and the weight sums of one coordinate, objective by objective.
+// The fold runs in double whatever T is: the fused uncertainty of a few confident
+// objectives is a product of u ~ 2e-30 each (1e-60 for two), below float32's range, and
+// once it flushes to 0 a later opposite opinion meets a dogmatic one and the fold
+// forgets how confident each side was (found by the fuzz tests; README, "Spec notes").
+using FoldT = double;
+
 template <typename T>
 struct FoldState {
-  Opinion<T> fused;  // fused opinion of the objectives folded so far
-  T kept;            // prod over the folds of (1 - C)
-  T w_sum;           // sum of the weights
-  T n_reach;         // objectives that reach the coordinate
+  Opinion<FoldT> fused;  // fused opinion of the objectives folded so far
+  FoldT kept;            // prod over the folds of (1 - C)
+  T w_sum;               // sum of the weights
+  T n_reach;             // objectives that reach the coordinate
 };
 
 template <typename T>
@@ -137,13 +149,14 @@ MMGRAD_HD FoldStep<T> fold_objective(FoldState<T> state, T mu, T var, BogcParams
   const T lam = precision(mu, var, prm.eps);
   const Opinion<T> op = opinion(mu, evidence(mu, lam, prm.gamma));
   const T w = prm.weights == kWeightsBelief ? op.b_pos + op.b_neg : lam;
-  const Combined<T> c = ds_combine2(state.fused, op);
+  const Opinion<FoldT> op_w{static_cast<FoldT>(op.b_pos), static_cast<FoldT>(op.b_neg), static_cast<FoldT>(op.u)};
+  const Combined<FoldT> c = ds_combine2(state.fused, op_w);
   const T reach = lam > T(0) ? T(1) : T(0);
   FoldStep<T> r;
-  r.state.fused.b_pos = first ? op.b_pos : c.fused.b_pos;
-  r.state.fused.b_neg = first ? op.b_neg : c.fused.b_neg;
-  r.state.fused.u = first ? op.u : c.fused.u;
-  r.state.kept = first ? T(1) : state.kept * c.kept;
+  r.state.fused.b_pos = first ? op_w.b_pos : c.fused.b_pos;
+  r.state.fused.b_neg = first ? op_w.b_neg : c.fused.b_neg;
+  r.state.fused.u = first ? op_w.u : c.fused.u;
+  r.state.kept = first ? FoldT(1) : state.kept * c.kept;
   r.state.w_sum = first ? w : state.w_sum + w;
   r.state.n_reach = first ? reach : state.n_reach + reach;
   r.weight = w;
@@ -160,7 +173,7 @@ MMGRAD_HD T share_of(T w, T w_sum) {
 // SPEC §3.6: ghat = confidence * n * sum_m share_m mu_m (weighted_mu is that sum).
 template <typename T>
 MMGRAD_HD T calibrated(FoldState<T> s, T weighted_mu, int confidence) {
-  return confidence_scale(s.fused, confidence) * (s.n_reach * weighted_mu);
+  return static_cast<T>(confidence_scale(s.fused, confidence)) * (s.n_reach * weighted_mu);
 }
 
 // SPEC §3.2-3.6 for one coordinate, as a GPU thread runs it: mu_at(k), var_at(k) give
@@ -177,7 +190,7 @@ template <typename T, int MT, typename MuAt, typename VarAt, typename WeightAt>
 MMGRAD_HD CoordinateResult<T> bogc_coordinate(int m_count, const MuAt& mu_at, const VarAt& var_at,
                                              BogcParams<T> prm, const WeightAt& weight_at) {
   const int M = MT > 0 ? MT : m_count;
-  FoldState<T> s{{T(0), T(0), T(1)}, T(1), T(0), T(0)};
+  FoldState<T> s{{FoldT(0), FoldT(0), FoldT(1)}, FoldT(1), T(0), T(0)};
 MMGRAD_UNROLL
   for (int k = 0; k < M; ++k) {
     const FoldStep<T> step = fold_objective(s, mu_at(k), var_at(k), prm, k == 0);

@@ -24,7 +24,8 @@ struct BogcArgs {
   acc_t* m_out = nullptr;          // ... and out (may alias the inputs)
   acc_t* v_out = nullptr;
   double beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
-  scalar_t* out = nullptr;         // N
+  acc_t* out = nullptr;            // N, before norm matching: float32 for half gradients, so
+                                   // it neither underflows nor is rounded twice (bogc.h)
   acc_t* fused_u = nullptr;        // optional N-long diagnostics
   acc_t* fused_b_pos = nullptr;
   acc_t* fused_b_neg = nullptr;
@@ -99,17 +100,20 @@ template <Source src, typename scalar_t, typename acc_t, int MT>
 at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) {
   const int M = MT > 0 ? MT : a.M;  // a compile-time trip count where possible
   const StatsLayout L{M, plan.num_groups()};
-  constexpr int kFold = 7;  // b_pos, b_neg, u, kept, w_sum, n_reach, weighted mu
-  return run_chunks<acc_t>(plan, L, (3 * M + kFold + 1 + 2) * kChunk, [&](int64_t c, double* st, acc_t* buf) {
+  // acc_t rows: mu, var, share (M each); w_sum, n_reach, weighted mu; one for loading
+  // samples. Then double rows (2 acc_t rows each at most): b_pos, b_neg, u, kept, total.
+  constexpr int64_t kDoubleRows = 5;
+  const int64_t elems = (3 * M + 4) * kChunk + kDoubleRows * kChunk * int64_t(sizeof(double) / sizeof(acc_t));
+  return run_chunks<acc_t>(plan, L, elems, [&](int64_t c, double* st, acc_t* buf) {
     int64_t grp, lo, len;
     plan.locate(c, grp, lo, len);
     acc_t* mu = buf;
     acc_t* var = mu + M * kChunk;
     acc_t* share = var + M * kChunk;
-    acc_t* bp = share + M * kChunk;
-    acc_t *bn = bp + kChunk, *uu = bn + kChunk, *kept = uu + kChunk, *w_sum = kept + kChunk, *n_reach = w_sum + kChunk,
-          *wmu = n_reach + kChunk;
-    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, wmu + kChunk);
+    acc_t *w_sum = share + M * kChunk, *n_reach = w_sum + kChunk, *wmu = n_reach + kChunk, *load = wmu + kChunk;
+    double* bp = reinterpret_cast<double*>(load + kChunk);  // the fold runs in double (mmgrad_math.h)
+    double *bn = bp + kChunk, *uu = bn + kChunk, *kept = uu + kChunk, *total = kept + kChunk;
+    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, load);
     const BogcParams<acc_t> prm = a.prm;
 
     for (int k = 0; k < M; ++k) {
@@ -143,27 +147,28 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
       }
       st[L.share_sum() + k] += share_sum;
     }
-    scalar_t* const out = a.out + lo;
+    acc_t* const out = a.out + lo;
     double out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
 #pragma omp simd reduction(+ : out_sq, u_sum, conflict_sum, share_count)
     for (int64_t t = 0; t < len; ++t) {
       const acc_t g =
           math::calibrated(math::FoldState<acc_t>{{bp[t], bn[t], uu[t]}, kept[t], w_sum[t], n_reach[t]}, wmu[t],
                            prm.confidence);
-      out[t] = static_cast<scalar_t>(g);
+      out[t] = g;
       out_sq += static_cast<double>(g) * static_cast<double>(g);
-      u_sum += static_cast<double>(uu[t]);
-      conflict_sum += 1.0 - static_cast<double>(kept[t]);
+      u_sum += uu[t];
+      conflict_sum += 1.0 - kept[t];
       share_count += w_sum[t] > acc_t(0) ? 1.0 : 0.0;
     }
     if constexpr (src == Source::kMoments) {  // the pure function's full diagnostics
-      std::copy(uu, uu + len, a.fused_u + lo);
-      std::copy(bp, bp + len, a.fused_b_pos + lo);
-      std::copy(bn, bn + len, a.fused_b_neg + lo);
+      for (int64_t t = 0; t < len; ++t) {
+        a.fused_u[lo + t] = static_cast<acc_t>(uu[t]);
+        a.fused_b_pos[lo + t] = static_cast<acc_t>(bp[t]);
+        a.fused_b_neg[lo + t] = static_cast<acc_t>(bn[t]);
+      }
     }
     // ||sum_m g_m||^2, the sum over m in double as the reference forms it; row by row so
-    // that each loop vectorises. Its double scratch: the last 2 * kChunk acc_t of buf.
-    double* total = reinterpret_cast<double*>(wmu + 2 * kChunk);
+    // that each loop vectorises.
     std::fill(total, total + len, 0.0);
     for (int k = 0; k < M; ++k) {
       const acc_t* mk = mu + k * kChunk;
@@ -204,7 +209,7 @@ BogcArgs<scalar_t, acc_t> make_args(const at::Tensor& g, const at::Tensor& out, 
   a.M = M;
   a.N = N;
   a.g = g.data_ptr<scalar_t>();
-  a.out = out.data_ptr<scalar_t>();
+  a.out = out.data_ptr<acc_t>();
   a.prm = {static_cast<acc_t>(o.gamma), static_cast<acc_t>(o.eps), o.confidence, o.weights};
   return a;
 }

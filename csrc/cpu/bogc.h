@@ -12,7 +12,9 @@ struct BogcOptions {
   int confidence = 0, weights = 0;  // math::Confidence, math::Weights
 };
 
-// Each returns the float64 statistics vector of StatsLayout (common.h).
+// Each returns the float64 statistics vector of StatsLayout (common.h). `out` receives the
+// calibrated gradient before norm matching in the compute dtype (float32 for fp32/bf16/fp16
+// gradients, float64 for float64): norm matching then rounds to a half dtype once.
 at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
                      const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
                      double beta, const BogcOptions& o);

@@ -96,7 +96,7 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
       var[k] = e.var;
       total += static_cast<double>(mu[k]);
     }
-    FoldState<float> s{{0.f, 0.f, 1.f}, 1.f, 0.f, 0.f};
+    FoldState<float> s{{0.0, 0.0, 1.0}, 1.0, 0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < M; ++k) {
       const FoldStep<float> step = math::fold_objective(s, mu[k], var[k], a.prm, k == 0);
@@ -115,7 +115,7 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
     sum_sq += total * total;
     out_sq += double(res) * double(res);
     u_sum += s.fused.u;
-    conflict_sum += 1.0 - double(s.kept);
+    conflict_sum += 1.0 - s.kept;
     share_count += s.w_sum > 0.f ? 1.0 : 0.0;
     int p = 0;
 #pragma unroll

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import cpu_extension
-from ..reference.bogc import match_norm_
+from ..reference.bogc import finish_output, raw_output
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # host solves, shared
 
 Tensor = torch.Tensor
@@ -173,11 +173,10 @@ def bogc_step(
     m_out = torch.empty_like(m) if m_out is None else _check_state("m_out", m_out, g)
     v_out = torch.empty_like(v) if v_out is None else _check_state("v_out", v_out, g)
     out = _check_out(out, g)
-    stats = _ext().bogc_step(g, m, v, m_out, v_out, out, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    raw = raw_output(out)
+    stats = _ext().bogc_step(g, m, v, m_out, v_out, raw, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
-    if rescale:
-        match_norm_(out, s)
-    return out, m_out, v_out, s
+    return finish_output(out, raw, s, rescale), m_out, v_out, s
 
 
 def bogc_sample_step(
@@ -197,11 +196,10 @@ def bogc_sample_step(
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, samples.shape[2])
     out = _check_out(out, samples[0])
-    stats = _ext().bogc_sample_step(samples, out, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    raw = raw_output(out)
+    stats = _ext().bogc_sample_step(samples, raw, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
-    if rescale:
-        match_norm_(out, s)
-    return out, s
+    return finish_output(out, raw, s, rescale), s
 
 
 def _check_out(out: Optional[Tensor], g: Tensor) -> Tensor:

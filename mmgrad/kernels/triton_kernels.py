@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from ..reference.bogc import match_norm_, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
+from ..reference.bogc import finish_output, raw_output, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401  (host/device solves)
 
 Tensor = torch.Tensor
@@ -77,7 +77,7 @@ def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, beta, omb
 def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
     """SPEC §3.2-3.4 (mmgrad_math.h: precision, evidence, opinion) and the raw weight."""
     lam = tl.where((mu != 0.0) | (var != 0.0), 1.0 / (var + eps), 0.0)
-    e = gamma * lam * (mu * mu)
+    e = gamma * ((lam * mu) * mu)  # not mu^2: it overflows float32
     e = tl.where(e < 1e30, e, 1e30)  # kEvidenceMax; an overflow to inf clamps too
     strength = e + 2.0
     b = e / strength
@@ -99,10 +99,10 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     pid = tl.program_id(0)
     offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hi
-    bp = tl.zeros([BLOCK], dtype=tl.float32)
-    bn = tl.zeros([BLOCK], dtype=tl.float32)
-    uu = tl.full([BLOCK], 1.0, tl.float32)
-    kept = tl.full([BLOCK], 1.0, tl.float32)
+    bp = tl.zeros([BLOCK], dtype=tl.float64)  # the fold in float64, as mmgrad_math.h
+    bn = tl.zeros([BLOCK], dtype=tl.float64)
+    uu = tl.full([BLOCK], 1.0, tl.float64)
+    kept = tl.full([BLOCK], 1.0, tl.float64)
     w_sum = tl.zeros([BLOCK], dtype=tl.float32)
     n_reach = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float64)
@@ -112,6 +112,9 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
         # counted on mu, as the reference does (a non-finite sample makes its mean non-finite)
         nonfinite += tl.where((mu == mu) & (tl.abs(mu) < float("inf")), 0.0, 1.0)
         lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
+        b_pos = b_pos.to(tl.float64)
+        b_neg = b_neg.to(tl.float64)
+        u = u.to(tl.float64)
         n_reach += tl.where(lam > 0.0, 1.0, 0.0)
         w_sum += w
         total += mu.to(tl.float64)
@@ -126,7 +129,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
             inv = tl.where(conflict_all, 0.0, 1.0 / tl.where(conflict_all, 1.0, s))
             bp = p * inv
             bn = q * inv
-            uu = tl.where(conflict_all, 1.0, r * inv)
+            uu = tl.where(conflict_all, 1.0, uu * (u * inv))  # not r * inv: r underflows float32
             kept = kept * s
     weighted_mu = tl.zeros([BLOCK], dtype=tl.float32)
     row = part_ptr + pid * (SCALARS_C + M + M * M)
@@ -148,9 +151,9 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
                 tl.store(row + SCALARS_C + M + k * M + j, kk)
                 tl.store(row + SCALARS_C + M + j * M + k, kk)
     if CONFIDENCE == 0:
-        scale = tl.abs(bp - bn)
+        scale = tl.abs(bp - bn).to(tl.float32)
     elif CONFIDENCE == 1:
-        scale = 1.0 - uu
+        scale = (bp + bn).to(tl.float32)  # = 1 - u, without cancellation when u ~ 1
     else:
         scale = tl.full([BLOCK], 1.0, tl.float32)
     res = scale * (n_reach * weighted_mu)
@@ -159,8 +162,8 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     tl.store(row + 0, tl.sum(tl.where(mask, total * total, 0.0), axis=0))
     tl.store(row + 1, tl.sum(tl.where(mask, res64 * res64, 0.0), axis=0))
     tl.store(row + 2, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
-    tl.store(row + 3, tl.sum(tl.where(mask, uu, 0.0).to(tl.float64), axis=0))
-    tl.store(row + 4, tl.sum(tl.where(mask, 1.0 - kept.to(tl.float64), 0.0), axis=0))
+    tl.store(row + 3, tl.sum(tl.where(mask, uu, 0.0), axis=0))
+    tl.store(row + 4, tl.sum(tl.where(mask, 1.0 - kept, 0.0), axis=0))
     tl.store(row + 5, tl.sum(tl.where(mask & (w_sum > 0.0), 1.0, 0.0).to(tl.float64), axis=0))
 
 
@@ -258,10 +261,9 @@ def bogc_step(g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belie
     m_out = torch.empty_like(m) if m_out is None else m_out
     v_out = torch.empty_like(v) if v_out is None else v_out
     out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
-    st = _bogc_launch(g, m, v, m_out, v_out, out, off, 0, 1, beta, step, gamma, eps, confidence, weights)
-    if rescale:
-        match_norm_(out, st)
-    return out, m_out, v_out, st
+    raw = raw_output(out)
+    st = _bogc_launch(g, m, v, m_out, v_out, raw, off, 0, 1, beta, step, gamma, eps, confidence, weights)
+    return finish_output(out, raw, st, rescale), m_out, v_out, st
 
 
 def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
@@ -272,10 +274,9 @@ def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weigh
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, samples.shape[2])
     out = torch.empty(samples.shape[2], dtype=samples.dtype, device=samples.device) if out is None else out
-    st = _bogc_launch(samples, samples, samples, samples, samples, out, off, 1, samples.shape[0], 0.0, 1, gamma, eps, confidence, weights)
-    if rescale:
-        match_norm_(out, st)
-    return out, st
+    raw = raw_output(out)
+    st = _bogc_launch(samples, samples, samples, samples, samples, raw, off, 1, samples.shape[0], 0.0, 1, gamma, eps, confidence, weights)
+    return finish_output(out, raw, st, rescale), st
 
 
 def combine_and_gram(g, alpha, *, group_offsets=None, out=None, with_gram=True, _with_out=True):

@@ -85,7 +85,7 @@ def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor,
     mu, var = mu.to(dt), var.to(dt)
     reaches = (mu != 0) | (var != 0)
     lam = torch.where(reaches, 1.0 / (var + eps), torch.zeros_like(var))
-    evidence = torch.clamp_max(gamma * lam * (mu * mu), EVIDENCE_MAX)
+    evidence = torch.clamp_max(gamma * ((lam * mu) * mu), EVIDENCE_MAX)  # not mu^2: it overflows float32
     strength = evidence + 2.0
     belief = evidence / strength
     zero = torch.zeros_like(belief)
@@ -97,6 +97,10 @@ def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor,
 
 def _ds_fold(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fold M opinions left to right; also returns the total conflict mass per d."""
+    # In float64 whatever the dtype, as the kernels do: the fused u of confident objectives
+    # is a product of u ~ 2e-30 each, below float32's range (README, "Spec notes").
+    dt = b_pos.dtype
+    b_pos, b_neg, u = b_pos.double(), b_neg.double(), u.double()
     bp, bn, uu = b_pos[0], b_neg[0], u[0]
     kept = torch.ones_like(uu)
     for k in range(1, b_pos.shape[0]):
@@ -110,9 +114,9 @@ def _ds_fold(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, T
         total = s == 0
         inv = torch.where(total, torch.zeros_like(s), 1.0 / torch.where(total, torch.ones_like(s), s))
         bp, bn = p * inv, n * inv
-        uu = torch.where(total, torch.ones_like(s), w * inv)
+        uu = torch.where(total, torch.ones_like(s), uu * (u[k] * inv))  # not w * inv: w underflows float32
         kept = kept * s
-    return bp, bn, uu, 1.0 - kept
+    return bp.to(dt), bn.to(dt), uu.to(dt), (1.0 - kept).to(dt)
 
 
 def ds_combine(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -174,7 +178,7 @@ def bogc_from_moments(
     if confidence == "belief":
         scale = (fb_pos - fb_neg).abs()
     elif confidence == "certainty":
-        scale = 1.0 - fu
+        scale = fb_pos + fb_neg  # = 1 - u, without cancellation when u ~ 1
     else:
         scale = torch.ones_like(fu)
     out = scale * mu_fused
@@ -253,7 +257,8 @@ def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
     sum_sq = mu64.sum(dim=0).pow(2).sum()
     out_sq = out.to(torch.float64).pow(2).sum()
     if rescale:
-        out = out * _norm_ratio(sum_sq, out_sq).to(out.dtype)
+        out = match_norm_(out.clone(), {"sum_sq": sum_sq, "out_sq": out_sq})
+    out = out.to(mu.dtype) if mu.dtype in (torch.float16, torch.bfloat16) else out
     stats = {
         "gram": gram(mu, group_offsets=V.check_group_offsets(group_offsets, mu.shape[1])),
         "sum_sq": sum_sq,
@@ -266,9 +271,30 @@ def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
     return out, stats
 
 
+def raw_output(out: Tensor) -> Tensor:
+    """Where a kernel writes the step's output before norm matching: ``out`` itself, or a
+    float32 buffer for half dtypes (an unscaled half output underflows, and scaling it
+    afterwards would round it twice)."""
+    if out.dtype in (torch.float32, torch.float64):
+        return out
+    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+
+
+def finish_output(out: Tensor, raw: Tensor, stats: Dict[str, Tensor], rescale: bool) -> Tensor:
+    """Norm matching (SPEC §3.7) on ``raw``, then one rounding into ``out``."""
+    if rescale:
+        match_norm_(raw, stats)
+    return out if raw is out else out.copy_(raw)
+
+
 def match_norm_(out: Tensor, stats: Dict[str, Tensor]) -> Tensor:
     """SPEC §3.7 in place on the N outputs: ``out *= ||sum_m g_m|| / ||out||`` from a step's stats."""
-    return out.mul_(_norm_ratio(stats["sum_sq"], stats["out_sq"]).to(out.dtype))
+    ratio = _norm_ratio(stats["sum_sq"], stats["out_sq"])
+    if out.dtype in (torch.float16, torch.bfloat16):
+        # the ratio itself may exceed fp16's range (an output that underflowed to 0 times
+        # inf is NaN): scale in float32, round once
+        return out.copy_(out.float() * ratio.float())
+    return out.mul_(ratio.to(out.dtype))
 
 
 def _norm_ratio(sum_sq: Tensor, out_sq: Tensor) -> Tensor:

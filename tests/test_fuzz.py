@@ -1,0 +1,102 @@
+"""Fuzzed equivalence: every available backend against the float64 reference on drawn
+M, N, dtypes, options and values (zeros, subnormals, huge magnitudes, exact ties,
+sigma^2 = 0, objectives that do not reach a coordinate).
+
+500 examples by default (about a minute); a longer run by hand:
+``MMGRAD_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py``.
+
+Errors are normwise relative, with an absolute floor where float32/half cannot follow
+the float64 oracle: when every gradient of a step is below ~1e-19, the belief-scaled
+output (|b+ - b-| * mu) underflows in float32 and norm matching has nothing to rescale,
+so the step comes out as zeros where float64 keeps a gradient of that size (README,
+"Spec notes"). The floor (1e-13 for float32 arithmetic) covers exactly that.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmgrad
+from mmgrad import ops
+from mmgrad import reference as R
+from mmgrad.verify import TOLERANCE, rel_err
+
+EXAMPLES = int(os.environ.get("MMGRAD_FUZZ_EXAMPLES", "500"))
+BACKENDS = [n for n, i in mmgrad.backends().items() if i.available and n != "reference" and "cpu" in i.devices]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# magnitudes each dtype represents (finite), from subnormal to near its largest value
+POOLS = {
+    torch.float32: (0.0, 1e-40, 1e-20, 1e-3, 1.0, 3.0, 1e6, 1e15, 1e30),
+    torch.bfloat16: (0.0, 1e-40, 1e-20, 1e-3, 1.0, 3.0, 1e6, 1e15, 1e30),
+    torch.float16: (0.0, 1e-7, 1e-3, 1.0, 3.0, 100.0, 1e3),  # sums of 9 stay below fp16 max
+    torch.float64: (0.0, 1e-310, 1e-20, 1e-3, 1.0, 3.0, 1e6, 1e15, 1e30, 1e100),
+}
+FLOOR = {torch.float32: 1e-13, torch.bfloat16: 1e-13, torch.float16: 1e-3, torch.float64: 1e-150}
+
+
+def draw_values(rng: np.random.Generator, shape, dtype) -> torch.Tensor:
+    pool = np.array(POOLS[dtype])
+    mag = pool[rng.integers(0, pool.size, size=shape)] * rng.uniform(0.5, 2.0, size=shape)
+    if rng.random() < 0.3:  # exact ties: repeat one value everywhere in a row
+        mag[:] = mag.flat[0]
+    x = mag * rng.choice([-1.0, 1.0], size=shape)
+    return torch.from_numpy(x).to(dtype)
+
+
+@st.composite
+def cases(draw):
+    return dict(
+        m=draw(st.integers(1, 9)),
+        n=draw(st.integers(1, 300)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        confidence=draw(st.sampled_from(("belief", "certainty", "none"))),
+        weights=draw(st.sampled_from(("belief", "precision"))),
+        zero_var=draw(st.booleans()),
+        step=draw(st.integers(1, 30)),
+        beta=draw(st.sampled_from((0.0, 0.5, 0.9, 0.999))),
+    )
+
+
+def _f64(t):
+    return t.to(torch.float64)
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend runs on CPU tensors here")
+@given(cases())
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_every_backend_matches_the_reference(case):
+    rng = np.random.default_rng(case["seed"])
+    m, n, dt = case["m"], case["n"], case["dtype"]
+    g = draw_values(rng, (m, n), dt)
+    g[torch.from_numpy(rng.random((m, n)) < 0.2)] = 0  # unreached coordinates
+    state_dt = torch.float64 if dt == torch.float64 else torch.float32
+    mu = g.to(state_dt)
+    var = torch.zeros_like(mu) if case["zero_var"] else draw_values(rng, (m, n), dt).to(state_dt).abs()
+    var[mu == 0] = 0
+    tol = TOLERANCE[dt]
+    # The direction is a weighted sum of the mu: where it cancels, the natural error bound is
+    # eps * M * max|mu|, not eps * |result| (backward stability), so that is the floor.
+    floor = max(FLOOR[dt], m * float(_f64(mu).abs().max()))
+    kw = dict(confidence=case["confidence"], weights=case["weights"])
+    ref_out, ref_d = R.bogc_from_moments(_f64(mu), _f64(var), **kw)
+    m_state = torch.where(mu == 0, torch.zeros_like(mu), mu * 0.5)
+    v_state = (_f64(m_state) ** 2 + _f64(var)).clamp_max(torch.finfo(state_dt).max).to(state_dt)  # finite state
+    # Norm matching is compared apart: it amplifies whatever the cancellation left (in float64
+    # too), so the step is checked before it and the norms it uses are checked on their own.
+    ref_step, _, _, ref_st = R.bogc_step(_f64(g), _f64(m_state), _f64(v_state), case["step"], beta=case["beta"], rescale=False, **kw)
+    for b in BACKENDS:
+        out, d = ops.bogc_from_moments(mu, var, backend=b, **kw)
+        assert rel_err(out, ref_out, floor) <= tol, (b, "bogc_from_moments")
+        assert rel_err(d["uncertainty"], ref_d["uncertainty"], 1.0) <= max(tol, 1e-6), (b, "uncertainty")
+        step_out, _, _, st_ = ops.bogc_step(g, m_state, v_state, case["step"], beta=case["beta"], rescale=False, backend=b, **kw)
+        assert torch.isfinite(step_out).all(), (b, "bogc_step non-finite")
+        assert rel_err(step_out, ref_step, floor) <= tol, (b, "bogc_step")
+        assert rel_err(st_["sum_sq"], ref_st["sum_sq"]) <= 1e-6, (b, "sum_sq")
+        assert rel_err(ops.gram(g, backend=b), R.gram(_f64(g))) <= 1e-12, (b, "gram")
