@@ -68,11 +68,12 @@ struct BogcStepArgs {
 };
 
 // One BOGC step (EMA estimator) for coordinates [lo, hi) of one parameter group; grid-stride.
+// The fold state is double (mmgrad_math.h), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
 template <typename scalar_t, int M>
 __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __restrict__ m_in,
                                  const float* __restrict__ v_in, float* __restrict__ m_out, float* __restrict__ v_out,
-                                 scalar_t* __restrict__ out, int64_t lo, int64_t hi, BogcStepArgs a,
+                                 float* __restrict__ out, int64_t lo, int64_t hi, BogcStepArgs a,
                                  double* __restrict__ partials) {
   __shared__ double scratch[32];
   double sum_sq = 0, out_sq = 0, nonfinite = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
@@ -111,7 +112,7 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
       share_sum[k] += w[k];
     }
     const float res = math::calibrated(s, weighted_mu, a.prm.confidence);
-    out[d] = from_float<scalar_t>(res);
+    out[d] = res;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
     sum_sq += total * total;
     out_sq += double(res) * double(res);
     u_sum += s.fused.u;
@@ -203,7 +204,7 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
 // Explicit instantiations: fp32/bf16/fp16 gradients, M = 1..8 (the runtime-M fallback
 // of the CPU build is not ported yet).
 #define MMGRAD_INSTANTIATE(T, M)                                                                                  \
-  template __global__ void bogc_step_kernel<T, M>(const T*, const float*, const float*, float*, float*, T*,       \
+  template __global__ void bogc_step_kernel<T, M>(const T*, const float*, const float*, float*, float*, float*,   \
                                                   int64_t, int64_t, BogcStepArgs, double*);                        \
   template __global__ void combine_gram_kernel<T, M>(const T*, const double*, T*, int64_t, int64_t, int64_t, bool, \
                                                      double*);
