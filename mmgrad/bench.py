@@ -14,8 +14,8 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -113,17 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--objectives", type=int, nargs="*", default=[2, 4, 8], help="values of M")
     p.add_argument("--no-compare", action="store_true", help="skip the eager and torch.compile baselines")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     print(f"mmgrad bench: bogc_step (EMA, fp32 grads), {torch.get_num_threads()} threads, torch {torch.__version__}")
     n_gpu, m_gpu = 100_000_000, 4
     moved = bogc_bytes(m_gpu, n_gpu, torch.float32)
     print(f"roofline (a PREDICTION, not a measurement): bogc_step at N=100M, M=4 moves {moved / 1e9:.1f} GB "
           f"-> {1e3 * moved / 3.35e12:.2f} ms at H100's 3.35 TB/s, if the GPU kernels run at memory bandwidth")
-    rows = []
+    print(format_rows([]))  # the header; each row prints as it is measured
     for n in args.sizes:
         for m in args.objectives:
-            rows.append(bench_bogc(m, n * 2**20, compare=not args.no_compare))
-            print(format_rows(rows[-1:]).splitlines()[-1] if rows[1:] else format_rows(rows), flush=True)
+            print(format_rows([bench_bogc(m, n * 2**20, compare=not args.no_compare)]).splitlines()[-1], flush=True)
     return 0
 
 

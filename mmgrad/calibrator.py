@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch

@@ -17,7 +17,6 @@ namespace cuda {
 
 using math::BogcParams;
 using math::FoldState;
-using math::FoldStep;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
@@ -97,21 +96,12 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
       var[k] = e.var;
       total += static_cast<double>(mu[k]);
     }
-    FoldState<float> s{{0.0, 0.0, 1.0}, 1.0, 0.f, 0.f};
+    const math::CoordinateResult<float> r = math::bogc_coordinate<float, M>(
+        M, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, a.prm, [&](int k) -> float& { return w[k]; });
+    const FoldState<float>& s = r.state;
+    const float res = r.out;
 #pragma unroll
-    for (int k = 0; k < M; ++k) {
-      const FoldStep<float> step = math::fold_objective(s, mu[k], var[k], a.prm, k == 0);
-      s = step.state;
-      w[k] = step.weight;
-    }
-    float weighted_mu = 0.f;
-#pragma unroll
-    for (int k = 0; k < M; ++k) {
-      w[k] = math::share_of(w[k], s.w_sum);
-      weighted_mu += w[k] * mu[k];
-      share_sum[k] += w[k];
-    }
-    const float res = math::calibrated(s, weighted_mu, a.prm.confidence);
+    for (int k = 0; k < M; ++k) share_sum[k] += w[k];
     out[d] = res;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
     sum_sq += total * total;
     out_sq += double(res) * double(res);

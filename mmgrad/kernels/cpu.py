@@ -77,6 +77,9 @@ def _float_pair(*tensors: Tensor) -> Tuple[Tensor, ...]:
 
 
 def _parse_stats(stats: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
+    """The step kernels' float64 vector ``[Gram (G*M*M) | sum_sq, out_sq, nonfinite,
+    u_sum, conflict_sum, share_count | share_sum (M)]`` (csrc/cpu/common.h StatsLayout) as
+    the reference's stats dict; the Triton backend reduces its partials to the same layout."""
     g_end = groups * m * m
     gram = stats[:g_end].view(groups, m, m)
     rest = stats[g_end:]

@@ -20,17 +20,23 @@ The pure element-wise functions (``ema_moments``, ``opinions``, ``ds_combine``,
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validation as V
+from .cpu import _parse_stats
 from ..reference.bogc import finish_output, raw_output, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401  (host/device solves)
 
 Tensor = torch.Tensor
+
+__all__ = [  # the same functions as every backend; the element-wise ones and the solves are the reference's
+    "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram", "ds_combine",
+    "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "opinions",
+]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EVIDENCE_MAX = 1e30
@@ -207,29 +213,20 @@ def _check(name: str, t: object, dim: int) -> Tensor:
     return t
 
 
-def _launch(kernel, n_lo_hi, *args, **meta):
+def _launch(kernel, n_lo_hi, *args, **meta) -> None:
     lo, hi = n_lo_hi
     programs = max(1, triton.cdiv(hi - lo, _MIN_BLOCK))
     if INTERPRET:
         kernel[(programs,)](*args, BLOCK=_MIN_BLOCK, **meta)
     else:
         kernel[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
-    return programs
 
 
 def _stats(parts: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
-    """Sum the per-block partials of each group (on the device) into the CPU kernels' keys."""
-    tot = parts.sum(dim=1)  # groups x L
-    share_count = tot[:, 5].sum()
-    return {
-        "gram": tot[:, SCALARS + m :].reshape(groups, m, m),
-        "sum_sq": tot[:, 0].sum(),
-        "out_sq": tot[:, 1].sum(),
-        "nonfinite": tot[:, 2].sum().to(torch.int64),
-        "uncertainty": tot[:, 3].sum() / max(n, 1),
-        "conflict": tot[:, 4].sum() / max(n, 1),
-        "weights": tot[:, SCALARS : SCALARS + m].sum(0) / share_count.clamp_min(1.0),
-    }
+    """Sum the per-block partials (on the device) into the CPU kernels' layout, then parse it."""
+    tot = parts.sum(dim=1)  # groups x [scalars | shares | Gram]
+    flat = torch.cat([tot[:, SCALARS + m :].reshape(-1), tot[:, :SCALARS].sum(0), tot[:, SCALARS : SCALARS + m].sum(0)])
+    return _parse_stats(flat, m, groups, n)
 
 
 def _bogc_launch(g, m_in, v_in, m_out, v_out, out, group_offsets, source, s_count, beta, step, gamma, eps, confidence, weights):
