@@ -20,11 +20,14 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _validation as V
+from .distributed import GradientAverager, resolve_group
 from .ops import backend_module
 from .reference.moo import mgda_weights, mimo_weights, mmpareto_weights
 
@@ -58,6 +61,14 @@ class NonFiniteGradientError(FloatingPointError):
     """A per-objective gradient held inf or NaN; the calibrator's state was left untouched."""
 
 
+# Phrases of the errors DDP's reducer raises when a second backward reaches it.
+_DDP_ERRORS = ("DistributedDataParallel", "DDP", "mark a variable ready", "finished reduction")
+
+# parameter -> weakref to the live calibrator that owns it: two calibrators writing one
+# parameter's .grad would silently overwrite each other.
+_OWNERS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
 class FusedCalibrator:
     """Calibrates the gradients of the given parameters from M per-objective gradients.
 
@@ -68,6 +79,10 @@ class FusedCalibrator:
         num_objectives: M, the number of losses ``backward`` receives.
         method: ``"bogc"``, ``"mgda"``, ``"mmpareto"``, ``"mimo"``, ``"sum"`` or ``"mean"``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
+        process_group: ranks to average gradients over. ``None`` (default): the world
+            when ``torch.distributed`` is initialised with more than one rank; ``False``:
+            never. See README, "Distributed training".
+        bucket_bytes: size of one asynchronous all-reduce (default 25 MiB, as DDP).
         **options: the method's options (README, "Options"); ``skip_nonfinite`` and
             ``backward_mode`` (``"loop"``: one backward per objective, accumulating into
             views of the buffer; ``"batched"``: one vmapped ``autograd.grad``).
@@ -81,6 +96,8 @@ class FusedCalibrator:
         num_objectives: int,
         method: str = "bogc",
         backend: str = "auto",
+        process_group: Any = None,
+        bucket_bytes: int = 25 * 1024 * 1024,
         **options: Any,
     ) -> None:
         V.check_choice("method", method, METHODS)
@@ -93,6 +110,10 @@ class FusedCalibrator:
         self.options = self._parse_options(method, options)
         self.groups = self._parse_params(params)
         self.params: List[Tensor] = [p for grp in self.groups for p in grp]
+        self._claim_params()
+        group = resolve_group(process_group)
+        self._averager = GradientAverager(group, bucket_bytes) if group is not None else None
+        self._scaler: Any = None  # the GradScaler handed to backward(), for this step
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
         self.backend = backend
@@ -196,7 +217,21 @@ class FusedCalibrator:
             raise TypeError(f"params must share one dtype; got {sorted(map(str, dtypes))} (use one calibrator per dtype)")
         if flat[0].dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"params must be floating point; got {flat[0].dtype}")
+        sparse = next((p for p in flat if p.layout != torch.strided), None)
+        if sparse is not None:
+            raise TypeError(f"params must be dense (strided) tensors; got a {sparse.layout} parameter of shape {tuple(sparse.shape)}")
         return groups
+
+    def _claim_params(self) -> None:
+        for p in self.params:
+            owner = _OWNERS.get(p)
+            if owner is not None and owner() is not None:
+                raise ValueError(
+                    f"params: a parameter of shape {tuple(p.shape)} is already calibrated by {owner()!r}; "
+                    "two calibrators would overwrite each other's .grad (give each parameter to one calibrator)")
+        ref = weakref.ref(self)
+        for p in self.params:
+            _OWNERS[p] = ref
 
     @property
     def _uses_ema(self) -> bool:
@@ -206,30 +241,65 @@ class FusedCalibrator:
         return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self._param_offsets[:-1], self._param_offsets[1:])]
 
     # --------------------------------------------------------------- backward
-    def backward(self, losses: Union[Sequence[Tensor], Tensor]) -> None:
+    def backward(self, losses: Union[Sequence[Tensor], Tensor], scaler: Any = None) -> None:
         """Fill row m of the buffer with d loss_m / d params (each calibrated parameter).
 
         ``losses`` holds the M scalar losses (``[fusion, modality_1, ...]``); for
         ``estimator="sample"``, an ``S x M`` nested sequence or tensor (S >= 2
         micro-batches). Parameters not handed to the calibrator accumulate the sum.
+
+        ``scaler``: a ``torch.amp.GradScaler``. The losses are scaled here, and the
+        calibration runs at once on the unscaled gradients, because ``scaler.step``
+        inspects ``.grad`` before ``optimizer.step()`` (README, "Mixed precision").
         """
         rows = self._check_losses(losses)
-        self._loss_values = torch.stack([r.detach().reshape(()) for r in rows]).to(torch.float64).cpu()
+        self._scaler = self._check_scaler(scaler)
+        others = self._other_leaves(rows) if self._averager is not None else []
+        self._loss_values = self._average_losses(rows)
+        if self._scaler is not None:
+            rows = [self._scaler.scale(r) for r in rows]
         if self.method == "sum":
             # Exactly plain joint training: one backward of the summed loss.
             for p in self.params:
                 p.grad = None
             torch.stack([r.reshape(()) for r in rows]).sum().backward()
+            if self._averager is not None:
+                self._averager.launch_averaged(p.grad for p in [*self.params, *others] if p.grad is not None)
             self._phase = "pending"
+            self._calibrate_now_for_scaler()
             return
         self._ensure_grad_buffer(len(rows))
         if self.options["backward_mode"] == "batched":
             self._backward_batched(rows)
         else:
             self._backward_loop(rows)
+        if self._averager is not None:
+            if self.options["backward_mode"] == "batched":
+                self._averager.launch(self._grads.view(-1))
+            self._averager.launch_averaged(p.grad for p in others if p.grad is not None)
         for p in self.params:
             p.grad = None  # nothing stale is visible until the calibrated gradient is written
         self._phase = "pending"
+        self._calibrate_now_for_scaler()
+
+    def _calibrate_now_for_scaler(self) -> None:
+        if self._scaler is not None:
+            self.step()  # the scaler must see the calibrated (scaled) gradient, or inf to skip
+
+    @staticmethod
+    def _check_scaler(scaler: Any) -> Any:
+        if scaler is None:
+            return None
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler; got {type(scaler).__name__}")
+        return scaler if scaler.is_enabled() else None
+
+    def _average_losses(self, rows: List[Tensor]) -> Tensor:
+        values = torch.stack([r.detach().reshape(()) for r in rows]).to(torch.float64)
+        if self._averager is not None:  # MIMO and loss-normalised MGDA see the global losses
+            torch.distributed.all_reduce(values, group=self._averager.group)
+            values /= self._averager.world_size
+        return values.cpu()
 
     def _check_losses(self, losses: Union[Sequence[Tensor], Tensor]) -> List[Tensor]:
         sample = self.method == "bogc" and self.options["estimator"] == "sample"
@@ -271,30 +341,48 @@ class FusedCalibrator:
         assert self._grads is not None
         self._grads.zero_()
         last = len(rows) - 1
+        flat = self._grads.view(len(rows), -1)
         for r, loss in enumerate(rows):
             # autograd adds into an existing .grad in place, so the row fills with no copy;
             # an objective that does not reach a parameter leaves zeros there.
             for p, view in zip(self.params, self._grad_views[r]):
                 p.grad = view
-            loss.backward(retain_graph=r < last)
+            try:
+                loss.backward(retain_graph=r < last)
+            except RuntimeError as err:
+                if r > 0 and any(k in str(err) for k in _DDP_ERRORS):
+                    raise RuntimeError(
+                        "a second backward through a DistributedDataParallel model failed: DDP reduces once per "
+                        "forward. Run the forward and cal.backward(losses) under `with ddp_model.no_sync():` and let "
+                        "the calibrator average the gradients (README, \"Distributed training\")") from err
+                raise
+            if self._averager is not None:  # row r is final: its all-reduce overlaps the next backward
+                self._averager.launch(flat[r])
 
     def _backward_batched(self, rows: List[Tensor]) -> None:
         assert self._grads is not None
         stacked = torch.stack([r.reshape(()) for r in rows])
         eye = torch.eye(len(rows), device=stacked.device, dtype=stacked.dtype)
-        grads = torch.autograd.grad(stacked, self.params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True)
+        try:
+            grads = torch.autograd.grad(stacked, self.params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True)
+        except NotImplementedError as err:
+            if "Sparse" not in str(err):
+                raise
+            raise TypeError("backward_mode='batched' cannot produce sparse gradients (nn.Embedding(sparse=True)): "
+                            "use backward_mode='loop', which densifies them into the buffer") from err
         flat = self._grads.view(len(rows), -1)
         for p, g, a, b in zip(self.params, grads, self._param_offsets[:-1], self._param_offsets[1:]):
             if g is None:
                 flat[:, a:b].zero_()
             else:
                 flat[:, a:b].copy_(g.reshape(len(rows), -1))
-        others = self._other_leaves(stacked)
+        others = self._other_leaves(rows)
         if others:  # parameters outside the calibrator still get the summed gradient
             stacked.sum().backward(inputs=others)
 
-    def _other_leaves(self, root: Tensor) -> List[Tensor]:
-        mine, found, stack, seen = {id(p) for p in self.params}, [], [root.grad_fn], set()
+    def _other_leaves(self, roots: List[Tensor]) -> List[Tensor]:
+        """Leaves the losses reach that are not calibrated here (they get the summed gradient)."""
+        mine, found, stack, seen = {id(p) for p in self.params}, [], [r.grad_fn for r in roots], set()
         while stack:
             fn = stack.pop()
             if fn is None or id(fn) in seen:
@@ -311,6 +399,9 @@ class FusedCalibrator:
         """Calibrate in a step pre-hook of ``optimizer`` (before every ``optimizer.step()``)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError("optimizer: SparseAdam takes sparse gradients only, and calibrated gradients are dense "
+                            "(use Adam/AdamW for the calibrated parameters)")
         if self._hook is not None:
             raise RuntimeError("this calibrator is already attached to an optimizer; call detach() first")
         self._optimizer = optimizer
@@ -344,17 +435,33 @@ class FusedCalibrator:
         """
         if self._phase != "pending":
             raise RuntimeError("FusedCalibrator.step() needs backward(losses) first (once per step)")
+        if self._averager is not None:
+            self._averager.wait()
         if self.method == "sum":
             self.diagnostics = {"weights": torch.full((self.num_objectives,), 1.0 / self.num_objectives, dtype=torch.float64)}
-            ok = self._check_sum_finite()
+            ok = True if self._scaler is not None else self._check_sum_finite()  # the scaler checks its own
             self.step_count += int(ok)
         else:
+            scale = self._scaler.get_scale() if self._scaler is not None else 1.0
+            world = self._averager.world_size if self._averager is not None else 1
+            if scale * world != 1.0:  # one pass: average over ranks and unscale together
+                self._grads.mul_(1.0 / (scale * world))
             ok = self._step_bogc() if self.method == "bogc" else self._step_weighted()
             if ok:
+                if scale != 1.0:  # the scaler unscales .grad again in scaler.step
+                    self._out.mul_(scale)
                 for p, view in zip(self.params, self._out_views):
                     p.grad = view
         self._phase = "calibrated" if ok else "skipped"
         return ok
+
+    def _hand_inf_to_scaler(self) -> bool:
+        """Overflow under a GradScaler: leave our state, make the scaler skip and back off."""
+        self._out.fill_(float("inf"))
+        for p, view in zip(self.params, self._out_views):
+            p.grad = view
+        self.diagnostics = {"skipped": torch.tensor(True)}
+        return False
 
     def _check_sum_finite(self) -> bool:
         for i, p in enumerate(self.params):
@@ -363,6 +470,8 @@ class FusedCalibrator:
         return True
 
     def _nonfinite(self, where: str) -> bool:
+        if self._scaler is not None:  # overflow is routine under a scaler: it decides
+            return self._hand_inf_to_scaler()
         if self.options["skip_nonfinite"]:
             for p in self.params:
                 p.grad = None

@@ -13,35 +13,9 @@ from mmgrad import reference as R
 from mmgrad.verify import rel_err
 
 from conftest import kernel_backends
+from toy_model import TwoView, batch
 
 BACKENDS = ["reference", *kernel_backends()]
-F = nn.functional
-
-
-class TwoView(nn.Module):
-    """Two encoders, a fusion head and per-view heads; a third input the unimodal heads never see."""
-
-    def __init__(self, dtype=torch.float32):
-        super().__init__()
-        self.enc_a = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
-        self.enc_b = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.extra = nn.Linear(3, 4)  # reached by the fusion loss only
-        self.fuse = nn.Linear(20, 3)
-        self.head_a, self.head_b = nn.Linear(8, 3), nn.Linear(8, 3)
-        self.to(dtype)
-
-    def losses(self, xa, xb, xc, y):
-        za, zb = self.enc_a(xa), self.enc_b(xb)
-        fused = self.fuse(torch.cat([za, zb, self.extra(xc)], 1))
-        return [F.cross_entropy(fused, y), F.cross_entropy(self.head_a(za), y), F.cross_entropy(self.head_b(zb), y)]
-
-    def groups(self):
-        return [{"params": self.enc_a.parameters()}, {"params": self.enc_b.parameters()}, {"params": self.extra.parameters()}]
-
-
-def batch(gen, n=16, dtype=torch.float32):
-    return (torch.randn(n, 6, generator=gen, dtype=dtype), torch.randn(n, 5, generator=gen, dtype=dtype),
-            torch.randn(n, 3, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen))
 
 
 def per_objective_grads(model, params, b):
@@ -307,3 +281,67 @@ def test_float64_and_bfloat16_parameters(gen):
         cal.backward(model.losses(*batch(gen, dtype=dtype)))
         opt.step()
         assert all(p.grad.dtype == dtype for p in cal.params)
+
+
+@pytest.mark.parametrize("method", ["bogc", "mgda", "sum"])
+def test_grad_scaler_calibrates_unscaled_gradients(gen, method):
+    """A power-of-two loss scale is exact, so a scaled run equals an unscaled one bit for bit."""
+    data = [batch(gen) for _ in range(4)]
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        torch.manual_seed(0)
+        model = TwoView()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method).attach(opt)
+        for d in data:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = model.losses(*d)
+            cal.backward(losses, scaler=scaler)
+            if scaler is None:
+                opt.step()
+            else:  # backward calibrated already; the scaler unscales and steps
+                assert cal.diagnostics and "skipped" not in cal.diagnostics
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mimo"])
+def test_grad_scaler_overflow_skips_and_leaves_calibrator_state(gen, method):
+    torch.manual_seed(0)
+    model = TwoView()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method).attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    cal.backward(model.losses(*batch(gen)), scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), cal.state_dict()))
+    cal.backward(_poisoned_losses(model, batch(gen), 1), scaler=scaler)  # overflow, as a too-large scale gives
+    assert bool(cal.diagnostics["skipped"])
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**7  # the scaler saw the overflow and backed off
+    after = (model.state_dict(), opt.state_dict(), cal.state_dict())
+    for k, v in before[0].items():
+        assert torch.equal(after[0][k], v)
+    assert after[2]["step_count"] == before[2]["step_count"]
+    for key in ("m", "v"):
+        if key in before[2]:
+            assert torch.equal(after[2][key], before[2][key])
+
+
+def test_sparse_gradients_are_densified_by_the_loop_backward(gen):
+    emb = nn.Embedding(10, 4, sparse=True)
+    idx = torch.randint(0, 10, (7,), generator=gen)
+    expected = torch.stack([torch.zeros(10, 4).index_add_(0, idx, torch.ones(7, 4)).reshape(-1),
+                            torch.zeros(10, 4).index_add_(0, idx, 2 * emb(idx).detach()).reshape(-1)])
+    cal = mmgrad.FusedCalibrator(emb.parameters(), 2, method="mgda")
+    out = emb(idx)
+    cal.backward([out.sum(), out.pow(2).sum()])
+    assert torch.allclose(cal._grads, expected, rtol=1e-6, atol=1e-6)
+    assert cal.step() and emb.weight.grad.layout == torch.strided

@@ -133,3 +133,38 @@ def test_reference_function_errors():
         R.ds_combine(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))
     with pytest.raises(TypeError, match="step must be an int"):
         R.ema_moments(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), 1.0, 0.9)
+
+
+def test_sparse_misuse():
+    with pytest.raises(TypeError, match="params must be dense"):
+        mmgrad.FusedCalibrator([torch.zeros(3, 2).to_sparse().requires_grad_()], 2)
+    emb = nn.Embedding(10, 4, sparse=True)
+    cal = mmgrad.FusedCalibrator(emb.parameters(), 2, backward_mode="batched")
+    out = emb(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="batched.*sparse gradients.*loop"):
+        cal.backward([out.sum(), out.pow(2).sum()])
+    with pytest.raises(TypeError, match="SparseAdam"):
+        mmgrad.FusedCalibrator(lin().parameters(), 2).attach(torch.optim.SparseAdam(nn.Embedding(3, 2, sparse=True).parameters()))
+
+
+def test_a_parameter_in_two_live_calibrators():
+    layer = lin()
+    first = mmgrad.FusedCalibrator(layer.parameters(), 2)
+    with pytest.raises(ValueError, match="already calibrated by FusedCalibrator"):
+        mmgrad.FusedCalibrator([layer.bias], 2)
+    del first  # once the first is gone, the parameters are free again
+    mmgrad.FusedCalibrator(layer.parameters(), 2)
+
+
+def test_grad_scaler_misuse():
+    layer = lin()
+    cal = mmgrad.FusedCalibrator(layer.parameters(), 2)
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        cal.backward(losses_of(layer), scaler=2.0)
+
+
+def test_process_group_without_distributed():
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
+        mmgrad.FusedCalibrator(lin().parameters(), 2, process_group=object())
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        mmgrad.distributed.GradientAverager(None, bucket_bytes=0)
