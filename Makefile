@@ -44,11 +44,17 @@ demo: build
 verify: build
 	$(PY) -m mmgrad verify
 
-bench: build
-	$(PY) -m mmgrad bench
+# TorchJD is an optional benchmark dependency (its MGDA is the comparison for mgda).
+BENCH_STAMP := $(VENV)/.mmgrad-bench-deps
+$(BENCH_STAMP): | $(STAMP)
+	$(PIP) install -q torchjd==0.18.0
+	touch $@
+
+bench: build $(BENCH_STAMP)
+	$(PY) -m mmgrad bench | tee build/bench.txt
 
 clean:
 	rm -rf build mmgrad/_C*.so
 
-bench-pytest: build
+bench-pytest: build $(BENCH_STAMP)
 	MMGRAD_QUIET=1 $(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds

@@ -129,8 +129,9 @@ class FusedCalibrator:
         self.group_offsets = torch.tensor([0, *torch.tensor(group_sizes).cumsum(0).tolist()], dtype=torch.int64)
 
         m, n = num_objectives, self.num_elements
-        self._out = torch.zeros(n, device=self.device, dtype=self.dtype)
-        self._out_views = self._views(self._out)
+        # "sum" is one plain backward: autograd writes .grad, no buffer or output here.
+        self._out = None if method == "sum" else torch.zeros(n, device=self.device, dtype=self.dtype)
+        self._out_views = [] if self._out is None else self._views(self._out)
         self._grads: Optional[Tensor] = None  # M x N, or S x M x N for the sample estimator
         self._grad_views: List[List[Tensor]] = []
         self._state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -550,6 +551,13 @@ class FusedCalibrator:
         if grams is not None:
             self.diagnostics["gram"] = grams
         return True
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes this calibrator holds: the per-objective buffer, the EMA state (two slots,
+        so a non-finite step can leave the committed one untouched) and the output."""
+        size = lambda t: 0 if t is None else t.numel() * t.element_size()
+        state = size(self._m) + size(self._v) if self._uses_ema else 0
+        return {"grad_buffer": size(self._grads), "ema_state": state, "output": size(self._out)}
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:

@@ -80,10 +80,6 @@ class GradientAverager:
                 torch.div(part.view_as(t), self.world_size, out=t)
         self._coalesced = []
 
-    @property
-    def pending(self) -> bool:
-        return bool(self._works)
-
 
 def broadcast_parameters(params: Iterable[Tensor], src: int = 0, process_group: Any = None) -> None:
     """Copy rank ``src``'s parameter values to every rank, as DDP does at construction.
