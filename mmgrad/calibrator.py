@@ -28,8 +28,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _validation as V
 from .distributed import GradientAverager, resolve_group
+from ._sync_free import DeviceStep
 from .ops import backend_module
-from .reference.moo import mgda_weights, mimo_weights, mmpareto_weights
+from .reference.moo import mimo_weights
 
 Tensor = torch.Tensor
 ParamsArg = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
@@ -38,7 +39,7 @@ METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum", "mean")
 BACKWARD_MODES = ("loop", "batched")
 
 # Options each method accepts, with defaults (SPEC.md §3-4).
-_COMMON = {"skip_nonfinite": False, "backward_mode": "loop"}
+_COMMON = {"skip_nonfinite": False, "backward_mode": "loop", "sync_free": False}
 _METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
     "bogc": {
         "estimator": "ema",
@@ -119,6 +120,14 @@ class FusedCalibrator:
         self.backend = backend
         self._ops = backend_module(backend, self.device)
         self.backend_name = self._ops.__name__.rsplit(".", 1)[-1]
+        self._device_step: Optional[DeviceStep] = None
+        if self.options["sync_free"]:
+            if not hasattr(self._ops, "bogc_step_slots"):
+                raise ValueError(f"sync_free=True needs a backend that solves on the device ('triton'); "
+                                 f"backend {self.backend_name!r} reads the step's result on the host")
+            if not self.options["skip_nonfinite"]:
+                raise ValueError("sync_free=True needs skip_nonfinite=True: raising on a non-finite gradient "
+                                 "needs the host to look at it, which is the synchronisation sync_free avoids")
 
         sizes = [p.numel() for p in self.params]
         self.num_elements = sum(sizes)
@@ -147,7 +156,10 @@ class FusedCalibrator:
         # "idle" -> backward() -> "pending" -> step() -> "calibrated" | "skipped" -> optimizer step -> "idle"
         self._phase = "idle"
         self._hook = None
+        self._post_hook = None
         self.diagnostics: Dict[str, Tensor] = {}
+        if self.options["sync_free"]:
+            self._device_step = DeviceStep(self)
 
     # ----------------------------------------------------------------- set-up
     @staticmethod
@@ -169,7 +181,7 @@ class FusedCalibrator:
         elif method == "mimo":
             V.check_positive("rho", opts["rho"])
             V.check_positive("tau", opts["tau"])
-        for flag in ("skip_nonfinite", "rescale", "lagged"):
+        for flag in ("skip_nonfinite", "rescale", "lagged", "sync_free"):
             if flag in opts and not isinstance(opts[flag], bool):
                 raise TypeError(f"{flag} must be a bool; got {type(opts[flag]).__name__}")
         return opts
@@ -255,6 +267,8 @@ class FusedCalibrator:
         """
         rows = self._check_losses(losses)
         self._scaler = self._check_scaler(scaler)
+        if self._scaler is not None and self._device_step is not None:
+            raise ValueError("scaler: a GradScaler reads its scale on the host; it does not combine with sync_free=True")
         others = self._other_leaves(rows) if self._averager is not None else []
         self._loss_values = self._average_losses(rows)
         if self._scaler is not None:
@@ -300,7 +314,7 @@ class FusedCalibrator:
         if self._averager is not None:  # MIMO and loss-normalised MGDA see the global losses
             torch.distributed.all_reduce(values, group=self._averager.group)
             values /= self._averager.world_size
-        return values.cpu()
+        return values if self._device_step is not None else values.cpu()
 
     def _check_losses(self, losses: Union[Sequence[Tensor], Tensor]) -> List[Tensor]:
         sample = self.method == "bogc" and self.options["estimator"] == "sample"
@@ -400,6 +414,9 @@ class FusedCalibrator:
         """Calibrate in a step pre-hook of ``optimizer`` (before every ``optimizer.step()``)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if self._device_step is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise TypeError("optimizer: sync_free=True skips non-finite steps through optimizer.found_inf, which only "
+                            "fused optimizers read (torch.optim.Adam/AdamW/SGD with fused=True)")
         if isinstance(optimizer, torch.optim.SparseAdam):
             raise TypeError("optimizer: SparseAdam takes sparse gradients only, and calibrated gradients are dense "
                             "(use Adam/AdamW for the calibrated parameters)")
@@ -407,19 +424,24 @@ class FusedCalibrator:
             raise RuntimeError("this calibrator is already attached to an optimizer; call detach() first")
         self._optimizer = optimizer
         self._hook = optimizer.register_step_pre_hook(self._pre_step_hook)
+        if self._device_step is not None:
+            self._post_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: opt.__dict__.pop("found_inf", None))
         return self
 
     def detach(self) -> None:
         """Remove the optimizer hook that ``attach`` registered."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._post_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._post_hook = None
 
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._phase == "idle":
             raise RuntimeError("optimizer.step() was called without FusedCalibrator.backward(losses) since the last step")
         if self._phase == "pending":  # else the user called step() already (e.g. to clip)
             self.step()
+        if self._device_step is not None:  # the fused optimizer skips on the device flag
+            optimizer.found_inf = self._device_step.found_inf  # type: ignore[attr-defined]
         if self._phase == "skipped":
             for group in optimizer.param_groups:  # skip the whole step, as GradScaler does
                 for p in group["params"]:
@@ -438,6 +460,12 @@ class FusedCalibrator:
             raise RuntimeError("FusedCalibrator.step() needs backward(losses) first (once per step)")
         if self._averager is not None:
             self._averager.wait()
+        if self._device_step is not None:
+            if self._averager is not None and self.method != "sum":
+                self._grads.mul_(1.0 / self._averager.world_size)
+            self._device_step.run()
+            self._phase = "calibrated"
+            return True  # whether it was finite is self.found_inf, on the device
         if self.method == "sum":
             self.diagnostics = {"weights": torch.full((self.num_objectives,), 1.0 / self.num_objectives, dtype=torch.float64)}
             ok = True if self._scaler is not None else self._check_sum_finite()  # the scaler checks its own
@@ -514,13 +542,11 @@ class FusedCalibrator:
             raise RuntimeError("mmgrad: the calibrated gradient is not finite although every input was; please report this")
 
     def _solve(self, grams: Tensor) -> Tensor:
-        o, rows = self.options, []
-        for k in grams:
-            if self.method == "mgda":
-                rows.append(mgda_weights(k, o["normalize"], losses=self._loss_values if o["normalize"] == "loss" else None))
-            else:
-                rows.append(mmpareto_weights(k, o["magnitude"]))
-        return torch.stack(rows)
+        o = self.options
+        if self.method == "mgda":
+            loss = self._loss_values if o["normalize"] == "loss" else None
+            return self._ops.moo_weights(grams, "mgda", normalize=o["normalize"], losses=loss)
+        return self._ops.moo_weights(grams, "mmpareto", magnitude=o["magnitude"])
 
     def _step_weighted(self) -> bool:
         o, m, groups = self.options, self.num_objectives, self.group_offsets.numel() - 1
@@ -570,11 +596,15 @@ class FusedCalibrator:
             "options": dict(self.options),
             "step_count": self.step_count,
         }
+        slot, prev = self._slot, self._prev_alpha
+        if self._device_step is not None:  # a checkpoint may synchronise
+            state["step_count"] = int(self._device_step.steps)
+            slot, prev = int(self._device_step.slot), self._device_step.prev_alpha
         if self._uses_ema:
-            state["m"] = self._m[self._slot].clone()
-            state["v"] = self._v[self._slot].clone()
-        if self._prev_alpha is not None:
-            state["prev_alpha"] = self._prev_alpha.clone()
+            state["m"] = self._m[slot].clone()
+            state["v"] = self._v[slot].clone()
+        if prev is not None:
+            state["prev_alpha"] = prev.clone()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -593,6 +623,10 @@ class FusedCalibrator:
             self._m[0].copy_(state["m"])
             self._v[0].copy_(state["v"])
         self._prev_alpha = state["prev_alpha"].clone() if "prev_alpha" in state else None
+        if self._device_step is not None:
+            self._device_step.slot.zero_()
+            self._device_step.steps.fill_(self.step_count)
+            self._device_step.prev_alpha = None if self._prev_alpha is None else self._prev_alpha.to(self.device)
         self._phase = "idle"
 
     def __repr__(self) -> str:

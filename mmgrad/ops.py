@@ -36,6 +36,7 @@ __all__ = [
     "mgda_weights",
     "mimo_weights",
     "mmpareto_weights",
+    "moo_weights",
     "opinions",
 ]
 
@@ -89,7 +90,9 @@ bogc_sample_step = _dispatching("bogc_sample_step")
 gram = _dispatching("gram")
 combine = _dispatching("combine")
 combine_and_gram = _dispatching("combine_and_gram")
-# The M x M solves are host code shared by every backend; dispatching keeps one API.
+# The M x M solves: host code on the reference/cpu backends; moo_weights runs as one
+# device kernel on the triton backend.
 mgda_weights = _dispatching("mgda_weights")
 mmpareto_weights = _dispatching("mmpareto_weights")
 mimo_weights = _dispatching("mimo_weights")
+moo_weights = _dispatching("moo_weights")

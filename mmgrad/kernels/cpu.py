@@ -13,7 +13,7 @@ import torch
 from .. import _validation as V
 from ..backends import cpu_extension
 from ..reference.bogc import finish_output, raw_output
-from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # host solves, shared
+from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights, moo_weights  # host solves, shared
 
 Tensor = torch.Tensor
 
@@ -29,6 +29,7 @@ __all__ = [
     "mgda_weights",
     "mimo_weights",
     "mmpareto_weights",
+    "moo_weights",
     "opinions",
 ]
 

@@ -29,13 +29,13 @@ import triton.language as tl
 from .. import _validation as V
 from .cpu import _parse_stats
 from ..reference.bogc import finish_output, raw_output, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
-from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401  (host/device solves)
+from ..reference.moo import MGDA_GAP_TOL, MOO_METHODS, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
 
 Tensor = torch.Tensor
 
 __all__ = [  # the same functions as every backend; the element-wise ones and the solves are the reference's
     "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram", "ds_combine",
-    "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "opinions",
+    "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "moo_weights", "opinions",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,10 +99,22 @@ def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
 
 @triton.jit
 def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, hi, S,
-                 beta, omb, ibc, gamma, eps,
+                 slot_ptr, ibc_ptr, beta, omb, gamma, eps,
                  M: tl.constexpr, SOURCE: tl.constexpr, CONFIDENCE: tl.constexpr, WEIGHTS: tl.constexpr,
                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    if SOURCE == 0:
+        # The EMA slot and the bias correction come from the device, so the sync-free
+        # calibrator can keep the last finite state without the host knowing which it is:
+        # slot 0 reads m and writes m_out; slot 1 reads m + M*n and writes m_out - M*n.
+        shift = tl.load(slot_ptr) * M * n
+        m_ptr += shift
+        v_ptr += shift
+        mo_ptr -= shift
+        vo_ptr -= shift
+        ibc = tl.load(ibc_ptr)
+    else:
+        ibc = 1.0
     offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hi
     bp = tl.zeros([BLOCK], dtype=tl.float64)  # the fold in float64, as mmgrad_math.h
@@ -204,9 +216,9 @@ _BOGC_KERNEL = _bogc_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M"
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
 
 
-def _check(name: str, t: object, dim: int) -> Tensor:
+def _check(name: str, t: object, dim: int, contiguous: bool = True) -> Tensor:
     t = V.check_float_tensor(name, t, dim=dim)
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous for backend='triton' (call .contiguous() on it)")
     if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{name} must be a CUDA tensor for backend='triton'; got one on {t.device}")
@@ -229,18 +241,17 @@ def _stats(parts: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
     return _parse_stats(flat, m, groups, n)
 
 
-def _bogc_launch(g, m_in, v_in, m_out, v_out, out, group_offsets, source, s_count, beta, step, gamma, eps, confidence, weights):
+def _bogc_launch(g, m_in, v_in, m_out, v_out, out, group_offsets, source, s_count, beta, slot, ibc, gamma, eps, confidence, weights):
     mm, n = g.shape[-2], g.shape[-1]
     off = group_offsets.tolist()
     groups = len(off) - 1
     width = SCALARS + mm + mm * mm
     rows = max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(off[:-1], off[1:]))
     parts = torch.zeros(groups, rows, width, dtype=torch.float64, device=g.device)
-    ibc = 1.0 / (1.0 - beta**step) if source == 0 else 1.0
     for i, (a, b) in enumerate(zip(off[:-1], off[1:])):
         if b > a:
             _launch(_BOGC_KERNEL, (a, b), g, m_in, v_in, m_out, v_out, out, parts[i], n, a, b, s_count,
-                    beta, 1.0 - beta, ibc, gamma, eps,
+                    slot, ibc, beta, 1.0 - beta, gamma, eps,
                     M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
     return _stats(parts, mm, groups, n)
 
@@ -259,8 +270,29 @@ def bogc_step(g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belie
     v_out = torch.empty_like(v) if v_out is None else v_out
     out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
     raw = raw_output(out)
-    st = _bogc_launch(g, m, v, m_out, v_out, raw, off, 0, 1, beta, step, gamma, eps, confidence, weights)
+    slot = torch.zeros((), dtype=torch.int64, device=g.device)
+    ibc = torch.tensor(1.0 / (1.0 - beta**step), dtype=torch.float64, device=g.device)
+    st = _bogc_launch(g, m, v, m_out, v_out, raw, off, 0, 1, beta, slot, ibc, gamma, eps, confidence, weights)
     return finish_output(out, raw, st, rescale), m_out, v_out, st
+
+
+def bogc_step_slots(g, m_state, v_state, slot, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
+                    weights="belief", rescale=True, group_offsets=None, out=None):
+    """``bogc_step`` on double-buffered state ``(2, M, N)``, reading slot ``slot`` and writing
+    the other, with ``slot`` and ``step`` 0-dim device tensors: no host synchronisation.
+    The sync-free calibrator flips ``slot`` on the device only when the step was finite."""
+    g = _check("g", g, 2)
+    m_state, v_state = _check("m_state", m_state, 3), _check("v_state", v_state, 3)
+    if m_state.shape != (2, *g.shape) or v_state.shape != m_state.shape:
+        raise ValueError(f"m_state and v_state must have shape (2, {g.shape[0]}, {g.shape[1]}); got {tuple(m_state.shape)}, {tuple(v_state.shape)}")
+    beta = V.check_beta(beta)
+    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+    off = V.check_group_offsets(group_offsets, g.shape[1])
+    out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
+    raw = raw_output(out)
+    ibc = 1.0 / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=g.device), step.to(torch.float64)))
+    st = _bogc_launch(g, m_state[0], v_state[0], m_state[1], v_state[1], raw, off, 0, 1, beta, slot, ibc, gamma, eps, confidence, weights)
+    return finish_output(out, raw, st, rescale), st
 
 
 def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
@@ -272,7 +304,7 @@ def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weigh
     off = V.check_group_offsets(group_offsets, samples.shape[2])
     out = torch.empty(samples.shape[2], dtype=samples.dtype, device=samples.device) if out is None else out
     raw = raw_output(out)
-    st = _bogc_launch(samples, samples, samples, samples, samples, raw, off, 1, samples.shape[0], 0.0, 1, gamma, eps, confidence, weights)
+    st = _bogc_launch(samples, samples, samples, samples, samples, raw, off, 1, samples.shape[0], 0.0, None, None, gamma, eps, confidence, weights)
     return finish_output(out, raw, st, rescale), st
 
 
@@ -310,3 +342,155 @@ def gram(g, *, group_offsets=None):
     zeros = torch.zeros((g.shape[0],) if group_offsets is None else (groups, g.shape[0]), dtype=torch.float64, device=g.device)
     _, st = combine_and_gram(g, zeros, group_offsets=group_offsets, with_gram=True, _with_out=False)
     return st["gram"][0] if group_offsets is None else st["gram"]
+
+
+# ---------------------------------------------------------------- the M x M solve, on the device
+MOO_MAX_OBJECTIVES = 16
+#: Fixed iteration count of the device solver (it stops updating at the duality-gap
+#: certificate of SPEC §4 before that on well-conditioned Gram matrices).
+MOO_ITERATIONS = 256  # per round; three rounds
+MOO_GAP_TOL = MGDA_GAP_TOL  # SPEC §4's certificate, relative to max_m K_mm
+_NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
+
+
+@triton.jit
+def _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS: tl.constexpr):
+    """min a^T K a on the simplex (over the active objectives) by pairwise Frank-Wolfe with
+    exact line search: move weight from the worst support vertex to the best vertex.
+    Linear convergence on polytopes, no projection; at most ITERS iterations, stopping
+    at the duality-gap certificate a^T K a - min_i (K a)_i <= TOL."""
+    gap = TOL + 1.0
+    it = 0
+    while (it < ITERS) & (gap > TOL):
+        it += 1
+        g = tl.sum(K * a[None, :], axis=1)
+        f = tl.sum(a * g, axis=0)
+        g_act = tl.where(act, g, float("inf"))
+        s = tl.argmin(g_act, axis=0)
+        v = tl.argmax(tl.where(a > 0.0, g, -float("inf")), axis=0)
+        gap = f - tl.min(g_act, axis=0)
+        d = tl.where(idx == s, 1.0, 0.0).to(tl.float64) - tl.where(idx == v, 1.0, 0.0).to(tl.float64)
+        kd = tl.sum(K * d[None, :], axis=1)
+        dkd = tl.sum(d * kd, axis=0)
+        gd = tl.sum(g * d, axis=0)
+        a_v = tl.sum(tl.where(idx == v, a, 0.0), axis=0)
+        t = tl.where(dkd > 0.0, -gd / tl.where(dkd > 0.0, dkd, 1.0), 0.0)
+        t = tl.minimum(tl.maximum(t, 0.0), a_v)
+        t = tl.where(gap > TOL, t, 0.0)
+        a = a + t * d
+    a = tl.where(act, tl.maximum(a, 0.0), 0.0)
+    return a / tl.maximum(tl.sum(a, axis=0), 1e-300)
+
+
+@triton.jit
+def _face_polish(K, a, MB: tl.constexpr):
+    """Wolfe's face step without a linear solve: conjugate gradients for min x^T K x on the
+    affine hull of a's support (sum x = 1), exact in <= |support| steps. Frank-Wolfe
+    finds the face fast and then zig-zags inside it; this lands on the face's minimiser.
+    Kept only if it stays on the simplex and does not raise the objective."""
+    face = a > 0.0
+    n_face = tl.maximum(tl.sum(face.to(tl.float64), axis=0), 1.0)
+    x = a
+    r = -tl.sum(K * x[None, :], axis=1)
+    r = tl.where(face, r - tl.sum(tl.where(face, r, 0.0), axis=0) / n_face, 0.0)
+    p = r
+    rs = tl.sum(r * r, axis=0)
+    for _ in tl.static_range(MB):
+        kp = tl.sum(K * p[None, :], axis=1)
+        pkp = tl.sum(p * kp, axis=0)
+        step = tl.where(pkp > 1e-300, rs / tl.where(pkp > 1e-300, pkp, 1.0), 0.0)
+        x = x + step * p
+        kp = tl.where(face, kp - tl.sum(tl.where(face, kp, 0.0), axis=0) / n_face, 0.0)
+        r = r - step * kp
+        rs_new = tl.sum(r * r, axis=0)
+        p = r + tl.where(rs > 1e-300, rs_new / tl.where(rs > 1e-300, rs, 1.0), 0.0) * p
+        rs = rs_new
+    f_a = tl.sum(a * tl.sum(K * a[None, :], axis=1), axis=0)
+    f_x = tl.sum(x * tl.sum(K * x[None, :], axis=1), axis=0)
+    keep = (tl.min(tl.where(face, x, 1.0), axis=0) >= 0.0) & (f_x <= f_a)
+    return tl.where(keep, tl.where(face, x, 0.0), a)
+
+
+@triton.jit
+def _min_norm_weights(K, a, act, idx, TOL, ITERS: tl.constexpr, MB: tl.constexpr):
+    """Frank-Wolfe rounds, each ending with a face polish (SPEC §4's certificate as the stop)."""
+    for _ in tl.static_range(3):
+        a = _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS)
+        a = _face_polish(K, a, MB)
+    return a
+
+
+@triton.jit
+def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
+                        M: tl.constexpr, MB: tl.constexpr, METHOD: tl.constexpr, NORMALIZE: tl.constexpr,
+                        ITERS: tl.constexpr):
+    """One program per parameter group: its Gram matrix in registers, the weights out."""
+    grp = tl.program_id(0)
+    idx = tl.arange(0, MB)
+    valid = idx < M
+    both = valid[:, None] & valid[None, :]
+    K = tl.load(k_ptr + grp * M * M + idx[:, None] * M + idx[None, :], mask=both, other=0.0).to(tl.float64)
+    eye = idx[:, None] == idx[None, :]
+    diag = tl.sum(tl.where(eye, K, 0.0), axis=1)
+    act = valid & (diag > 0.0)  # an objective that does not reach the group: weight 0
+    n_act = tl.sum(act.to(tl.float64), axis=0)
+    uniform = tl.where(act, 1.0 / tl.maximum(n_act, 1.0), 0.0)
+    if METHOD == 0:  # mgda, on the normalised gradients g_m / s_m
+        if NORMALIZE == 1:
+            s = tl.sqrt(tl.where(act, diag, 1.0))
+        elif NORMALIZE == 2:
+            s = tl.load(loss_ptr + idx, mask=valid, other=1.0).to(tl.float64)
+        else:
+            s = tl.full([MB], 1.0, tl.float64)
+        s = tl.where(act, s, 1.0)
+        kn = K / (s[:, None] * s[None, :])
+        top = tl.max(tl.where(act, tl.sum(tl.where(eye, kn, 0.0), axis=1), 0.0), axis=0)
+        kn = kn / tl.where(top > 0.0, top, 1.0)  # scale-free, so TOL is relative to max K_mm
+        a = _min_norm_weights(kn, uniform, act, idx, TOL, ITERS, MB)
+        even = tl.full([MB], 1.0, tl.float64) / M  # K = 0: uniform, in float64
+        w = tl.where(n_act > 0.0, a, tl.where(valid, even, 0.0))
+    else:  # mmpareto: uniform if every pair agrees, else MGDA; then the magnitude rule
+        d = tl.sqrt(tl.where(act, diag, 1.0))
+        pair = act[:, None] & act[None, :]
+        disagree = tl.sum(tl.sum(tl.where(pair & (K / (d[:, None] * d[None, :]) <= 0.0), 1.0, 0.0), axis=1), axis=0)
+        top = tl.max(tl.where(act, diag, 0.0), axis=0)
+        a = _min_norm_weights(K / tl.where(top > 0.0, top, 1.0), uniform, act, idx, TOL, ITERS, MB)
+        alpha = tl.where(disagree > 0.0, a, uniform)
+        c = n_act * alpha
+        c_sq = tl.sum(c * tl.sum(K * c[None, :], axis=1), axis=0)
+        sum_sq = tl.sum(tl.sum(tl.where(pair, K, 0.0), axis=1), axis=0)
+        boost = tl.where(c_sq > 0.0, tl.maximum(tl.sqrt(sum_sq / tl.where(c_sq > 0.0, c_sq, 1.0)), 1.0), 1.0)
+        w = tl.where(n_act > 0.0, c * boost * magnitude, 0.0)
+    tl.store(w_ptr + grp * M + idx, w, mask=valid)
+
+
+def moo_weights(grams, method, *, normalize="none", losses=None, magnitude=1.5):
+    """The reference's ``moo_weights`` as one kernel launch: no host synchronisation.
+
+    Differences from the host solver (README, "Spec notes"): pairwise Frank-Wolfe for
+    MOO_ITERATIONS iterations instead of Wolfe's active set; it stops at the same
+    duality-gap certificate when it reaches it. Inputs are not checked for finiteness
+    (that would synchronise): a non-finite Gram gives non-finite weights.
+    """
+    V.check_choice("method", method, MOO_METHODS)
+    V.check_choice("normalize", normalize, V.MGDA_NORMALIZATIONS)
+    magnitude = V.check_positive("magnitude", magnitude)
+    grams = _check("grams", grams, 3, contiguous=False)  # tiny: copied contiguous below
+    groups, mm = grams.shape[0], grams.shape[1]
+    if grams.shape[2] != mm:
+        raise ValueError(f"grams must be G x M x M; got shape {tuple(grams.shape)}")
+    if mm > MOO_MAX_OBJECTIVES:
+        raise ValueError(f"the triton solver takes M <= {MOO_MAX_OBJECTIVES} objectives; got {mm} (use backend='reference')")
+    if normalize == "loss":
+        if losses is None:
+            raise ValueError('losses must be given when normalize="loss"')
+        loss_t = torch.as_tensor(losses, dtype=torch.float64, device=grams.device).reshape(-1)
+        if loss_t.numel() != mm:
+            raise ValueError(f"losses must hold M={mm} values; got {loss_t.numel()}")
+    else:
+        loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
+    w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
+    _moo_weights_kernel[(groups,)](grams.to(torch.float64).contiguous(), loss_t.contiguous(), w, float(magnitude), MOO_GAP_TOL,
+                                   M=mm, MB=max(2, triton.next_power_of_2(mm)), METHOD=MOO_METHODS.index(method),
+                                   NORMALIZE=_NORMALIZE[normalize], ITERS=MOO_ITERATIONS)
+    return w

@@ -14,7 +14,7 @@ from .bogc import (
     opinions,
     sample_moments,
 )
-from .moo import combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights
+from .moo import combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights
 
 __all__ = [
     "EVIDENCE_MAX",
@@ -29,6 +29,7 @@ __all__ = [
     "mgda_weights",
     "mimo_weights",
     "mmpareto_weights",
+    "moo_weights",
     "opinions",
     "sample_moments",
 ]

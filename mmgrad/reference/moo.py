@@ -175,6 +175,26 @@ def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
     return torch.from_numpy(w).to(gram.device)
 
 
+MOO_METHODS = ("mgda", "mmpareto")
+
+
+def moo_weights(grams: Tensor, method: str, *, normalize: str = "none", losses: Tensor | Sequence[float] | None = None,
+                magnitude: float = 1.5) -> Tensor:
+    """Per-group weights of ``method`` ("mgda" or "mmpareto") from ``G x M x M`` Gram matrices: ``G x M``.
+
+    The calibrator's one call per step; the triton backend solves all groups in one
+    kernel on the device (no host synchronisation).
+
+    >>> moo_weights(torch.tensor([[[1.0, -1.0], [-1.0, 4.0]]], dtype=torch.float64), "mgda")
+    tensor([[0.7143, 0.2857]], dtype=torch.float64)
+    """
+    V.check_choice("method", method, MOO_METHODS)
+    V.check_float_tensor("grams", grams, dim=3)
+    if method == "mgda":
+        return torch.stack([mgda_weights(k, normalize, losses=losses) for k in grams])
+    return torch.stack([mmpareto_weights(k, magnitude) for k in grams])
+
+
 def mimo_weights(losses: Tensor | Sequence[float], rho: float = 1.0, tau: float = 1.0) -> Tensor:
     """MIMO's weights: 1 for the fusion loss (index 0), ``rho * softmax(f/tau)`` for the rest.
 
