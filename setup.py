@@ -28,7 +28,26 @@ def extensions():
         cxx.append("-march=native")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     ext = [CppExtension("mmgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    ext += cuda_extensions()
     return ext, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def cuda_extensions():
+    """mmgrad._C_cuda, only where torch has CUDA: the CPU wheel has CUDA headers but no
+    libc10_cuda to link against. Says so when it skips."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("MMGRAD_NO_CUDA") == "1":
+        why = "torch has no CUDA" if torch.version.cuda is None else ("no CUDA toolkit found" if CUDA_HOME is None else "MMGRAD_NO_CUDA=1")
+        print(f"mmgrad: skipping the CUDA extension mmgrad._C_cuda ({why}); the cuda backend will be unavailable",
+              file=sys.stderr)
+        return []
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    flags = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}
+    return [CUDAExtension("mmgrad._C_cuda", sources, extra_compile_args=flags)]
 
 
 ext_modules, cmdclass = extensions()

@@ -9,12 +9,17 @@
 // arithmetic the GPU runs. The order of operations mirrors mmgrad/reference/bogc.py so
 // that float32 results agree with the reference to rounding.
 #pragma once
+#include <cmath>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MMGRAD_HD __host__ __device__ __forceinline__
+// The MOO solver's steps: a call each on the GPU, so their 16-double vectors do not all
+// compete for one function's registers (that spilled at sm_90).
+#define MMGRAD_HD_CALL __host__ __device__ __noinline__
 #define MMGRAD_UNROLL _Pragma("unroll")
 #else
 #define MMGRAD_HD inline
+#define MMGRAD_HD_CALL inline
 #define MMGRAD_UNROLL  // M is a template constant: the host compiler unrolls at -O3
 #endif
 
@@ -205,6 +210,175 @@ MMGRAD_UNROLL
     weighted_mu += w * mu_at(k);
   }
   return {calibrated(s, weighted_mu, prm.confidence), s};
+}
+
+
+// ------------------------------------------------------------------------------------
+// SPEC §4: MGDA / MMPareto weights from one group's M x M Gram matrix (M <= 16), in a
+// fixed budget of iterations and without host help, so a GPU can solve them in one block
+// with no synchronisation. The same algorithm as mmgrad/kernels/triton_kernels.py's
+// solver (Triton cannot include this header): pairwise Frank-Wolfe with exact line
+// search, each round ending with a conjugate-gradient polish on the support's face.
+// The CPU extension binds it too (moo_weights_device), so the CPU tests cover it.
+constexpr int kMooMaxObjectives = 16;
+constexpr int kMooIterations = 256;  // per round
+constexpr int kMooRounds = 3;
+constexpr double kMooGapTol = 1e-7;  // SPEC §4's certificate, relative to max_m K_mm
+enum MooMethod : int { kMooMgda = 0, kMooMmpareto = 1 };
+enum MooNormalize : int { kNormalizeNone = 0, kNormalizeL2 = 1, kNormalizeLoss = 2 };
+
+struct MooVector {
+  double v[kMooMaxObjectives];
+};
+
+MMGRAD_HD double moo_dot(const MooVector& a, const MooVector& b, int m) {
+  double s = 0;
+  for (int i = 0; i < m; ++i) s += a.v[i] * b.v[i];
+  return s;
+}
+MMGRAD_HD MooVector moo_matvec(const double* K, const MooVector& x, int m) {
+  MooVector y;
+  for (int i = 0; i < m; ++i) {
+    double s = 0;
+    for (int j = 0; j < m; ++j) s += K[i * m + j] * x.v[j];
+    y.v[i] = s;
+  }
+  return y;
+}
+
+// Pairwise Frank-Wolfe from a (on the simplex over `act`), until the duality gap
+// a^T K a - min_{i active} (K a)_i <= kMooGapTol or kMooIterations.
+MMGRAD_HD_CALL MooVector moo_pairwise_fw(const double* K, MooVector a, const bool* act, int m) {
+  for (int it = 0; it < kMooIterations; ++it) {
+    const MooVector g = moo_matvec(K, a, m);
+    int s = -1, v = -1;
+    for (int i = 0; i < m; ++i) {
+      if (act[i] && (s < 0 || g.v[i] < g.v[s])) s = i;
+      if (a.v[i] > 0 && (v < 0 || g.v[i] > g.v[v])) v = i;
+    }
+    if (s < 0 || v < 0 || moo_dot(a, g, m) - g.v[s] <= kMooGapTol) break;
+    // direction e_s - e_v: d^T K d = K_ss + K_vv - 2 K_sv, g^T d = g_s - g_v
+    const double dkd = K[s * m + s] + K[v * m + v] - 2 * K[s * m + v];
+    double t = dkd > 0 ? -(g.v[s] - g.v[v]) / dkd : 0.0;
+    t = t < 0 ? 0.0 : (t > a.v[v] ? a.v[v] : t);
+    a.v[s] += t;
+    a.v[v] -= t;
+  }
+  double sum = 0;
+  for (int i = 0; i < m; ++i) {
+    a.v[i] = act[i] && a.v[i] > 0 ? a.v[i] : 0.0;
+    sum += a.v[i];
+  }
+  for (int i = 0; i < m; ++i) a.v[i] /= (sum > 1e-300 ? sum : 1e-300);
+  return a;
+}
+
+// min x^T K x on the affine hull of a's support by conjugate gradients (exact in
+// <= |support| steps); kept if it stays on the simplex and does not raise the objective.
+MMGRAD_HD_CALL MooVector moo_face_polish(const double* K, const MooVector& a, int m) {
+  int n_face = 0;
+  for (int i = 0; i < m; ++i) n_face += a.v[i] > 0 ? 1 : 0;
+  const double inv_face = 1.0 / (n_face > 0 ? n_face : 1);
+  auto project = [&](MooVector y) {  // onto {sum = 0} within the face
+    double mean = 0;
+    for (int i = 0; i < m; ++i) mean += a.v[i] > 0 ? y.v[i] : 0.0;
+    mean *= inv_face;
+    for (int i = 0; i < m; ++i) y.v[i] = a.v[i] > 0 ? y.v[i] - mean : 0.0;
+    return y;
+  };
+  MooVector x = a, r = moo_matvec(K, a, m);
+  for (int i = 0; i < m; ++i) r.v[i] = -r.v[i];
+  r = project(r);
+  MooVector p = r;
+  double rs = moo_dot(r, r, m);
+  for (int step = 0; step < m; ++step) {
+    const MooVector kp_raw = moo_matvec(K, p, m);
+    const double pkp = moo_dot(p, kp_raw, m);
+    const double alpha = pkp > 1e-300 ? rs / pkp : 0.0;
+    const MooVector kp = project(kp_raw);
+    for (int i = 0; i < m; ++i) {
+      x.v[i] += alpha * p.v[i];
+      r.v[i] -= alpha * kp.v[i];
+    }
+    const double rs_new = moo_dot(r, r, m);
+    const double beta = rs > 1e-300 ? rs_new / rs : 0.0;
+    for (int i = 0; i < m; ++i) p.v[i] = r.v[i] + beta * p.v[i];
+    rs = rs_new;
+  }
+  bool feasible = true;
+  for (int i = 0; i < m; ++i) feasible = feasible && (a.v[i] <= 0 || x.v[i] >= 0);
+  const double f_a = moo_dot(a, moo_matvec(K, a, m), m), f_x = moo_dot(x, moo_matvec(K, x, m), m);
+  if (!(feasible && f_x <= f_a)) return a;
+  for (int i = 0; i < m; ++i) x.v[i] = a.v[i] > 0 ? x.v[i] : 0.0;
+  return x;
+}
+
+// argmin_{a in simplex over act} a^T K a for K already scaled so that max K_mm = 1.
+MMGRAD_HD MooVector moo_min_norm(const double* K, const bool* act, int m) {
+  int n_act = 0;
+  for (int i = 0; i < m; ++i) n_act += act[i] ? 1 : 0;
+  MooVector a;
+  for (int i = 0; i < m; ++i) a.v[i] = act[i] ? 1.0 / n_act : 0.0;
+  for (int round = 0; round < kMooRounds; ++round) a = moo_face_polish(K, moo_pairwise_fw(K, a, act, m), m);
+  double sum = 0;  // the polish drifts off sum 1 by rounding
+  for (int i = 0; i < m; ++i) sum += a.v[i];
+  for (int i = 0; i < m; ++i) a.v[i] /= (sum > 1e-300 ? sum : 1e-300);
+  return a;
+}
+
+// SPEC §4 weights of one group: K is its m x m Gram (row-major), losses the M losses
+// (normalize = kNormalizeLoss only). Objectives with K_mm = 0 get weight 0.
+MMGRAD_HD_CALL MooVector moo_weights(const double* K, int m, int method, int normalize, const double* losses, double magnitude) {
+  bool act[kMooMaxObjectives];
+  double scaled[kMooMaxObjectives * kMooMaxObjectives];
+  int n_act = 0;
+  for (int i = 0; i < m; ++i) {
+    act[i] = K[i * m + i] > 0;
+    n_act += act[i] ? 1 : 0;
+  }
+  MooVector w;
+  if (method == kMooMgda) {
+    if (n_act == 0) {
+      for (int i = 0; i < m; ++i) w.v[i] = 1.0 / m;
+      return w;
+    }
+    double s[kMooMaxObjectives], top = 0;
+    for (int i = 0; i < m; ++i) {
+      const double raw = normalize == kNormalizeL2 ? sqrt(K[i * m + i]) : (normalize == kNormalizeLoss ? losses[i] : 1.0);
+      s[i] = act[i] ? raw : 1.0;
+    }
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < m; ++j) scaled[i * m + j] = K[i * m + j] / (s[i] * s[j]);
+    for (int i = 0; i < m; ++i) top = act[i] && scaled[i * m + i] > top ? scaled[i * m + i] : top;
+    for (int i = 0; i < m * m; ++i) scaled[i] /= top;
+    return moo_min_norm(scaled, act, m);
+  }
+  for (int i = 0; i < m; ++i) w.v[i] = 0.0;
+  if (n_act == 0) return w;
+  bool disagree = false;
+  double top = 0, sum_sq = 0;
+  for (int i = 0; i < m; ++i) {
+    top = act[i] && K[i * m + i] > top ? K[i * m + i] : top;
+    for (int j = 0; j < m; ++j)
+      if (act[i] && act[j]) {
+        disagree = disagree || K[i * m + j] / (sqrt(K[i * m + i]) * sqrt(K[j * m + j])) <= 0;
+        sum_sq += K[i * m + j];
+      }
+  }
+  MooVector alpha;
+  if (disagree) {
+    for (int i = 0; i < m * m; ++i) scaled[i] = K[i] / top;
+    alpha = moo_min_norm(scaled, act, m);
+  } else {
+    for (int i = 0; i < m; ++i) alpha.v[i] = act[i] ? 1.0 / n_act : 0.0;
+  }
+  MooVector c;
+  for (int i = 0; i < m; ++i) c.v[i] = n_act * alpha.v[i];
+  const double c_sq = moo_dot(c, moo_matvec(K, c, m), m);
+  double boost = c_sq > 0 ? sqrt(sum_sq / c_sq) : 1.0;
+  boost = boost > 1.0 ? boost : 1.0;
+  for (int i = 0; i < m; ++i) w.v[i] = c.v[i] * boost * magnitude;
+  return w;
 }
 
 }  // namespace math

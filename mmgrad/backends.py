@@ -43,6 +43,31 @@ def cpu_extension():
     return _cpu_ext
 
 
+_cuda_ext = None
+_cuda_error: Optional[str] = None
+
+
+def cuda_extension():
+    """The compiled ``mmgrad._C_cuda`` module, or None (built only where torch has CUDA)."""
+    global _cuda_ext, _cuda_error
+    if _cuda_ext is None and _cuda_error is None:
+        if torch.version.cuda is None:
+            _cuda_error = "torch has no CUDA here, so setup.py built no CUDA extension (the kernels are compile-checked by `make cuda-check`)"
+        else:
+            try:
+                _cuda_ext = importlib.import_module("mmgrad._C_cuda")
+            except ImportError as exc:
+                _cuda_error = f"the CUDA extension mmgrad._C_cuda did not load ({exc}); reinstall with `make install` on a CUDA torch"
+    return _cuda_ext
+
+
+def _cuda_info() -> BackendInfo:
+    ext_ok = cuda_extension() is not None
+    if ext_ok and torch.cuda.is_available():
+        return BackendInfo("cuda", True, ("cuda",), "CUDA C++ kernels (csrc/cuda) on CUDA tensors")
+    return BackendInfo("cuda", False, (), _cuda_error if not ext_ok else "mmgrad._C_cuda loads, but no CUDA device is visible")
+
+
 def _triton_info() -> BackendInfo:
     # Found, not imported: triton reads TRITON_INTERPRET when it is first imported, so
     # importing it here would fix the mode before a test (or user) sets it.
@@ -73,12 +98,7 @@ def backends() -> Dict[str, BackendInfo]:
         "reference": BackendInfo("reference", True, ("cpu", "cuda"), "pure PyTorch, any device and float dtype"),
         "cpu": BackendInfo("cpu", cpu_ok, ("cpu",) if cpu_ok else (), "C++/OpenMP kernels" if cpu_ok else _cpu_error or ""),
         "triton": _triton_info(),
-        "cuda": BackendInfo(
-            "cuda",
-            False,
-            (),
-            "CUDA kernels are compile-checked only: torch has no CUDA here" if not torch.cuda.is_available() else "the CUDA kernels have no torch binding yet",
-        ),
+        "cuda": _cuda_info(),
     }
     _cache[key] = info
     return info

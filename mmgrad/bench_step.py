@@ -70,6 +70,7 @@ def time_plain_step(model: LateFusion, x, y, reps: int) -> StepTimes:
         state["loss"] = torch.stack(model.losses(x, y)).sum()
 
     def backward():
+        model.zero_grad(set_to_none=True)  # as every training step does
         forward()
         state["loss"].backward()  # type: ignore[union-attr]
 

@@ -48,6 +48,10 @@ def backend_module(backend: str, device: torch.device) -> ModuleType:
         from .kernels import cpu
 
         return cpu
+    if name == "cuda":
+        from .kernels import cuda
+
+        return cuda
     if name == "triton":
         from .kernels import triton_kernels
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ def nvcc() -> str | None:
 
 def _key(sources: List[Path], compiler: str) -> str:
     h = hashlib.sha256(subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.encode())
-    for p in sorted(sources + list((ROOT / "csrc").glob("*.h"))):
+    for p in sorted(sources + list((ROOT / "csrc").rglob("*.h"))):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -82,6 +83,40 @@ def compile_all() -> List[dict]:
     return rows
 
 
+def check_binding() -> str:
+    """Compile csrc/cuda/bindings.cpp against torch's CUDA headers (syntax and types only:
+    the CPU wheel ships the headers but not libc10_cuda, so it cannot link here).
+    Returns "" when it compiles, else the compiler's errors; cached like the kernels."""
+    compiler = nvcc()
+    src = ROOT / "csrc" / "cuda" / "bindings.cpp"
+    if compiler is None or not src.exists():
+        return ""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    homes = [Path(compiler).resolve().parent.parent, Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))]
+    cuda_include = next((h / "include" for h in homes if (h / "include" / "cuda_runtime.h").exists()), None)
+    if cuda_include is None:
+        return ""  # no CUDA runtime headers to compile against
+    cached = CACHE / f"binding-{_key([src], compiler)}.ok"
+    if cached.exists():
+        return ""
+    # The one header a CUDA build of torch generates at configure time, missing from the
+    # CPU wheel; its content in CUDA wheels is this one line.
+    stub = CACHE / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True, exist_ok=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *[f"-I{p}" for p in include_paths()], f"-I{stub}", f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return res.stderr
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached.touch()
+    return ""
+
+
 def main() -> int:
     if nvcc() is None:
         print("cuda-check: nvcc not found, skipped")
@@ -92,7 +127,10 @@ def main() -> int:
         print(f"{r['kernel'][:60]:60s} {r['arch']:6s} {r['registers']:5d} {r['smem']:7d} {r['stack']:8d} {r['spill_stores']:7d}/{r['spill_loads']:<6d}")
     spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     print(f"cuda-check: {len(rows)} kernel builds, {len(spills)} with local-memory spills")
-    return 1 if spills else 0
+    binding_errors = check_binding()
+    print("cuda-check: csrc/cuda/bindings.cpp " + ("does NOT compile against torch's CUDA headers:\n" + binding_errors if binding_errors
+                                                  else "compiles against torch's CUDA headers (not linked: no libc10_cuda in the CPU wheel)"))
+    return 1 if spills or binding_errors else 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     require_cpu_contiguous({{"g", &g}});
     return mmgrad::cpu::gram(g, group_offsets);
   });
+  // The GPU backends' fixed-iteration MOO solver (mmgrad_math.h), compiled for the CPU so
+  // that the tests can hold it against the reference; the cpu backend solves with Wolfe.
+  mod.attr("MOO_MAX_OBJECTIVES") = mmgrad::math::kMooMaxObjectives;
+  mod.def("moo_weights_device", [](const at::Tensor& grams, int64_t method, int64_t normalize, const at::Tensor& losses,
+                                   double magnitude) {
+    require_cpu_contiguous({{"grams", &grams}, {"losses", &losses}});
+    TORCH_CHECK_TYPE(grams.scalar_type() == at::kDouble && losses.scalar_type() == at::kDouble,
+                     "grams and losses must be float64");
+    TORCH_CHECK_VALUE(grams.dim() == 3 && grams.size(1) == grams.size(2), "grams must be G x M x M");
+    const int64_t m = grams.size(1);
+    TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMooMaxObjectives, "M must be in [1, 16]");
+    TORCH_CHECK_VALUE(losses.numel() == m, "losses must hold M values");
+    at::Tensor w = at::empty({grams.size(0), m}, grams.options());
+    for (int64_t grp = 0; grp < grams.size(0); ++grp) {
+      const mmgrad::math::MooVector r = mmgrad::math::moo_weights(
+          grams.data_ptr<double>() + grp * m * m, static_cast<int>(m), static_cast<int>(method),
+          static_cast<int>(normalize), losses.data_ptr<double>(), magnitude);
+      for (int64_t i = 0; i < m; ++i) w.data_ptr<double>()[grp * m + i] = r.v[i];
+    }
+    return w;
+  });
   mod.def("combine", [](const at::Tensor& g, const at::Tensor& alpha, const at::Tensor& group_offsets,
                         const at::Tensor& out, bool with_gram) {
     require_cpu_contiguous({{"g", &g}, {"alpha", &alpha}, {"out", &out}});

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "../mmgrad_math.h"
+#include "launch.h"
 
 namespace mmgrad {
 namespace cuda {
@@ -56,66 +56,98 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
   return s;
 }
 
-// Statistics layout per block (as StatsLayout of the CPU kernels, Gram of one group):
-// [sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count, share_sum[M], gram[M*M]]
-constexpr int kScalarStats = 6;
 
-struct BogcStepArgs {
-  int64_t n;
-  double beta, one_minus_beta, inv_bias_correction;
-  BogcParams<float> prm;
-};
+// Objective k's mean and variance at coordinate d: the EMA update (writing the new
+// moments), or the sample mean and unbiased variance in the CPU kernel's order of
+// operations (sum, times 1/S; squared deviations, times 1/(S-1)).
+template <typename scalar_t>
+__device__ __forceinline__ math::EmaResult<float> coordinate_moments(const scalar_t* __restrict__ g, const float* m_in,
+                                                                     const float* v_in, float* m_out, float* v_out,
+                                                                     int mm, int k, int64_t d, const BogcStepArgs& a,
+                                                                     double ibc, float& mu, double& nonfinite) {
+  if (a.samples == 0) {
+    const int64_t i = k * a.n + d;
+    mu = to_float(g[i]);
+    nonfinite += isfinite(mu) ? 0.0 : 1.0;
+    const math::EmaResult<float> e = math::ema_update(mu, m_in[i], v_in[i], a.beta, a.one_minus_beta, ibc);
+    m_out[i] = e.m;
+    v_out[i] = e.v;
+    return e;
+  }
+  float sum = 0.f, sq = 0.f;
+  for (int64_t s = 0; s < a.samples; ++s) {
+    const float x = to_float(g[(s * mm + k) * a.n + d]);
+    nonfinite += isfinite(x) ? 0.0 : 1.0;
+    sum += x;
+  }
+  mu = sum * (1.f / static_cast<float>(a.samples));
+  for (int64_t s = 0; s < a.samples; ++s) {
+    const float dev = to_float(g[(s * mm + k) * a.n + d]) - mu;
+    sq += dev * dev;
+  }
+  return {0.f, 0.f, sq * (1.f / static_cast<float>(a.samples - 1))};
+}
 
-// One BOGC step (EMA estimator) for coordinates [lo, hi) of one parameter group; grid-stride.
+// One BOGC step for coordinates [lo, hi) of one parameter group; grid-stride. M is a
+// template constant (1-8); M = 0 is the runtime-M fallback (m_count <= kMaxObjectives;
+// per-objective values in local memory, and the Gram left to gram_pairs_kernel).
 // The fold state is double (mmgrad_math.h), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
 template <typename scalar_t, int M>
 __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __restrict__ m_in,
                                  const float* __restrict__ v_in, float* __restrict__ m_out, float* __restrict__ v_out,
-                                 float* __restrict__ out, int64_t lo, int64_t hi, BogcStepArgs a,
+                                 float* __restrict__ out, int64_t lo, int64_t hi, int m_count, BogcStepArgs a,
                                  double* __restrict__ partials) {
   __shared__ double scratch[32];
+  constexpr int kCap = M > 0 ? M : math::kMaxObjectives;
+  constexpr int kPairs = M > 0 ? M * (M + 1) / 2 : 1;
+  const int mm = M > 0 ? M : m_count;
+  double ibc = a.inv_bias_correction;
+  if (a.samples == 0 && a.slot != nullptr) {
+    const int64_t shift = *a.slot * mm * a.n;
+    m_in += shift;
+    v_in += shift;
+    m_out -= shift;
+    v_out -= shift;
+    ibc = *a.inv_bias_correction_device;
+  }
   double sum_sq = 0, out_sq = 0, nonfinite = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
-  double share_sum[M], gram[M * (M + 1) / 2];
+  double share_sum[kCap], gram[kPairs];
 #pragma unroll
-  for (int k = 0; k < M; ++k) share_sum[k] = 0;
+  for (int k = 0; k < kCap; ++k) share_sum[k] = 0;
 #pragma unroll
-  for (int p = 0; p < M * (M + 1) / 2; ++p) gram[p] = 0;
+  for (int p = 0; p < kPairs; ++p) gram[p] = 0;
 
   for (int64_t d = lo + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < hi; d += int64_t(gridDim.x) * blockDim.x) {
-    float mu[M], var[M], w[M];
+    float mu[kCap], var[kCap], w[kCap];
     double total = 0;
 #pragma unroll
-    for (int k = 0; k < M; ++k) {
-      const int64_t i = k * a.n + d;
-      mu[k] = to_float(g[i]);
-      nonfinite += isfinite(mu[k]) ? 0.0 : 1.0;
-      const math::EmaResult<float> e = math::ema_update(mu[k], m_in[i], v_in[i], a.beta, a.one_minus_beta, a.inv_bias_correction);
-      m_out[i] = e.m;
-      v_out[i] = e.v;
-      var[k] = e.var;
+    for (int k = 0; k < mm; ++k) {
+      var[k] = coordinate_moments(g, m_in, v_in, m_out, v_out, mm, k, d, a, ibc, mu[k], nonfinite).var;
       total += static_cast<double>(mu[k]);
     }
     const math::CoordinateResult<float> r = math::bogc_coordinate<float, M>(
-        M, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, a.prm, [&](int k) -> float& { return w[k]; });
+        mm, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, a.prm, [&](int k) -> float& { return w[k]; });
     const FoldState<float>& s = r.state;
     const float res = r.out;
 #pragma unroll
-    for (int k = 0; k < M; ++k) share_sum[k] += w[k];
+    for (int k = 0; k < mm; ++k) share_sum[k] += w[k];
     out[d] = res;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
     sum_sq += total * total;
     out_sq += double(res) * double(res);
     u_sum += s.fused.u;
     conflict_sum += 1.0 - s.kept;
     share_count += s.w_sum > 0.f ? 1.0 : 0.0;
-    int p = 0;
+    if (M > 0) {
+      int p = 0;
 #pragma unroll
-    for (int i = 0; i < M; ++i)
+      for (int i = 0; i < M; ++i)
 #pragma unroll
-      for (int j = i; j < M; ++j) gram[p++] += double(mu[i]) * double(mu[j]);
+        for (int j = i; j < M; ++j) gram[p++] += double(mu[i]) * double(mu[j]);
+    }
   }
 
-  constexpr int stride = kScalarStats + M + M * M;
+  const int stride = kScalarStats + mm + mm * mm;
   double* part = partials + blockIdx.x * int64_t(stride);
   const double scalars[kScalarStats] = {sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count};
 #pragma unroll
@@ -123,63 +155,127 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
     const double v = block_sum(scalars[q], scratch);
     if (threadIdx.x == 0) part[q] = v;
   }
-#pragma unroll
-  for (int k = 0; k < M; ++k) {
+  for (int k = 0; k < mm; ++k) {
     const double v = block_sum(share_sum[k], scratch);
     if (threadIdx.x == 0) part[kScalarStats + k] = v;
   }
-  int p = 0;
+  if (M > 0) {
+    int p = 0;
 #pragma unroll
-  for (int i = 0; i < M; ++i)
+    for (int i = 0; i < M; ++i)
 #pragma unroll
-    for (int j = i; j < M; ++j) {
-      const double v = block_sum(gram[p++], scratch);
-      if (threadIdx.x == 0) part[kScalarStats + M + i * M + j] = part[kScalarStats + M + j * M + i] = v;
-    }
+      for (int j = i; j < M; ++j) {
+        const double v = block_sum(gram[p++], scratch);
+        if (threadIdx.x == 0) part[kScalarStats + M + i * M + j] = part[kScalarStats + M + j * M + i] = v;
+      }
+  }
+}
+
+// Runtime-M Gram: block (x, y) sums pair y = (i, j), i <= j, over its share of [lo, hi).
+// M+1 reads of G instead of one: the fallback for M > 8 (and the Gram of bogc_step's M = 0).
+// partials[blockIdx.x * stride + offset + i*M + j] (and j*M + i) receive the block sums.
+template <typename scalar_t>
+__global__ void gram_pairs_kernel(const scalar_t* __restrict__ g, int64_t n, int64_t lo, int64_t hi, int m_count,
+                                  int64_t stride, int64_t offset, double* __restrict__ partials) {
+  __shared__ double scratch[32];
+  int i = 0, rest = blockIdx.y;
+  while (rest >= m_count - i) rest -= m_count - i++;
+  const int j = i + rest;
+  double acc = 0;
+  for (int64_t d = lo + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < hi; d += int64_t(gridDim.x) * blockDim.x)
+    acc += double(to_float(g[i * n + d])) * double(to_float(g[j * n + d]));
+  const double v = block_sum(acc, scratch);
+  if (threadIdx.x == 0) {
+    double* part = partials + blockIdx.x * stride + offset;
+    part[i * m_count + j] = part[j * m_count + i] = v;
+  }
 }
 
 // Gram matrix (with_out = false) or combination out = sum_m alpha_m g_m plus, optionally,
 // the Gram from the same read (the lagged MOO mode), for one group [lo, hi).
-template <typename scalar_t, int M>
+// Runtime M (template M = 0): alpha read per objective, and with_gram must be false (the
+// Gram then comes from gram_pairs_kernel). Vec = 4 (fp32, rows 16-byte aligned: n, lo and
+// hi multiples of 4) loads and stores float4: one 16-byte transaction per 4 coordinates.
+template <typename scalar_t, int M, int Vec>
 __global__ void combine_gram_kernel(const scalar_t* __restrict__ g, const double* __restrict__ alpha,
-                                    scalar_t* __restrict__ out, int64_t n, int64_t lo, int64_t hi, bool with_gram,
-                                    double* __restrict__ partials) {
+                                    scalar_t* __restrict__ out, int64_t n, int64_t lo, int64_t hi, int m_count,
+                                    bool with_gram, double* __restrict__ partials) {
+  static_assert(Vec == 1 || (Vec == 4 && sizeof(scalar_t) == 4), "float4 loads are for fp32 rows");
   __shared__ double scratch[32];
-  float a[M];
+  constexpr int kCap = M > 0 ? M : 1;
+  constexpr int kPairs = M > 0 ? M * (M + 1) / 2 : 1;
+  const int mm = M > 0 ? M : m_count;
+  float a[kCap];
 #pragma unroll
-  for (int k = 0; k < M; ++k) a[k] = alpha != nullptr ? static_cast<float>(alpha[k]) : 0.f;
-  double gram[M * (M + 1) / 2], nonfinite = 0;
+  for (int k = 0; k < kCap; ++k) a[k] = alpha != nullptr ? static_cast<float>(alpha[k]) : 0.f;
+  double gram[kPairs], nonfinite = 0;
 #pragma unroll
-  for (int p = 0; p < M * (M + 1) / 2; ++p) gram[p] = 0;
-  for (int64_t d = lo + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < hi; d += int64_t(gridDim.x) * blockDim.x) {
-    float x[M], acc = 0.f;
+  for (int p = 0; p < kPairs; ++p) gram[p] = 0;
+  for (int64_t d0 = lo + (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * Vec; d0 < hi;
+       d0 += int64_t(gridDim.x) * blockDim.x * Vec) {
+    float x[kCap][Vec], acc[Vec];
 #pragma unroll
-    for (int k = 0; k < M; ++k) {
-      x[k] = to_float(g[k * n + d]);
-      nonfinite += isfinite(x[k]) ? 0.0 : 1.0;
-      acc += a[k] * x[k];
+    for (int v = 0; v < Vec; ++v) acc[v] = 0.f;
+#pragma unroll
+    for (int k = 0; k < mm; ++k) {
+      float xv[Vec];
+      if constexpr (Vec == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(g + k * n + d0);
+        xv[0] = q.x, xv[1] = q.y, xv[2] = q.z, xv[3] = q.w;
+      } else {
+        xv[0] = to_float(g[k * n + d0]);
+      }
+      const float ak = M > 0 ? a[k] : (alpha != nullptr ? static_cast<float>(alpha[k]) : 0.f);
+#pragma unroll
+      for (int v = 0; v < Vec; ++v) {
+        nonfinite += isfinite(xv[v]) ? 0.0 : 1.0;
+        acc[v] += ak * xv[v];
+        if (M > 0) x[k < kCap ? k : 0][v] = xv[v];
+      }
     }
-    if (out != nullptr) out[d] = from_float<scalar_t>(acc);
-    if (with_gram) {
-      int p = 0;
+    if (out != nullptr) {
+      if constexpr (Vec == 4) {
+        *reinterpret_cast<float4*>(out + d0) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      } else {
+        out[d0] = from_float<scalar_t>(acc[0]);
+      }
+    }
+    if (M > 0 && with_gram) {
 #pragma unroll
-      for (int i = 0; i < M; ++i)
+      for (int v = 0; v < Vec; ++v) {
+        int p = 0;
 #pragma unroll
-        for (int j = i; j < M; ++j) gram[p++] += double(x[i]) * double(x[j]);
+        for (int i = 0; i < kCap; ++i)
+#pragma unroll
+          for (int j = i; j < kCap; ++j) gram[p++] += double(x[i][v]) * double(x[j][v]);
+      }
     }
   }
-  constexpr int stride = M * M + 1;
+  const int stride = mm * mm + 1;
   double* part = partials + blockIdx.x * int64_t(stride);
   const double nf = block_sum(nonfinite, scratch);
-  if (threadIdx.x == 0) part[M * M] = nf;
-  int p = 0;
+  if (threadIdx.x == 0) part[mm * mm] = nf;
+  if (M > 0 && with_gram) {
+    int p = 0;
 #pragma unroll
-  for (int i = 0; i < M; ++i)
+    for (int i = 0; i < kCap; ++i)
 #pragma unroll
-    for (int j = i; j < M; ++j) {
-      const double v = block_sum(gram[p++], scratch);
-      if (threadIdx.x == 0) part[i * M + j] = part[j * M + i] = v;
-    }
+      for (int j = i; j < kCap; ++j) {
+        const double v = block_sum(gram[p++], scratch);
+        if (threadIdx.x == 0) part[i * M + j] = part[j * M + i] = v;
+      }
+  }
+}
+
+// SPEC §4's weights for every group on the device (one block per group; M <= 16): the
+// fixed-iteration solver of mmgrad_math.h, which the CPU tests run through the CPU build.
+// Thread 0 solves (a few microseconds of scalar work); no host synchronisation.
+__global__ void moo_weights_kernel(const double* __restrict__ grams, int m_count, int method, int normalize,
+                                   const double* __restrict__ losses, double magnitude, double* __restrict__ weights) {
+  if (threadIdx.x != 0) return;
+  const math::MooVector w =
+      math::moo_weights(grams + blockIdx.x * int64_t(m_count) * m_count, m_count, method, normalize, losses, magnitude);
+  for (int i = 0; i < m_count; ++i) weights[blockIdx.x * int64_t(m_count) + i] = w.v[i];
 }
 
 // Sum `blocks` partial vectors of length `len` into total (one block; no host sync).
@@ -191,14 +287,16 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
   }
 }
 
-// Explicit instantiations: fp32/bf16/fp16 gradients, M = 1..8 (the runtime-M fallback
-// of the CPU build is not ported yet).
-#define MMGRAD_INSTANTIATE(T, M)                                                                                  \
-  template __global__ void bogc_step_kernel<T, M>(const T*, const float*, const float*, float*, float*, float*,   \
-                                                  int64_t, int64_t, BogcStepArgs, double*);                        \
-  template __global__ void combine_gram_kernel<T, M>(const T*, const double*, T*, int64_t, int64_t, int64_t, bool, \
-                                                     double*);
-#define MMGRAD_INSTANTIATE_M(T) \
+// Explicit instantiations: fp32/bf16/fp16 gradients, M = 1..8 and 0 (runtime M <= 64);
+// float4 combination for fp32.
+#define MMGRAD_INSTANTIATE(T, M)                                                                                      \
+  template __global__ void bogc_step_kernel<T, M>(const T*, const float*, const float*, float*, float*, float*,       \
+                                                  int64_t, int64_t, int, BogcStepArgs, double*);                       \
+  template __global__ void combine_gram_kernel<T, M, 1>(const T*, const double*, T*, int64_t, int64_t, int64_t, int, \
+                                                        bool, double*);
+#define MMGRAD_INSTANTIATE_M(T)                                                                                    \
+  template __global__ void gram_pairs_kernel<T>(const T*, int64_t, int64_t, int64_t, int, int64_t, int64_t, double*); \
+  MMGRAD_INSTANTIATE(T, 0)      \
   MMGRAD_INSTANTIATE(T, 1)      \
   MMGRAD_INSTANTIATE(T, 2)      \
   MMGRAD_INSTANTIATE(T, 3)      \
@@ -208,8 +306,129 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
   MMGRAD_INSTANTIATE(T, 7)      \
   MMGRAD_INSTANTIATE(T, 8)
 MMGRAD_INSTANTIATE_M(float)
+#define MMGRAD_INSTANTIATE_VEC4(M) \
+  template __global__ void combine_gram_kernel<float, M, 4>(const float*, const double*, float*, int64_t, int64_t, int64_t, int, bool, double*);
+MMGRAD_INSTANTIATE_VEC4(0)
+MMGRAD_INSTANTIATE_VEC4(1)
+MMGRAD_INSTANTIATE_VEC4(2)
+MMGRAD_INSTANTIATE_VEC4(3)
+MMGRAD_INSTANTIATE_VEC4(4)
+MMGRAD_INSTANTIATE_VEC4(5)
+MMGRAD_INSTANTIATE_VEC4(6)
+MMGRAD_INSTANTIATE_VEC4(7)
+MMGRAD_INSTANTIATE_VEC4(8)
 MMGRAD_INSTANTIATE_M(__nv_bfloat16)
 MMGRAD_INSTANTIATE_M(__half)
+
+// ----------------------------------------------------------------------------------------
+// Launchers (declared in launch.h): raw pointers and a stream, no torch, so this file
+// compiles in `make cuda-check` without torch's headers; bindings.cpp passes tensors in.
+
+template <typename T>
+static cudaError_t launch_bogc_typed(const void* g, const float* m_in, const float* v_in, float* m_out, float* v_out,
+                                     float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
+                                     double* partials, int blocks, int threads, cudaStream_t stream) {
+  const T* gt = static_cast<const T*>(g);
+#define MMGRAD_CASE(MC) \
+  case MC:              \
+    bogc_step_kernel<T, MC><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
+    break;
+  switch (m) {
+    MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) MMGRAD_CASE(4) MMGRAD_CASE(5) MMGRAD_CASE(6) MMGRAD_CASE(7)
+    MMGRAD_CASE(8)
+    default:
+      bogc_step_kernel<T, 0><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials);
+  }
+#undef MMGRAD_CASE
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bogc_step(DType dtype, const void* g, const float* m_in, const float* v_in, float* m_out,
+                             float* v_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
+                             double* partials, int blocks, int threads, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_bogc_typed<float>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+    case DType::kBFloat16:
+      return launch_bogc_typed<__nv_bfloat16>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+    default:
+      return launch_bogc_typed<__half>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+  }
+}
+
+template <typename T, int Vec>
+static void combine_case(const T* g, const double* alpha, T* out, int64_t n, int64_t lo, int64_t hi, int m,
+                         bool with_gram, double* partials, int blocks, int threads, cudaStream_t stream) {
+#define MMGRAD_CASE(MC)                                                                                         \
+  case MC:                                                                                                      \
+    combine_gram_kernel<T, MC, Vec><<<blocks, threads, 0, stream>>>(g, alpha, out, n, lo, hi, m, with_gram, partials); \
+    break;
+  switch (m) {
+    MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) MMGRAD_CASE(4) MMGRAD_CASE(5) MMGRAD_CASE(6) MMGRAD_CASE(7)
+    MMGRAD_CASE(8)
+    default:
+      combine_gram_kernel<T, 0, Vec><<<blocks, threads, 0, stream>>>(g, alpha, out, n, lo, hi, m, false, partials);
+  }
+#undef MMGRAD_CASE
+}
+
+template <typename T>
+static cudaError_t launch_combine_typed(const void* g, const double* alpha, void* out, int64_t n, int64_t lo,
+                                        int64_t hi, int m, bool with_gram, double* partials, int blocks, int threads,
+                                        cudaStream_t stream) {
+  const T* gt = static_cast<const T*>(g);
+  T* ot = static_cast<T*>(out);
+  const bool aligned = sizeof(T) == 4 && n % 4 == 0 && lo % 4 == 0 && hi % 4 == 0 &&
+                       reinterpret_cast<uintptr_t>(g) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if constexpr (sizeof(T) == 4) {
+    if (aligned) {
+      combine_case<T, 4>(gt, alpha, ot, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
+      return cudaGetLastError();
+    }
+  }
+  combine_case<T, 1>(gt, alpha, ot, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine(DType dtype, const void* g, const double* alpha, void* out, int64_t n, int64_t lo,
+                           int64_t hi, int m, bool with_gram, double* partials, int blocks, int threads,
+                           cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_combine_typed<float>(g, alpha, out, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
+    case DType::kBFloat16:
+      return launch_combine_typed<__nv_bfloat16>(g, alpha, out, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
+    default:
+      return launch_combine_typed<__half>(g, alpha, out, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
+  }
+}
+
+cudaError_t launch_gram_pairs(DType dtype, const void* g, int64_t n, int64_t lo, int64_t hi, int m, int64_t stride,
+                              int64_t offset, double* partials, int blocks, int threads, cudaStream_t stream) {
+  const dim3 grid(blocks, m * (m + 1) / 2);
+  switch (dtype) {
+    case DType::kFloat32:
+      gram_pairs_kernel<float><<<grid, threads, 0, stream>>>(static_cast<const float*>(g), n, lo, hi, m, stride, offset, partials);
+      break;
+    case DType::kBFloat16:
+      gram_pairs_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(g), n, lo, hi, m, stride, offset, partials);
+      break;
+    default:
+      gram_pairs_kernel<__half><<<grid, threads, 0, stream>>>(static_cast<const __half*>(g), n, lo, hi, m, stride, offset, partials);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moo_weights(const double* grams, int groups, int m, int method, int normalize, const double* losses,
+                               double magnitude, double* weights, cudaStream_t stream) {
+  moo_weights_kernel<<<groups, 32, 0, stream>>>(grams, m, method, normalize, losses, magnitude, weights);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_reduce_partials(const double* partials, int blocks, int len, double* total, cudaStream_t stream) {
+  reduce_partials_kernel<<<1, 256, 0, stream>>>(partials, blocks, len, total);
+  return cudaGetLastError();
+}
 
 }  // namespace cuda
 }  // namespace mmgrad

@@ -96,6 +96,15 @@ def _parse_stats(stats: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor
     }
 
 
+def stats_from_block_partials(parts: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
+    """The GPU kernels' per-block partials ``G x blocks x [6 scalars | M shares | M*M Gram]``
+    summed on the device into the layout above, then parsed: no host synchronisation."""
+    scalars = 6
+    tot = parts.sum(dim=1)
+    flat = torch.cat([tot[:, scalars + m :].reshape(-1), tot[:, :scalars].sum(0), tot[:, scalars : scalars + m].sum(0)])
+    return _parse_stats(flat, m, groups, n)
+
+
 def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor, Tensor]:
     g = _kernel_input("g", g, 2)
     m, v = _check_state("m", m, g), _check_state("v", v, g)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .cpu import _parse_stats
+from .cpu import stats_from_block_partials as _stats
 from ..reference.bogc import finish_output, raw_output, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.moo import MGDA_GAP_TOL, MOO_METHODS, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
 
@@ -234,13 +234,6 @@ def _launch(kernel, n_lo_hi, *args, **meta) -> None:
         kernel[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
 
 
-def _stats(parts: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
-    """Sum the per-block partials (on the device) into the CPU kernels' layout, then parse it."""
-    tot = parts.sum(dim=1)  # groups x [scalars | shares | Gram]
-    flat = torch.cat([tot[:, SCALARS + m :].reshape(-1), tot[:, :SCALARS].sum(0), tot[:, SCALARS : SCALARS + m].sum(0)])
-    return _parse_stats(flat, m, groups, n)
-
-
 def _bogc_launch(g, m_in, v_in, m_out, v_out, out, group_offsets, source, s_count, beta, slot, ibc, gamma, eps, confidence, weights):
     mm, n = g.shape[-2], g.shape[-1]
     off = group_offsets.tolist()
@@ -417,7 +410,7 @@ def _min_norm_weights(K, a, act, idx, TOL, ITERS: tl.constexpr, MB: tl.constexpr
     for _ in tl.static_range(3):
         a = _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS)
         a = _face_polish(K, a, MB)
-    return a
+    return a / tl.maximum(tl.sum(a, axis=0), 1e-300)  # the polish drifts off sum 1 by rounding
 
 
 @triton.jit

@@ -1,0 +1,135 @@
+// Python bindings of the CUDA kernels (module mmgrad._C_cuda), built only where torch has
+// CUDA (setup.py). The Python wrappers in mmgrad/kernels/cuda.py check arguments and give
+// the user-facing errors; the checks here keep a direct caller from reading out of bounds.
+// Every launch goes to torch's current stream, and nothing here synchronises.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "launch.h"
+
+namespace {
+
+using mmgrad::cuda::DType;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, bfloat16 or float16 gradients; got ", t.scalar_type());
+  }
+}
+
+void require_cuda_contiguous(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& nt : tensors) {
+    TORCH_CHECK_VALUE(nt.second->is_cuda(), nt.first, " must be a CUDA tensor");
+    TORCH_CHECK_VALUE(nt.second->is_contiguous(), nt.first, " must be contiguous");
+  }
+}
+
+void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "mmgrad CUDA launch failed: ", cudaGetErrorString(err)); }
+
+int blocks_for(int64_t len, int threads) {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device));
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));  // a host query, no sync
+  const int64_t want = (len + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sms) * 8)));  // grid-stride beyond
+}
+
+constexpr int kThreads = 256;
+
+// One BOGC step over every group. slot/ibc: 0-dim device tensors (sync-free) or undefined.
+// partials: G x blocks x (6 + M + M*M) float64, zeroed by the caller. Returns blocks used.
+int64_t bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+                  const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets,
+                  const c10::optional<at::Tensor>& slot, const c10::optional<at::Tensor>& ibc_device, int64_t samples,
+                  double beta, double ibc, double gamma, double eps, int64_t confidence, int64_t weights,
+                  const at::Tensor& partials) {
+  require_cuda_contiguous({{"g", &g}, {"m_in", &m_in}, {"v_in", &v_in}, {"m_out", &m_out}, {"v_out", &v_out},
+                           {"out", &out}, {"partials", &partials}});
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int m = static_cast<int>(g.size(-2));
+  const int64_t n = g.size(-1);
+  TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMaxObjectives, "M must be in [1, 64]");
+  mmgrad::cuda::BogcStepArgs a{};
+  a.n = n;
+  a.samples = samples;
+  a.beta = beta;
+  a.one_minus_beta = 1.0 - beta;
+  a.inv_bias_correction = ibc;
+  a.slot = slot.has_value() ? slot->data_ptr<int64_t>() : nullptr;
+  a.inv_bias_correction_device = ibc_device.has_value() ? ibc_device->data_ptr<double>() : nullptr;
+  a.prm = {static_cast<float>(gamma), static_cast<float>(eps), static_cast<int>(confidence), static_cast<int>(weights)};
+  const auto off = group_offsets.accessor<int64_t, 1>();  // host metadata
+  const int64_t groups = group_offsets.numel() - 1, width = partials.size(2);
+  const int blocks = static_cast<int>(partials.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    if (off[grp + 1] <= off[grp]) continue;
+    double* part = partials.data_ptr<double>() + grp * blocks * width;
+    check(mmgrad::cuda::launch_bogc_step(dtype_of(g), g.data_ptr(), m_in.data_ptr<float>(), v_in.data_ptr<float>(),
+                                         m_out.data_ptr<float>(), v_out.data_ptr<float>(), out.data_ptr<float>(),
+                                         off[grp], off[grp + 1], m, a, part, blocks, kThreads, stream));
+    if (m > 8)  // the runtime-M kernel leaves the Gram to the pairs kernel
+      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, off[grp], off[grp + 1], m, width,
+                                            mmgrad::cuda::kScalarStats + m, part, blocks, kThreads, stream));
+  }
+  return blocks;
+}
+
+// Combination (alpha: G x M float64 on the device, or undefined for the Gram only) and/or
+// the per-group Gram; partials: G x blocks x (M*M + 1).
+void combine_and_gram(const at::Tensor& g, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& out,
+                      const at::Tensor& group_offsets, bool with_gram, const at::Tensor& partials) {
+  require_cuda_contiguous({{"g", &g}, {"partials", &partials}});
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int m = static_cast<int>(g.size(0));
+  const int64_t n = g.size(1);
+  const auto off = group_offsets.accessor<int64_t, 1>();
+  const int64_t groups = group_offsets.numel() - 1, width = partials.size(2);
+  const int blocks = static_cast<int>(partials.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    if (off[grp + 1] <= off[grp]) continue;
+    double* part = partials.data_ptr<double>() + grp * blocks * width;
+    const double* a = alpha.has_value() ? alpha->data_ptr<double>() + grp * m : nullptr;
+    check(mmgrad::cuda::launch_combine(dtype_of(g), g.data_ptr(), a, out.has_value() ? out->data_ptr() : nullptr, n,
+                                       off[grp], off[grp + 1], m, with_gram && m <= 8, part, blocks, kThreads, stream));
+    if (with_gram && m > 8)
+      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, off[grp], off[grp + 1], m, width, 0, part,
+                                            blocks, kThreads, stream));
+  }
+}
+
+at::Tensor moo_weights(const at::Tensor& grams, int64_t method, int64_t normalize, const at::Tensor& losses,
+                       double magnitude) {
+  require_cuda_contiguous({{"grams", &grams}, {"losses", &losses}});
+  TORCH_CHECK_TYPE(grams.scalar_type() == at::kDouble && losses.scalar_type() == at::kDouble,
+                   "grams and losses must be float64");
+  const int m = static_cast<int>(grams.size(1));
+  TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMooMaxObjectives, "M must be in [1, 16]");
+  const c10::cuda::CUDAGuard guard(grams.device());
+  at::Tensor w = at::empty({grams.size(0), m}, grams.options());
+  check(mmgrad::cuda::launch_moo_weights(grams.data_ptr<double>(), static_cast<int>(grams.size(0)), m,
+                                         static_cast<int>(method), static_cast<int>(normalize),
+                                         losses.data_ptr<double>(), magnitude, w.data_ptr<double>(),
+                                         c10::cuda::getCurrentCUDAStream()));
+  return w;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "mmgrad CUDA kernels; call them through mmgrad.ops (backend='cuda')";
+  mod.attr("THREADS") = kThreads;
+  mod.def("blocks_for", &blocks_for);
+  mod.def("bogc_step", &bogc_step);
+  mod.def("combine_and_gram", &combine_and_gram);
+  mod.def("moo_weights", &moo_weights);
+}

@@ -1,0 +1,44 @@
+// Host-side entry points of the CUDA kernels (csrc/cuda/bogc_kernels.cu): raw pointers and
+// a stream, no torch types, so the kernels compile and are checked without torch; the
+// torch binding (bindings.cpp) is built only where torch has CUDA.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../mmgrad_math.h"
+
+namespace mmgrad {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Statistics layout per block (as StatsLayout of the CPU kernels, Gram of one group):
+// [sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count, share_sum[M], gram[M*M]]
+constexpr int kScalarStats = 6;
+
+struct BogcStepArgs {
+  int64_t n;
+  int64_t samples;  // S > 0: the sample estimator over g = S x M x N; 0: EMA
+  double beta, one_minus_beta, inv_bias_correction;
+  // Sync-free calibrator: the EMA slot to read (0 or 1) and 1/(1-beta^t) live on the
+  // device; slot 1 reads m_in + M*n and writes m_out - M*n. Null: slot 0, the value above.
+  const int64_t* slot;
+  const double* inv_bias_correction_device;
+  math::BogcParams<float> prm;
+};
+
+cudaError_t launch_bogc_step(DType dtype, const void* g, const float* m_in, const float* v_in, float* m_out,
+                             float* v_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
+                             double* partials, int blocks, int threads, cudaStream_t stream);
+cudaError_t launch_combine(DType dtype, const void* g, const double* alpha, void* out, int64_t n, int64_t lo,
+                           int64_t hi, int m, bool with_gram, double* partials, int blocks, int threads,
+                           cudaStream_t stream);
+cudaError_t launch_gram_pairs(DType dtype, const void* g, int64_t n, int64_t lo, int64_t hi, int m, int64_t stride,
+                              int64_t offset, double* partials, int blocks, int threads, cudaStream_t stream);
+cudaError_t launch_moo_weights(const double* grams, int groups, int m, int method, int normalize, const double* losses,
+                               double magnitude, double* weights, cudaStream_t stream);
+cudaError_t launch_reduce_partials(const double* partials, int blocks, int len, double* total, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mmgrad
