@@ -40,7 +40,8 @@ class DeviceStep:
         cal = self.cal
         if cal.method == "sum":
             grads = [p.grad for p in cal.params if p.grad is not None]
-            ok = ~torch.stack([(~torch.isfinite(g)).any() for g in grads]).any() if grads else torch.ones((), dtype=torch.bool, device=cal.device)
+            ok = (torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all() if grads
+                  else torch.ones((), dtype=torch.bool, device=cal.device))
         elif cal.method == "bogc":
             ok = self._bogc()
         else:
