@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import mmgrad
+from mmgrad.kernels.gpu_ops import GpuOps
 
 
 def lin():
@@ -168,3 +169,25 @@ def test_process_group_without_distributed():
         mmgrad.FusedCalibrator(lin().parameters(), 2, process_group=object())
     with pytest.raises(ValueError, match="bucket_bytes"):
         mmgrad.distributed.GradientAverager(None, bucket_bytes=0)
+
+
+def test_cuda_backend_without_cuda_says_why():
+    info = mmgrad.backends()["cuda"]
+    if info.available:
+        pytest.skip("this machine has the CUDA backend")
+    with pytest.raises(ValueError, match="backend 'cuda' is unavailable: "):
+        mmgrad.ops.gram(torch.randn(2, 5), backend="cuda")
+    from mmgrad.kernels import cuda  # the module imports without the extension
+
+    with pytest.raises(ValueError, match="g must be a CUDA tensor for backend='cuda'"):
+        cuda.gram(torch.randn(2, 5))
+    # the checks before any launch, on a GpuOps that accepts CPU tensors and launches nothing
+    checks_only = GpuOps("cuda", lambda device: True, None, None, None)
+    with pytest.raises(ValueError, match="the cuda solver takes M <= 16"):
+        checks_only.moo_weights(torch.zeros(1, 17, 17, dtype=torch.float64), "mgda")
+    with pytest.raises(ValueError, match='losses must be given when normalize="loss"'):
+        checks_only.moo_weights(torch.zeros(1, 3, 3, dtype=torch.float64), "mgda", normalize="loss")
+    with pytest.raises(TypeError, match="m must be torch.float32 for backend='cuda'"):
+        checks_only.bogc_step(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1)
+    with pytest.raises(RuntimeError, match="built only where torch has CUDA"):
+        cuda._ext()

@@ -20,16 +20,15 @@ The pure element-wise functions (``ema_moments``, ``opinions``, ``ds_combine``,
 from __future__ import annotations
 
 import os
-from typing import Dict
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validation as V
-from .cpu import stats_from_block_partials as _stats
-from ..reference.bogc import finish_output, raw_output, bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
-from ..reference.moo import MGDA_GAP_TOL, MOO_METHODS, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
+from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
+from ..reference.moo import MGDA_GAP_TOL, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
+from .gpu_ops import GpuOps
 
 Tensor = torch.Tensor
 
@@ -216,15 +215,6 @@ _BOGC_KERNEL = _bogc_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M"
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
 
 
-def _check(name: str, t: object, dim: int, contiguous: bool = True) -> Tensor:
-    t = V.check_float_tensor(name, t, dim=dim)
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous for backend='triton' (call .contiguous() on it)")
-    if t.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{name} must be a CUDA tensor for backend='triton'; got one on {t.device}")
-    return t
-
-
 def _launch(kernel, n_lo_hi, *args, **meta) -> None:
     lo, hi = n_lo_hi
     programs = max(1, triton.cdiv(hi - lo, _MIN_BLOCK))
@@ -234,116 +224,44 @@ def _launch(kernel, n_lo_hi, *args, **meta) -> None:
         kernel[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
 
 
-def _bogc_launch(g, m_in, v_in, m_out, v_out, out, group_offsets, source, s_count, beta, slot, ibc, gamma, eps, confidence, weights):
-    mm, n = g.shape[-2], g.shape[-1]
-    off = group_offsets.tolist()
-    groups = len(off) - 1
-    width = SCALARS + mm + mm * mm
-    rows = max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(off[:-1], off[1:]))
-    parts = torch.zeros(groups, rows, width, dtype=torch.float64, device=g.device)
-    for i, (a, b) in enumerate(zip(off[:-1], off[1:])):
-        if b > a:
-            _launch(_BOGC_KERNEL, (a, b), g, m_in, v_in, m_out, v_out, out, parts[i], n, a, b, s_count,
-                    slot, ibc, beta, 1.0 - beta, gamma, eps,
-                    M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
-    return _stats(parts, mm, groups, n)
-
-
-def bogc_step(g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
-              rescale=True, group_offsets=None, m_out=None, v_out=None, out=None):
-    g = _check("g", g, 2)
-    m, v = _check("m", m, 2), _check("v", v, 2)
-    V.check_same_shape(("g", "m", "v"), (g, m, v))
-    if m.dtype != torch.float32 or v.dtype != torch.float32:
-        raise TypeError(f"m and v must be torch.float32 for backend='triton'; got {m.dtype}, {v.dtype}")
-    step, beta = V.check_step(step), V.check_beta(beta)
-    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
-    off = V.check_group_offsets(group_offsets, g.shape[1])
-    m_out = torch.empty_like(m) if m_out is None else m_out
-    v_out = torch.empty_like(v) if v_out is None else v_out
-    out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
-    raw = raw_output(out)
-    slot = torch.zeros((), dtype=torch.int64, device=g.device)
-    ibc = torch.tensor(1.0 / (1.0 - beta**step), dtype=torch.float64, device=g.device)
-    st = _bogc_launch(g, m, v, m_out, v_out, raw, off, 0, 1, beta, slot, ibc, gamma, eps, confidence, weights)
-    return finish_output(out, raw, st, rescale), m_out, v_out, st
-
-
-def bogc_step_slots(g, m_state, v_state, slot, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
-                    weights="belief", rescale=True, group_offsets=None, out=None):
-    """``bogc_step`` on double-buffered state ``(2, M, N)``, reading slot ``slot`` and writing
-    the other, with ``slot`` and ``step`` 0-dim device tensors: no host synchronisation.
-    The sync-free calibrator flips ``slot`` on the device only when the step was finite."""
-    g = _check("g", g, 2)
-    m_state, v_state = _check("m_state", m_state, 3), _check("v_state", v_state, 3)
-    if m_state.shape != (2, *g.shape) or v_state.shape != m_state.shape:
-        raise ValueError(f"m_state and v_state must have shape (2, {g.shape[0]}, {g.shape[1]}); got {tuple(m_state.shape)}, {tuple(v_state.shape)}")
-    beta = V.check_beta(beta)
-    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
-    off = V.check_group_offsets(group_offsets, g.shape[1])
-    out = torch.empty(g.shape[1], dtype=g.dtype, device=g.device) if out is None else out
-    raw = raw_output(out)
-    ibc = 1.0 / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=g.device), step.to(torch.float64)))
-    st = _bogc_launch(g, m_state[0], v_state[0], m_state[1], v_state[1], raw, off, 0, 1, beta, slot, ibc, gamma, eps, confidence, weights)
-    return finish_output(out, raw, st, rescale), st
-
-
-def bogc_sample_step(samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
-                     rescale=True, group_offsets=None, out=None):
-    samples = _check("samples", samples, 3)
-    if samples.shape[0] < 2:
-        raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
-    gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
-    off = V.check_group_offsets(group_offsets, samples.shape[2])
-    out = torch.empty(samples.shape[2], dtype=samples.dtype, device=samples.device) if out is None else out
-    raw = raw_output(out)
-    st = _bogc_launch(samples, samples, samples, samples, samples, raw, off, 1, samples.shape[0], 0.0, None, None, gamma, eps, confidence, weights)
-    return finish_output(out, raw, st, rescale), st
-
-
-def combine_and_gram(g, alpha, *, group_offsets=None, out=None, with_gram=True, _with_out=True):
-    g = _check("g", g, 2)
-    V.check_float_tensor("alpha", alpha)
-    mm, n = g.shape
-    off = V.check_group_offsets(group_offsets, n)
-    groups = off.numel() - 1
-    want = (mm,) if group_offsets is None else (groups, mm)
-    if tuple(alpha.shape) != want:
-        raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
-    a = alpha.detach().to(g.device, torch.float64).reshape(groups, mm).contiguous()
-    out = torch.empty(n, dtype=g.dtype, device=g.device) if out is None else out
+def _rows(off: Tensor) -> int:
     bounds = off.tolist()
-    rows = max(max(1, triton.cdiv(b - lo, _MIN_BLOCK)) for lo, b in zip(bounds[:-1], bounds[1:]))
-    parts = torch.zeros(groups, rows, mm * mm + 1, dtype=torch.float64, device=g.device)
+    return max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def _launch_bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, slot, ibc_device, gamma, eps, confidence, weights):
+    mm, n = g.shape[-2], g.shape[-1]
+    source = 1 if samples else 0
+    if source == 0 and slot is None:  # the host-driven step: slot 0, the host's bias correction
+        slot = torch.zeros((), dtype=torch.int64, device=g.device)
+        ibc_device = torch.tensor(ibc, dtype=torch.float64, device=g.device)
+    parts = torch.zeros(off.numel() - 1, _rows(off), SCALARS + mm + mm * mm, dtype=torch.float64, device=g.device)
+    bounds = off.tolist()
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            _launch(_BOGC_KERNEL, (a, b), g, m_in, v_in, m_out, v_out, raw, parts[i], n, a, b, max(samples, 1),
+                    slot, ibc_device, beta, 1.0 - beta, gamma, eps,
+                    M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
+    return parts
+
+
+def _launch_combine(g, alpha, out, off, with_gram):
+    mm, n = g.shape
+    with_out = alpha is not None
+    parts = torch.zeros(off.numel() - 1, _rows(off), mm * mm + 1, dtype=torch.float64, device=g.device)
+    bounds = off.tolist()
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi > lo:
-            _launch(_COMBINE_KERNEL, (lo, hi), g, a[i], out, parts[i], n, lo, hi, M=mm, WITH_OUT=_with_out, WITH_GRAM=with_gram)
-    tot = parts.sum(dim=1)
-    res = {"nonfinite": tot[:, -1].sum().to(torch.int64)}
-    if with_gram:
-        res["gram"] = tot[:, :-1].reshape(groups, mm, mm)
-    return out, res
-
-
-def combine(g, alpha, *, group_offsets=None, out=None):
-    return combine_and_gram(g, alpha, group_offsets=group_offsets, out=out, with_gram=False)[0]
-
-
-def gram(g, *, group_offsets=None):
-    g = _check("g", g, 2)
-    groups = 1 if group_offsets is None else V.check_group_offsets(group_offsets, g.shape[1]).numel() - 1
-    zeros = torch.zeros((g.shape[0],) if group_offsets is None else (groups, g.shape[0]), dtype=torch.float64, device=g.device)
-    _, st = combine_and_gram(g, zeros, group_offsets=group_offsets, with_gram=True, _with_out=False)
-    return st["gram"][0] if group_offsets is None else st["gram"]
+            _launch(_COMBINE_KERNEL, (lo, hi), g, alpha[i] if with_out else g, out if with_out else g, parts[i], n, lo, hi,
+                    M=mm, WITH_OUT=with_out, WITH_GRAM=with_gram)
+    return parts
 
 
 # ---------------------------------------------------------------- the M x M solve, on the device
-MOO_MAX_OBJECTIVES = 16
 #: Fixed iteration count of the device solver (it stops updating at the duality-gap
 #: certificate of SPEC §4 before that on well-conditioned Gram matrices).
 MOO_ITERATIONS = 256  # per round; three rounds
 MOO_GAP_TOL = MGDA_GAP_TOL  # SPEC §4's certificate, relative to max_m K_mm
-_NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
 
 
 @triton.jit
@@ -457,33 +375,19 @@ def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
     tl.store(w_ptr + grp * M + idx, w, mask=valid)
 
 
-def moo_weights(grams, method, *, normalize="none", losses=None, magnitude=1.5):
-    """The reference's ``moo_weights`` as one kernel launch: no host synchronisation.
-
-    Differences from the host solver (README, "Spec notes"): pairwise Frank-Wolfe for
-    MOO_ITERATIONS iterations instead of Wolfe's active set; it stops at the same
-    duality-gap certificate when it reaches it. Inputs are not checked for finiteness
-    (that would synchronise): a non-finite Gram gives non-finite weights.
-    """
-    V.check_choice("method", method, MOO_METHODS)
-    V.check_choice("normalize", normalize, V.MGDA_NORMALIZATIONS)
-    magnitude = V.check_positive("magnitude", magnitude)
-    grams = _check("grams", grams, 3, contiguous=False)  # tiny: copied contiguous below
+def _launch_moo(grams, method, normalize, losses, magnitude):
     groups, mm = grams.shape[0], grams.shape[1]
-    if grams.shape[2] != mm:
-        raise ValueError(f"grams must be G x M x M; got shape {tuple(grams.shape)}")
-    if mm > MOO_MAX_OBJECTIVES:
-        raise ValueError(f"the triton solver takes M <= {MOO_MAX_OBJECTIVES} objectives; got {mm} (use backend='reference')")
-    if normalize == "loss":
-        if losses is None:
-            raise ValueError('losses must be given when normalize="loss"')
-        loss_t = torch.as_tensor(losses, dtype=torch.float64, device=grams.device).reshape(-1)
-        if loss_t.numel() != mm:
-            raise ValueError(f"losses must hold M={mm} values; got {loss_t.numel()}")
-    else:
-        loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
     w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
-    _moo_weights_kernel[(groups,)](grams.to(torch.float64).contiguous(), loss_t.contiguous(), w, float(magnitude), MOO_GAP_TOL,
-                                   M=mm, MB=max(2, triton.next_power_of_2(mm)), METHOD=MOO_METHODS.index(method),
-                                   NORMALIZE=_NORMALIZE[normalize], ITERS=MOO_ITERATIONS)
+    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TOL, M=mm, MB=max(2, triton.next_power_of_2(mm)),
+                                   METHOD=method, NORMALIZE=normalize, ITERS=MOO_ITERATIONS)
     return w
+
+
+_OPS = GpuOps("triton", lambda device: device.type == "cuda" or INTERPRET, _launch_bogc, _launch_combine, _launch_moo)
+bogc_step = _OPS.bogc_step
+bogc_step_slots = _OPS.bogc_step_slots
+bogc_sample_step = _OPS.bogc_sample_step
+combine_and_gram = _OPS.combine_and_gram
+combine = _OPS.combine
+gram = _OPS.gram
+moo_weights = _OPS.moo_weights

@@ -1,0 +1,158 @@
+"""The checked Python side shared by the GPU backends (``triton``, ``cuda``).
+
+Both backends take the same arguments, give the same errors and return the same
+statistics; they differ only in how a kernel is launched. ``GpuOps`` holds that
+common part and calls a backend's three launchers:
+
+* ``bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, slot, ibc_device,
+  gamma, eps, confidence, weights) -> partials`` (``G x blocks x [6 | M | M*M]``);
+* ``combine(g, alpha, out, off, with_gram) -> partials`` (``G x blocks x [M*M | 1]``;
+  ``alpha``/``out`` None for the Gram alone);
+* ``moo(grams, method, normalize, losses, magnitude) -> weights`` (``G x M``).
+
+Every reduction stays on the device: nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from .. import _validation as V
+from ..reference.bogc import finish_output, raw_output
+from ..reference.moo import MOO_METHODS
+from .cpu import stats_from_block_partials
+
+Tensor = torch.Tensor
+NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
+#: The device MOO solvers hold one group's Gram matrix in registers.
+MOO_MAX_OBJECTIVES = 16
+
+
+@dataclass(frozen=True)
+class GpuOps:
+    name: str
+    device_ok: Callable[[torch.device], bool]
+    launch_bogc: Callable[..., Tensor]
+    launch_combine: Callable[..., Tensor]
+    launch_moo: Callable[..., Tensor]
+
+    # ----------------------------------------------------------------- checks
+    def check(self, name: str, t: object, dim: int, contiguous: bool = True) -> Tensor:
+        t = V.check_float_tensor(name, t, dim=dim)
+        if contiguous and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for backend='{self.name}' (call .contiguous() on it)")
+        if not self.device_ok(t.device):
+            raise ValueError(f"{name} must be a CUDA tensor for backend='{self.name}'; got one on {t.device}")
+        return t
+
+    def _state(self, name: str, t: object, dim: int) -> Tensor:
+        t = self.check(name, t, dim)
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be torch.float32 for backend='{self.name}'; got {t.dtype}")
+        return t
+
+    def _bogc(self, g: Tensor, states: Tuple[Tensor, Tensor, Tensor, Tensor], out: Tensor, group_offsets: Any,
+              samples: int, beta: float, ibc: float, slot: Optional[Tensor], ibc_device: Optional[Tensor],
+              gamma: float, eps: float, confidence: str, weights: str, rescale: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+        gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
+        off = V.check_group_offsets(group_offsets, g.shape[-1])
+        out = torch.empty(g.shape[-1], dtype=g.dtype, device=g.device) if out is None else out
+        raw = raw_output(out)
+        parts = self.launch_bogc(g, *states, raw, off, samples, beta, ibc, slot, ibc_device, gamma, eps, confidence, weights)
+        st = stats_from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
+        return finish_output(out, raw, st, rescale), st
+
+    # ----------------------------------------------------------- the functions
+    def bogc_step(self, g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
+                  rescale=True, group_offsets=None, m_out=None, v_out=None, out=None):
+        g = self.check("g", g, 2)
+        m, v = self._state("m", m, 2), self._state("v", v, 2)
+        V.check_same_shape(("g", "m", "v"), (g, m, v))
+        step, beta = V.check_step(step), V.check_beta(beta)
+        m_out = torch.empty_like(m) if m_out is None else self._state("m_out", m_out, 2)
+        v_out = torch.empty_like(v) if v_out is None else self._state("v_out", v_out, 2)
+        res, st = self._bogc(g, (m, v, m_out, v_out), out, group_offsets, 0, beta, 1.0 / (1.0 - beta**step), None, None,
+                             gamma, eps, confidence, weights, rescale)
+        return res, m_out, v_out, st
+
+    def bogc_step_slots(self, g, m_state, v_state, slot, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
+                        weights="belief", rescale=True, group_offsets=None, out=None):
+        """``bogc_step`` on double-buffered state ``(2, M, N)``, reading slot ``slot`` and
+        writing the other, with ``slot`` and ``step`` 0-dim device tensors: no host
+        synchronisation. The sync-free calibrator flips ``slot`` only on a finite step."""
+        g = self.check("g", g, 2)
+        m_state, v_state = self._state("m_state", m_state, 3), self._state("v_state", v_state, 3)
+        if m_state.shape != (2, *g.shape) or v_state.shape != m_state.shape:
+            raise ValueError(f"m_state and v_state must have shape (2, {g.shape[0]}, {g.shape[1]}); "
+                             f"got {tuple(m_state.shape)}, {tuple(v_state.shape)}")
+        beta = V.check_beta(beta)
+        ibc = 1.0 / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=g.device), step.to(torch.float64)))
+        return self._bogc(g, (m_state[0], v_state[0], m_state[1], v_state[1]), out, group_offsets, 0, beta, 1.0,
+                          slot.reshape(()), ibc.reshape(()), gamma, eps, confidence, weights, rescale)
+
+    def bogc_sample_step(self, samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
+                         rescale=True, group_offsets=None, out=None):
+        samples = self.check("samples", samples, 3)
+        if samples.shape[0] < 2:
+            raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
+        unused = torch.empty(0, dtype=torch.float32, device=samples.device)
+        return self._bogc(samples, (unused,) * 4, out, group_offsets, samples.shape[0], 0.0, 1.0, None, None,
+                          gamma, eps, confidence, weights, rescale)
+
+    def combine_and_gram(self, g, alpha, *, group_offsets=None, out=None, with_gram=True, _with_out=True):
+        g = self.check("g", g, 2)
+        V.check_float_tensor("alpha", alpha)
+        mm, n = g.shape
+        off = V.check_group_offsets(group_offsets, n)
+        groups = off.numel() - 1
+        want = (mm,) if group_offsets is None else (groups, mm)
+        if tuple(alpha.shape) != want:
+            raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
+        a = alpha.detach().to(g.device, torch.float64).reshape(groups, mm).contiguous()
+        out = torch.empty(n, dtype=g.dtype, device=g.device) if out is None else out
+        tot = self.launch_combine(g, a if _with_out else None, out if _with_out else None, off, with_gram).sum(dim=1)
+        res = {"nonfinite": tot[:, -1].sum().to(torch.int64)}
+        if with_gram:
+            res["gram"] = tot[:, :-1].reshape(groups, mm, mm)
+        return out, res
+
+    def combine(self, g, alpha, *, group_offsets=None, out=None):
+        return self.combine_and_gram(g, alpha, group_offsets=group_offsets, out=out, with_gram=False)[0]
+
+    def gram(self, g, *, group_offsets=None):
+        g = self.check("g", g, 2)
+        groups = 1 if group_offsets is None else V.check_group_offsets(group_offsets, g.shape[1]).numel() - 1
+        zeros = torch.zeros((g.shape[0],) if group_offsets is None else (groups, g.shape[0]), dtype=torch.float64, device=g.device)
+        _, st = self.combine_and_gram(g, zeros, group_offsets=group_offsets, with_gram=True, _with_out=False)
+        return st["gram"][0] if group_offsets is None else st["gram"]
+
+    def moo_weights(self, grams, method, *, normalize="none", losses=None, magnitude=1.5):
+        """The reference's ``moo_weights`` as one launch, with no host synchronisation.
+
+        The device solver (README, "Spec notes" 17) is pairwise Frank-Wolfe with a face
+        polish, stopping at SPEC §4's certificate or after a fixed budget. Inputs are not
+        checked for finiteness (that would synchronise): a non-finite Gram gives
+        non-finite weights, which the sync-free step counts as a non-finite step.
+        """
+        V.check_choice("method", method, MOO_METHODS)
+        V.check_choice("normalize", normalize, V.MGDA_NORMALIZATIONS)
+        magnitude = V.check_positive("magnitude", magnitude)
+        grams = self.check("grams", grams, 3, contiguous=False)  # tiny: copied contiguous below
+        mm = grams.shape[1]
+        if grams.shape[2] != mm:
+            raise ValueError(f"grams must be G x M x M; got shape {tuple(grams.shape)}")
+        if mm > MOO_MAX_OBJECTIVES:
+            raise ValueError(f"the {self.name} solver takes M <= {MOO_MAX_OBJECTIVES} objectives; got {mm} (use backend='reference')")
+        if normalize == "loss":
+            if losses is None:
+                raise ValueError('losses must be given when normalize="loss"')
+            loss_t = torch.as_tensor(losses, dtype=torch.float64, device=grams.device).reshape(-1)
+            if loss_t.numel() != mm:
+                raise ValueError(f"losses must hold M={mm} values; got {loss_t.numel()}")
+        else:
+            loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
+        return self.launch_moo(grams.to(torch.float64).contiguous(), MOO_METHODS.index(method), NORMALIZE[normalize],
+                               loss_t.contiguous(), float(magnitude))
