@@ -2,8 +2,8 @@
 
     python tests/distributed_worker.py RANK WORLD STORE_FILE METHOD WRAP OUT_FILE
 
-WRAP: "plain" (model not wrapped; the calibrator averages everything), "plain_batched" (the
-same with backward_mode="batched"),
+WRAP: "plain" (model not wrapped; the calibrator averages everything), "plain_batched" /
+"ddp_batched" (backward_mode="batched"),
 "ddp_no_sync" (DDP-wrapped, forward and backward under no_sync), "ddp" (DDP-wrapped
 without no_sync: must fail with the calibrator's message).
 """
@@ -32,7 +32,7 @@ def train(method: str, rank: int, world: int, wrap: str) -> list:
         broadcast_parameters(model.parameters())
     net = torch.nn.parallel.DistributedDataParallel(model) if wrap.startswith("ddp") else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mode = "batched" if wrap == "plain_batched" else "loop"
+    mode = "batched" if wrap.endswith("batched") else "loop"
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, backward_mode=mode).attach(opt)
     gen = torch.Generator().manual_seed(123)
     share = FULL_BATCH // world

@@ -45,3 +45,9 @@ def test_two_ranks_equal_one_process_on_the_full_batch(tmp_path, method, wrap):
 def test_ddp_without_no_sync_fails_with_the_way_out(tmp_path):
     for result in run_ranks(tmp_path, "bogc", "ddp"):
         assert "no_sync" in result["error"] and "DistributedDataParallel" in result["error"]
+
+
+def test_ddp_without_no_sync_in_batched_mode_fails_in_ddp_not_silently(tmp_path):
+    # autograd.grad never reaches DDP's reducer; DDP itself refuses the next forward
+    for result in run_ranks(tmp_path, "bogc", "ddp_batched"):
+        assert "Expected to have finished reduction" in result["error"]

@@ -88,16 +88,54 @@ __device__ __forceinline__ math::EmaResult<float> coordinate_moments(const scala
   return {0.f, 0.f, sq * (1.f / static_cast<float>(a.samples - 1))};
 }
 
+// A block's running statistics of the BOGC step, and one coordinate's fold into them.
+template <int M, int kCap, int kPairs>
+struct BogcBlockStats {
+  double sum_sq = 0, out_sq = 0, nonfinite = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
+  double share_sum[kCap] = {}, gram[kPairs] = {};
+
+  // SPEC §3.2-3.6 at one coordinate from its M means and variances; returns the output.
+  __device__ __forceinline__ float add(const float* mu, const float* var, int mm, const math::BogcParams<float>& prm) {
+    float w[kCap];
+    double total = 0;
+#pragma unroll
+    for (int k = 0; k < mm; ++k) total += static_cast<double>(mu[k]);
+    const math::CoordinateResult<float> r = math::bogc_coordinate<float, M>(
+        mm, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, prm, [&](int k) -> float& { return w[k]; });
+    const FoldState<float>& s = r.state;
+#pragma unroll
+    for (int k = 0; k < mm; ++k) share_sum[k] += w[k];
+    sum_sq += total * total;
+    out_sq += double(r.out) * double(r.out);
+    u_sum += s.fused.u;
+    conflict_sum += 1.0 - s.kept;
+    share_count += s.w_sum > 0.f ? 1.0 : 0.0;
+    if (M > 0) {
+      int p = 0;
+#pragma unroll
+      for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = i; j < M; ++j) gram[p++] += double(mu[i]) * double(mu[j]);
+    }
+    return r.out;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
+  }
+};
+
+__device__ __forceinline__ void unpack4(float4 q, float* x) { x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w; }
+
 // One BOGC step for coordinates [lo, hi) of one parameter group; grid-stride. M is a
 // template constant (1-8); M = 0 is the runtime-M fallback (m_count <= kMaxObjectives;
 // per-objective values in local memory, and the Gram left to gram_pairs_kernel).
+// Vec = 4 (fp32 gradients, EMA, M <= 4, rows 16-byte aligned): g, m and v are read and
+// m, v and the output written as float4, four coordinates per thread and iteration.
 // The fold state is double (mmgrad_math.h), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
-template <typename scalar_t, int M>
+template <typename scalar_t, int M, int Vec>
 __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __restrict__ m_in,
                                  const float* __restrict__ v_in, float* __restrict__ m_out, float* __restrict__ v_out,
                                  float* __restrict__ out, int64_t lo, int64_t hi, int m_count, BogcStepArgs a,
                                  double* __restrict__ partials) {
+  static_assert(Vec == 1 || (Vec == 4 && sizeof(scalar_t) == 4 && M > 0), "float4 path: fp32 rows, M a constant");
   __shared__ double scratch[32];
   constexpr int kCap = M > 0 ? M : math::kMaxObjectives;
   constexpr int kPairs = M > 0 ? M * (M + 1) / 2 : 1;
@@ -111,41 +149,49 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __
     v_out -= shift;
     ibc = *a.inv_bias_correction_device;
   }
-  double sum_sq = 0, out_sq = 0, nonfinite = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
-  double share_sum[kCap], gram[kPairs];
-#pragma unroll
-  for (int k = 0; k < kCap; ++k) share_sum[k] = 0;
-#pragma unroll
-  for (int p = 0; p < kPairs; ++p) gram[p] = 0;
+  BogcBlockStats<M, kCap, kPairs> st;
 
-  for (int64_t d = lo + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < hi; d += int64_t(gridDim.x) * blockDim.x) {
-    float mu[kCap], var[kCap], w[kCap];
-    double total = 0;
+  if constexpr (Vec == 4) {
+    for (int64_t d0 = lo + (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 4; d0 < hi;
+         d0 += int64_t(gridDim.x) * blockDim.x * 4) {
+      float mu[4][kCap], var[4][kCap];
 #pragma unroll
-    for (int k = 0; k < mm; ++k) {
-      var[k] = coordinate_moments(g, m_in, v_in, m_out, v_out, mm, k, d, a, ibc, mu[k], nonfinite).var;
-      total += static_cast<double>(mu[k]);
+      for (int k = 0; k < M; ++k) {
+        const int64_t i = k * a.n + d0;
+        float gv[4], mv[4], vv[4], mo[4], vo[4];
+        unpack4(*reinterpret_cast<const float4*>(g + i), gv);
+        unpack4(*reinterpret_cast<const float4*>(m_in + i), mv);
+        unpack4(*reinterpret_cast<const float4*>(v_in + i), vv);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          st.nonfinite += isfinite(gv[c]) ? 0.0 : 1.0;
+          const math::EmaResult<float> e = math::ema_update(gv[c], mv[c], vv[c], a.beta, a.one_minus_beta, ibc);
+          mo[c] = e.m;
+          vo[c] = e.v;
+          mu[c][k] = gv[c];
+          var[c][k] = e.var;
+        }
+        *reinterpret_cast<float4*>(m_out + i) = make_float4(mo[0], mo[1], mo[2], mo[3]);
+        *reinterpret_cast<float4*>(v_out + i) = make_float4(vo[0], vo[1], vo[2], vo[3]);
+      }
+      float res[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) res[c] = st.add(mu[c], var[c], M, a.prm);
+      *reinterpret_cast<float4*>(out + d0) = make_float4(res[0], res[1], res[2], res[3]);
     }
-    const math::CoordinateResult<float> r = math::bogc_coordinate<float, M>(
-        mm, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, a.prm, [&](int k) -> float& { return w[k]; });
-    const FoldState<float>& s = r.state;
-    const float res = r.out;
+  } else {
+    for (int64_t d = lo + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < hi; d += int64_t(gridDim.x) * blockDim.x) {
+      float mu[kCap], var[kCap];
 #pragma unroll
-    for (int k = 0; k < mm; ++k) share_sum[k] += w[k];
-    out[d] = res;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
-    sum_sq += total * total;
-    out_sq += double(res) * double(res);
-    u_sum += s.fused.u;
-    conflict_sum += 1.0 - s.kept;
-    share_count += s.w_sum > 0.f ? 1.0 : 0.0;
-    if (M > 0) {
-      int p = 0;
-#pragma unroll
-      for (int i = 0; i < M; ++i)
-#pragma unroll
-        for (int j = i; j < M; ++j) gram[p++] += double(mu[i]) * double(mu[j]);
+      for (int k = 0; k < mm; ++k)
+        var[k] = coordinate_moments(g, m_in, v_in, m_out, v_out, mm, k, d, a, ibc, mu[k], st.nonfinite).var;
+      out[d] = st.add(mu, var, mm, a.prm);
     }
   }
+  double sum_sq = st.sum_sq, out_sq = st.out_sq, nonfinite = st.nonfinite, u_sum = st.u_sum,
+         conflict_sum = st.conflict_sum, share_count = st.share_count;
+  double* share_sum = st.share_sum;
+  double* gram = st.gram;
 
   const int stride = kScalarStats + mm + mm * mm;
   double* part = partials + blockIdx.x * int64_t(stride);
@@ -290,8 +336,8 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
 // Explicit instantiations: fp32/bf16/fp16 gradients, M = 1..8 and 0 (runtime M <= 64);
 // float4 combination for fp32.
 #define MMGRAD_INSTANTIATE(T, M)                                                                                      \
-  template __global__ void bogc_step_kernel<T, M>(const T*, const float*, const float*, float*, float*, float*,       \
-                                                  int64_t, int64_t, int, BogcStepArgs, double*);                       \
+  template __global__ void bogc_step_kernel<T, M, 1>(const T*, const float*, const float*, float*, float*, float*,    \
+                                                     int64_t, int64_t, int, BogcStepArgs, double*);                    \
   template __global__ void combine_gram_kernel<T, M, 1>(const T*, const double*, T*, int64_t, int64_t, int64_t, int, \
                                                         bool, double*);
 #define MMGRAD_INSTANTIATE_M(T)                                                                                    \
@@ -308,6 +354,12 @@ __global__ void reduce_partials_kernel(const double* __restrict__ partials, int 
 MMGRAD_INSTANTIATE_M(float)
 #define MMGRAD_INSTANTIATE_VEC4(M) \
   template __global__ void combine_gram_kernel<float, M, 4>(const float*, const double*, float*, int64_t, int64_t, int64_t, int, bool, double*);
+#define MMGRAD_INSTANTIATE_BOGC_VEC4(M) \
+  template __global__ void bogc_step_kernel<float, M, 4>(const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t, int, BogcStepArgs, double*);
+MMGRAD_INSTANTIATE_BOGC_VEC4(1)
+MMGRAD_INSTANTIATE_BOGC_VEC4(2)
+MMGRAD_INSTANTIATE_BOGC_VEC4(3)
+MMGRAD_INSTANTIATE_BOGC_VEC4(4)
 MMGRAD_INSTANTIATE_VEC4(0)
 MMGRAD_INSTANTIATE_VEC4(1)
 MMGRAD_INSTANTIATE_VEC4(2)
@@ -324,20 +376,35 @@ MMGRAD_INSTANTIATE_M(__half)
 // Launchers (declared in launch.h): raw pointers and a stream, no torch, so this file
 // compiles in `make cuda-check` without torch's headers; bindings.cpp passes tensors in.
 
+static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T>
 static cudaError_t launch_bogc_typed(const void* g, const float* m_in, const float* v_in, float* m_out, float* v_out,
                                      float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
                                      double* partials, int blocks, int threads, cudaStream_t stream) {
   const T* gt = static_cast<const T*>(g);
+  if constexpr (sizeof(T) == 4) {
+    const bool vec = a.samples == 0 && m <= 4 && a.n % 4 == 0 && lo % 4 == 0 && hi % 4 == 0 && aligned16(g) &&
+                     aligned16(m_in) && aligned16(v_in) && aligned16(m_out) && aligned16(v_out) && aligned16(out);
+    if (vec) {
 #define MMGRAD_CASE(MC) \
   case MC:              \
-    bogc_step_kernel<T, MC><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
+    bogc_step_kernel<float, MC, 4><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
+    break;
+      switch (m) { MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) default: MMGRAD_CASE(4) }
+#undef MMGRAD_CASE
+      return cudaGetLastError();
+    }
+  }
+#define MMGRAD_CASE(MC) \
+  case MC:              \
+    bogc_step_kernel<T, MC, 1><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
     break;
   switch (m) {
     MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) MMGRAD_CASE(4) MMGRAD_CASE(5) MMGRAD_CASE(6) MMGRAD_CASE(7)
     MMGRAD_CASE(8)
     default:
-      bogc_step_kernel<T, 0><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials);
+      bogc_step_kernel<T, 0, 1><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials);
   }
 #undef MMGRAD_CASE
   return cudaGetLastError();
@@ -378,8 +445,7 @@ static cudaError_t launch_combine_typed(const void* g, const double* alpha, void
                                         cudaStream_t stream) {
   const T* gt = static_cast<const T*>(g);
   T* ot = static_cast<T*>(out);
-  const bool aligned = sizeof(T) == 4 && n % 4 == 0 && lo % 4 == 0 && hi % 4 == 0 &&
-                       reinterpret_cast<uintptr_t>(g) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool aligned = sizeof(T) == 4 && n % 4 == 0 && lo % 4 == 0 && hi % 4 == 0 && aligned16(g) && aligned16(out);
   if constexpr (sizeof(T) == 4) {
     if (aligned) {
       combine_case<T, 4>(gt, alpha, ot, n, lo, hi, m, with_gram, partials, blocks, threads, stream);
