@@ -582,6 +582,13 @@ class FusedCalibrator:
             self.diagnostics["gram"] = grams
         return True
 
+    @property
+    def found_inf(self) -> Optional[Tensor]:
+        """With ``sync_free=True``: a 0-dim float tensor on the device, 1.0 when the last step
+        had non-finite gradients (and was skipped by calibrator and fused optimizer), else
+        0.0. None in the host-synchronising mode, where ``step()`` returns that as a bool."""
+        return None if self._device_step is None else self._device_step.found_inf
+
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes this calibrator holds: the per-objective buffer, the EMA state (two slots,
         so a non-finite step can leave the committed one untouched) and the output."""

@@ -56,6 +56,7 @@ def _train(method, sync_free, data, poison_at=None, options=None):
         if sync_free:
             with NoHostReads():
                 opt.step()
+            assert float(cal.found_inf) == float(i == poison_at)
         else:
             opt.step()
         opt.zero_grad()
@@ -82,6 +83,7 @@ def test_sync_free_misuse():
         mmgrad.FusedCalibrator(layer.parameters(), 2, backend="triton", sync_free=True)
     with pytest.raises(ValueError, match="sync_free=True needs a backend that solves on the device"):
         mmgrad.FusedCalibrator(layer.parameters(), 2, backend="reference", sync_free=True, skip_nonfinite=True)
+    assert mmgrad.FusedCalibrator([layer.bias], 2, backend="triton").found_inf is None  # host mode: step() says it
     cal = mmgrad.FusedCalibrator(layer.parameters(), 2, backend="triton", sync_free=True, skip_nonfinite=True)
     with pytest.raises(TypeError, match="fused=True"):
         cal.attach(torch.optim.AdamW(layer.parameters()))
