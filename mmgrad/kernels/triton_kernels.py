@@ -13,8 +13,12 @@ The second sweep over the objectives (shares and the weighted direction) recompu
 each objective's moments from the same block it has just read, which a GPU serves from
 L1/L2: DRAM still sees one read of G and the state.
 
-The pure element-wise functions (``ema_moments``, ``opinions``, ``ds_combine``,
-``bogc_from_moments``) and the tiny M x M solves run the reference's code on the device.
+The MOO weights of every group are solved by one program each (``moo_weights``, the
+algorithm of csrc/mmgrad_math.h's solver). The pure element-wise functions
+(``ema_moments``, ``opinions``, ``ds_combine``, ``bogc_from_moments``) and the per-group
+host solves (``mgda_weights``, ...) run the reference's code. The argument checks are
+``gpu_ops.GpuOps``, shared with the cuda backend; this module holds the kernels and
+their launches.
 """
 
 from __future__ import annotations
