@@ -7,7 +7,7 @@
 >>> cal = mmgrad.FusedCalibrator(
 ...     [{"params": audio.parameters()}, {"params": video.parameters()}],
 ...     num_objectives=3, method="bogc")
->>> cal.attach(opt)
+>>> cal = cal.attach(opt)     # returns the calibrator
 >>> xa, xv, y = torch.randn(16, 6), torch.randn(16, 5), torch.randint(0, 3, (16,))
 >>> za, zv = audio(xa), video(xv)
 >>> ce = torch.nn.functional.cross_entropy
