@@ -15,7 +15,7 @@ So a step is a fixed sequence of kernel launches, capturable in a CUDA graph.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -23,6 +23,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .calibrator import FusedCalibrator
 
 Tensor = torch.Tensor
+
+
+def all_finite(tensors: List[Tensor]) -> Tensor:
+    """0-dim bool on the device: every entry of every tensor is finite. One read each (their
+    max-norms are inf/NaN exactly when an entry is); True for no tensors."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
 
 
 class DeviceStep:
@@ -39,9 +47,7 @@ class DeviceStep:
     def run(self) -> None:
         cal = self.cal
         if cal.method == "sum":
-            grads = [p.grad for p in cal.params if p.grad is not None]
-            ok = (torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all() if grads
-                  else torch.ones((), dtype=torch.bool, device=cal.device))
+            ok = all_finite([p.grad for p in cal.params if p.grad is not None]).to(cal.device)
         elif cal.method == "bogc":
             ok = self._bogc()
         else:
@@ -49,13 +55,10 @@ class DeviceStep:
         self.steps += ok.to(torch.int64)
         self.found_inf.copy_((~ok).to(torch.float32))
         if cal.method != "sum":
-            for p, view in zip(cal.params, cal._out_views):
-                p.grad = view
+            cal._write_out_grads()
 
     def _bogc(self) -> Tensor:
-        cal, o = self.cal, self.cal.options
-        kw = dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"],
-                  rescale=o["rescale"], group_offsets=cal.group_offsets, out=cal._out)
+        cal, o, kw = self.cal, self.cal.options, self.cal._bogc_kwargs()
         if o["estimator"] == "sample":
             _, stats = cal._ops.bogc_sample_step(cal._grads, **kw)
             ok = stats["nonfinite"] == 0
@@ -63,7 +66,7 @@ class DeviceStep:
             _, stats = cal._ops.bogc_step_slots(cal._grads, cal._m, cal._v, self.slot, self.steps + 1, beta=o["beta"], **kw)
             ok = stats["nonfinite"] == 0
             self.slot.copy_(torch.where(ok, 1 - self.slot, self.slot))
-        cal.diagnostics = {k: stats[k] for k in ("weights", "uncertainty", "conflict", "gram")}
+        cal._set_bogc_diagnostics(stats)
         return ok
 
     def _weighted(self) -> Tensor:
@@ -82,23 +85,13 @@ class DeviceStep:
             alpha = self.prev_alpha
         else:
             grams = cal._ops.gram(cal._grads, group_offsets=cal.group_offsets)
-            alpha = self._solve(grams)
+            alpha = cal._solve(grams)
         lagged = cal.method in ("mgda", "mmpareto") and o["lagged"]
         _, stats = cal._ops.combine_and_gram(cal._grads, alpha, group_offsets=cal.group_offsets, out=cal._out, with_gram=lagged)
         ok = ok & (stats["nonfinite"] == 0) & torch.isfinite(alpha).all()
         if lagged:
             grams = stats["gram"]
-            fresh = self._solve(torch.nan_to_num(grams))
+            fresh = cal._solve(torch.nan_to_num(grams))
             self.prev_alpha = fresh if self.prev_alpha is None else torch.where(ok, fresh, self.prev_alpha)
-        share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        cal.diagnostics = {"weights": share.mean(dim=0), "group_weights": alpha}
-        if grams is not None:
-            cal.diagnostics["gram"] = grams
+        cal._set_weighted_diagnostics(alpha, grams)
         return ok
-
-    def _solve(self, grams: Tensor) -> Tensor:
-        o = self.cal.options
-        if self.cal.method == "mgda":
-            loss = self.cal._loss_values if o["normalize"] == "loss" else None
-            return self.cal._ops.moo_weights(grams, "mgda", normalize=o["normalize"], losses=loss)
-        return self.cal._ops.moo_weights(grams, "mmpareto", magnitude=o["magnitude"])

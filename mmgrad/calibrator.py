@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _validation as V
 from .distributed import GradientAverager, resolve_group
-from ._sync_free import DeviceStep
+from ._sync_free import DeviceStep, all_finite
 from .ops import backend_module
 from .reference.moo import mimo_weights
 
@@ -269,7 +269,10 @@ class FusedCalibrator:
         self._scaler = self._check_scaler(scaler)
         if self._scaler is not None and self._device_step is not None:
             raise ValueError("scaler: a GradScaler reads its scale on the host; it does not combine with sync_free=True")
-        others = self._other_leaves(rows) if self._averager is not None else []
+        # the leaves outside the calibrator: averaged across ranks, and given the summed
+        # gradient by the batched backward (the loop's backward passes reach them anyway)
+        batched = self.method != "sum" and self.options["backward_mode"] == "batched"
+        others = self._other_leaves(rows) if self._averager is not None or batched else []
         self._loss_values = self._average_losses(rows)
         if self._scaler is not None:
             rows = [self._scaler.scale(r) for r in rows]
@@ -284,12 +287,12 @@ class FusedCalibrator:
             self._calibrate_now_for_scaler()
             return
         self._ensure_grad_buffer(len(rows))
-        if self.options["backward_mode"] == "batched":
-            self._backward_batched(rows)
+        if batched:
+            self._backward_batched(rows, others)
         else:
             self._backward_loop(rows)
         if self._averager is not None:
-            if self.options["backward_mode"] == "batched":
+            if batched:
                 self._averager.launch(self._grads.view(-1))
             self._averager.launch_averaged(p.grad for p in others if p.grad is not None)
         for p in self.params:
@@ -374,7 +377,7 @@ class FusedCalibrator:
             if self._averager is not None:  # row r is final: its all-reduce overlaps the next backward
                 self._averager.launch(flat[r])
 
-    def _backward_batched(self, rows: List[Tensor]) -> None:
+    def _backward_batched(self, rows: List[Tensor], others: List[Tensor]) -> None:
         assert self._grads is not None
         stacked = torch.stack([r.reshape(()) for r in rows])
         eye = torch.eye(len(rows), device=stacked.device, dtype=stacked.dtype)
@@ -391,7 +394,6 @@ class FusedCalibrator:
                 flat[:, a:b].zero_()
             else:
                 flat[:, a:b].copy_(g.reshape(len(rows), -1))
-        others = self._other_leaves(rows)
         if others:  # parameters outside the calibrator still get the summed gradient
             stacked.sum().backward(inputs=others)
 
@@ -460,9 +462,11 @@ class FusedCalibrator:
             raise RuntimeError("FusedCalibrator.step() needs backward(losses) first (once per step)")
         if self._averager is not None:
             self._averager.wait()
+        scale = self._scaler.get_scale() if self._scaler is not None else 1.0  # no scaler when sync-free
+        world = self._averager.world_size if self._averager is not None else 1
+        if self.method != "sum" and scale * world != 1.0:  # one pass: average over ranks and unscale together
+            self._grads.mul_(1.0 / (scale * world))
         if self._device_step is not None:
-            if self._averager is not None and self.method != "sum":
-                self._grads.mul_(1.0 / self._averager.world_size)
             self._device_step.run()
             self._phase = "calibrated"
             return True  # whether it was finite is self.found_inf, on the device
@@ -471,31 +475,25 @@ class FusedCalibrator:
             ok = True if self._scaler is not None else self._check_sum_finite()  # the scaler checks its own
             self.step_count += int(ok)
         else:
-            scale = self._scaler.get_scale() if self._scaler is not None else 1.0
-            world = self._averager.world_size if self._averager is not None else 1
-            if scale * world != 1.0:  # one pass: average over ranks and unscale together
-                self._grads.mul_(1.0 / (scale * world))
             ok = self._step_bogc() if self.method == "bogc" else self._step_weighted()
             if ok:
                 if scale != 1.0:  # the scaler unscales .grad again in scaler.step
                     self._out.mul_(scale)
-                for p, view in zip(self.params, self._out_views):
-                    p.grad = view
+                self._write_out_grads()
         self._phase = "calibrated" if ok else "skipped"
         return ok
 
     def _hand_inf_to_scaler(self) -> bool:
         """Overflow under a GradScaler: leave our state, make the scaler skip and back off."""
         self._out.fill_(float("inf"))
-        for p, view in zip(self.params, self._out_views):
-            p.grad = view
+        self._write_out_grads()
         self.diagnostics = {"skipped": torch.tensor(True)}
         return False
 
     def _check_sum_finite(self) -> bool:
         # one read per gradient and one host read in all: the max-norm is inf/NaN iff an entry is
         grads = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
-        if grads and bool(torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in grads], float("inf")))).all()):
+        if bool(all_finite([g for _, g in grads])):
             return True
         for i, g in grads:
             if not bool(torch.isfinite(g).all()):
@@ -521,23 +519,41 @@ class FusedCalibrator:
         obj = row % self.num_objectives
         return f"the gradient of objective {obj} (losses[{obj}]) for parameter {param} (shape {tuple(self.params[param].shape)}) is not finite"
 
-    def _step_bogc(self) -> bool:
+    def _bogc_kwargs(self) -> Dict[str, Any]:
+        """The step options every backend's bogc_step / bogc_sample_step takes."""
         o = self.options
-        kw = dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"], rescale=o["rescale"], group_offsets=self.group_offsets)
+        return dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"],
+                    rescale=o["rescale"], group_offsets=self.group_offsets, out=self._out)
+
+    def _set_bogc_diagnostics(self, stats: Dict[str, Tensor]) -> None:
+        self.diagnostics = {k: stats[k] for k in ("weights", "uncertainty", "conflict", "gram")}
+
+    def _set_weighted_diagnostics(self, alpha: Tensor, grams: Optional[Tensor]) -> None:
+        share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        self.diagnostics = {"weights": share.mean(dim=0), "group_weights": alpha}
+        if grams is not None:
+            self.diagnostics["gram"] = grams
+
+    def _write_out_grads(self) -> None:
+        for p, view in zip(self.params, self._out_views):
+            p.grad = view
+
+    def _step_bogc(self) -> bool:
+        o, kw = self.options, self._bogc_kwargs()
         if o["estimator"] == "sample":
-            _, stats = self._ops.bogc_sample_step(self._grads, out=self._out, **kw)
+            _, stats = self._ops.bogc_sample_step(self._grads, **kw)
             if int(stats["nonfinite"]) > 0:
                 return self._nonfinite(self._locate_nonfinite())
             self._check_output(stats)
         else:
             cur, nxt, t = self._slot, 1 - self._slot, self.step_count + 1
-            _, _, _, stats = self._ops.bogc_step(self._grads, self._m[cur], self._v[cur], t, beta=o["beta"], m_out=self._m[nxt], v_out=self._v[nxt], out=self._out, **kw)
+            _, _, _, stats = self._ops.bogc_step(self._grads, self._m[cur], self._v[cur], t, beta=o["beta"], m_out=self._m[nxt], v_out=self._v[nxt], **kw)
             if int(stats["nonfinite"]) > 0:
                 return self._nonfinite(self._locate_nonfinite())
             self._check_output(stats)
             self._slot = nxt
         self.step_count += 1
-        self.diagnostics = {k: stats[k] for k in ("weights", "uncertainty", "conflict", "gram")}
+        self._set_bogc_diagnostics(stats)
         return True
 
     @staticmethod
@@ -576,10 +592,7 @@ class FusedCalibrator:
             grams = stats["gram"]
             self._prev_alpha = self._solve(grams)
         self.step_count += 1
-        share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        self.diagnostics = {"weights": share.mean(dim=0), "group_weights": alpha}
-        if grams is not None:
-            self.diagnostics["gram"] = grams
+        self._set_weighted_diagnostics(alpha, grams)
         return True
 
     @property
