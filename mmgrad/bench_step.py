@@ -15,10 +15,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
+from .bench import timeit
 from .calibrator import FusedCalibrator
 from .models import LateFusion
 
@@ -42,15 +43,6 @@ class StepTimes:
     @property
     def total(self) -> float:
         return self.forward + self.backward + self.calibrate + self.optimizer
-
-
-def _median(fn: Callable[[], None], reps: int) -> float:
-    times = []
-    for _ in range(reps + 1):  # the first call warms up
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
 
 
 def make_model(hidden: int = 2048, embed: int = 704, seed: int = 0) -> LateFusion:
@@ -77,9 +69,9 @@ def time_plain_step(model: LateFusion, x, y, reps: int) -> StepTimes:
         forward()
         state["loss"].backward()  # type: ignore[union-attr]
 
-    fwd = _median(forward, reps)
-    bwd = _median(backward, reps) - fwd
-    opt_t = _median(opt.step, reps)
+    fwd = timeit(forward, min_time=0.0, min_reps=reps, max_reps=reps)  # reps calls after a warm-up
+    bwd = timeit(backward, min_time=0.0, min_reps=reps, max_reps=reps) - fwd
+    opt_t = timeit(opt.step, min_time=0.0, min_reps=reps, max_reps=reps)
     opt.zero_grad()
     return StepTimes("plain sum", fwd, bwd, bwd, 0.0, opt_t)
 
