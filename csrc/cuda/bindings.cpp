@@ -44,9 +44,22 @@ int blocks_for(int64_t len, int threads) {
 
 constexpr int kThreads = 256;
 
+// Calls launch(grp, lo, hi, part, blocks, width, stream) for every non-empty parameter group, with
+// part the group's slice of partials (G x blocks x width) and blocks its grid size.
+template <typename Launch>
+void for_each_group(const at::Tensor& group_offsets, const at::Tensor& partials, const Launch& launch) {
+  const auto off = group_offsets.accessor<int64_t, 1>();  // host metadata
+  const int64_t groups = group_offsets.numel() - 1, width = partials.size(2);
+  const int blocks = static_cast<int>(partials.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t grp = 0; grp < groups; ++grp)
+    if (off[grp + 1] > off[grp])
+      launch(grp, off[grp], off[grp + 1], partials.data_ptr<double>() + grp * blocks * width, blocks, width, stream);
+}
+
 // One BOGC step over every group. slot/ibc: 0-dim device tensors (sync-free) or undefined.
-// partials: G x blocks x (6 + M + M*M) float64, zeroed by the caller. Returns blocks used.
-int64_t bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
+// partials: G x blocks x (6 + M + M*M) float64, zeroed by the caller.
+void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
                   const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets,
                   const c10::optional<at::Tensor>& slot, const c10::optional<at::Tensor>& ibc_device, int64_t samples,
                   double beta, double ibc, double gamma, double eps, int64_t confidence, int64_t weights,
@@ -66,21 +79,15 @@ int64_t bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor&
   a.slot = slot.has_value() ? slot->data_ptr<int64_t>() : nullptr;
   a.inv_bias_correction_device = ibc_device.has_value() ? ibc_device->data_ptr<double>() : nullptr;
   a.prm = {static_cast<float>(gamma), static_cast<float>(eps), static_cast<int>(confidence), static_cast<int>(weights)};
-  const auto off = group_offsets.accessor<int64_t, 1>();  // host metadata
-  const int64_t groups = group_offsets.numel() - 1, width = partials.size(2);
-  const int blocks = static_cast<int>(partials.size(1));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    if (off[grp + 1] <= off[grp]) continue;
-    double* part = partials.data_ptr<double>() + grp * blocks * width;
+  for_each_group(group_offsets, partials, [&](int64_t, int64_t lo, int64_t hi, double* part, int blocks, int64_t width,
+                                               cudaStream_t stream) {
     check(mmgrad::cuda::launch_bogc_step(dtype_of(g), g.data_ptr(), m_in.data_ptr<float>(), v_in.data_ptr<float>(),
-                                         m_out.data_ptr<float>(), v_out.data_ptr<float>(), out.data_ptr<float>(),
-                                         off[grp], off[grp + 1], m, a, part, blocks, kThreads, stream));
+                                         m_out.data_ptr<float>(), v_out.data_ptr<float>(), out.data_ptr<float>(), lo, hi,
+                                         m, a, part, blocks, kThreads, stream));
     if (m > 8)  // the runtime-M kernel leaves the Gram to the pairs kernel
-      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, off[grp], off[grp + 1], m, width,
+      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, lo, hi, m, width,
                                             mmgrad::cuda::kScalarStats + m, part, blocks, kThreads, stream));
-  }
-  return blocks;
+  });
 }
 
 // Combination (alpha: G x M float64 on the device, or undefined for the Gram only) and/or
@@ -91,20 +98,15 @@ void combine_and_gram(const at::Tensor& g, const c10::optional<at::Tensor>& alph
   const c10::cuda::CUDAGuard guard(g.device());
   const int m = static_cast<int>(g.size(0));
   const int64_t n = g.size(1);
-  const auto off = group_offsets.accessor<int64_t, 1>();
-  const int64_t groups = group_offsets.numel() - 1, width = partials.size(2);
-  const int blocks = static_cast<int>(partials.size(1));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    if (off[grp + 1] <= off[grp]) continue;
-    double* part = partials.data_ptr<double>() + grp * blocks * width;
+  for_each_group(group_offsets, partials, [&](int64_t grp, int64_t lo, int64_t hi, double* part, int blocks,
+                                               int64_t width, cudaStream_t stream) {
     const double* a = alpha.has_value() ? alpha->data_ptr<double>() + grp * m : nullptr;
     check(mmgrad::cuda::launch_combine(dtype_of(g), g.data_ptr(), a, out.has_value() ? out->data_ptr() : nullptr, n,
-                                       off[grp], off[grp + 1], m, with_gram && m <= 8, part, blocks, kThreads, stream));
+                                       lo, hi, m, with_gram && m <= 8, part, blocks, kThreads, stream));
     if (with_gram && m > 8)
-      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, off[grp], off[grp + 1], m, width, 0, part,
-                                            blocks, kThreads, stream));
-  }
+      check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, lo, hi, m, width, 0, part, blocks, kThreads,
+                                            stream));
+  });
 }
 
 at::Tensor moo_weights(const at::Tensor& grams, int64_t method, int64_t normalize, const at::Tensor& losses,
