@@ -27,3 +27,20 @@ def kernel_backends() -> list[str]:
 requires_cpu_kernels = pytest.mark.skipif(
     not mmgrad.backends()["cpu"].available, reason="the C++ extension mmgrad._C is not built"
 )
+
+
+def assert_bit_identical(a, b, where: str = "") -> None:
+    """Tensors, and lists/dicts/tuples of them, equal bit for bit (NaN payloads aside)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bit_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

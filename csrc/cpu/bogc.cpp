@@ -19,10 +19,11 @@ struct BogcArgs {
   int64_t N = 0, S = 0;
   const scalar_t* g = nullptr;     // kEma: M x N; kSamples: S x M x N; kMoments: mu (M x N)
   const acc_t* var_in = nullptr;   // kMoments: var (M x N)
-  const acc_t* m_in = nullptr;     // kEma state in ...
-  const acc_t* v_in = nullptr;
-  acc_t* m_out = nullptr;          // ... and out (may alias the inputs)
-  acc_t* v_out = nullptr;
+  const void* m_in = nullptr;      // kEma state in ...
+  const void* v_in = nullptr;
+  void* m_out = nullptr;           // ... and out (may alias the inputs): acc_t, or
+  void* v_out = nullptr;           // bfloat16 when bf16_state (state_dtype=torch.bfloat16)
+  bool bf16_state = false;
   double beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
   acc_t* out = nullptr;            // N, before norm matching: float32 for half gradients, so
                                    // it neither underflows nor is rounded twice (bogc.h)
@@ -32,6 +33,30 @@ struct BogcArgs {
   BogcParams<acc_t> prm{};
 };
 
+// The EMA update of one chunk's M rows (mu holds the gradients), state in state_t: the
+// update itself in double (mmgrad_math.h), the state rounded once to its own dtype.
+template <typename state_t, typename scalar_t, typename acc_t>
+void ema_rows(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, const acc_t* mu, acc_t* var) {
+  for (int k = 0; k < a.M; ++k) {
+    const int64_t base = k * a.N + lo;
+    const acc_t* mk = mu + k * kChunk;
+    acc_t* vk = var + k * kChunk;
+    const state_t* m_in = static_cast<const state_t*>(a.m_in) + base;
+    const state_t* v_in = static_cast<const state_t*>(a.v_in) + base;
+    state_t* m_out = static_cast<state_t*>(a.m_out) + base;
+    state_t* v_out = static_cast<state_t*>(a.v_out) + base;
+    const double beta = a.beta, omb = a.one_minus_beta, ibc = a.inv_bias_correction;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) {
+      const math::EmaResult<acc_t> e =
+          math::ema_update(mk[t], static_cast<acc_t>(m_in[t]), static_cast<acc_t>(v_in[t]), beta, omb, ibc);
+      m_out[t] = static_cast<state_t>(e.m);
+      v_out[t] = static_cast<state_t>(e.v);
+      vk[t] = e.var;
+    }
+  }
+}
+
 // Fill mu/var scratch (M x kChunk each) for one chunk; returns its non-finite count.
 template <Source src, typename scalar_t, typename acc_t>
 double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, acc_t* mu, acc_t* var,
@@ -39,22 +64,10 @@ double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len
   const int M = a.M;
   if (src == Source::kEma) {
     const double bad = load_rows(M, a.g + lo, a.N, len, mu);
-    for (int k = 0; k < M; ++k) {
-      const int64_t base = k * a.N + lo;
-      acc_t* mk = mu + k * kChunk;
-      acc_t* vk = var + k * kChunk;
-      const acc_t* m_in = a.m_in + base;
-      const acc_t* v_in = a.v_in + base;
-      acc_t* m_out = a.m_out + base;
-      acc_t* v_out = a.v_out + base;
-      const double beta = a.beta, omb = a.one_minus_beta, ibc = a.inv_bias_correction;
-#pragma omp simd
-      for (int64_t t = 0; t < len; ++t) {
-        const math::EmaResult<acc_t> e = math::ema_update(mk[t], m_in[t], v_in[t], beta, omb, ibc);
-        m_out[t] = e.m;
-        v_out[t] = e.v;
-        vk[t] = e.var;
-      }
+    if (a.bf16_state) {
+      ema_rows<c10::BFloat16>(a, lo, len, mu, var);
+    } else {
+      ema_rows<acc_t>(a, lo, len, mu, var);
     }
     return bad;
   }
@@ -226,10 +239,15 @@ at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mmgrad_bogc_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t, acc_t>(g, out, o, M, N);
-    a.m_in = m_in.data_ptr<acc_t>();
-    a.v_in = v_in.data_ptr<acc_t>();
-    a.m_out = m_out.data_ptr<acc_t>();
-    a.v_out = v_out.data_ptr<acc_t>();
+    a.bf16_state = m_in.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(a.bf16_state || m_in.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "bogc_step: the state must be bfloat16 or the gradient's compute dtype");
+    for (const at::Tensor* t : {&v_in, &m_out, &v_out})
+      TORCH_CHECK(t->scalar_type() == m_in.scalar_type(), "bogc_step: m and v (in and out) must share one dtype");
+    a.m_in = m_in.data_ptr();
+    a.v_in = v_in.data_ptr();
+    a.m_out = m_out.data_ptr();
+    a.v_out = v_out.data_ptr();
     a.beta = beta;
     a.one_minus_beta = 1.0 - beta;
     a.inv_bias_correction = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));

@@ -131,8 +131,10 @@ __device__ __forceinline__ void unpack4(float4 q, float* x) { x[0] = q.x, x[1] =
 // The fold state is double (mmgrad_math.h), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
 template <typename scalar_t, int M, int Vec>
-__global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* __restrict__ m_in,
-                                 const float* __restrict__ v_in, float* __restrict__ m_out, float* __restrict__ v_out,
+// m_out, v_out may alias m_in, v_in (the calibrator's one slot, updated in place): each
+// coordinate's state is read once, then written, by one thread, so no __restrict__ on them.
+__global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* m_in,
+                                 const float* v_in, float* m_out, float* v_out,
                                  float* __restrict__ out, int64_t lo, int64_t hi, int m_count, BogcStepArgs a,
                                  double* __restrict__ partials) {
   static_assert(Vec == 1 || (Vec == 4 && sizeof(scalar_t) == 4 && M > 0), "float4 path: fp32 rows, M a constant");

@@ -55,15 +55,18 @@ def _kernel_input(name: str, t: object, dim: int) -> Tensor:
     return t
 
 
-def _state_dtype(g: Tensor) -> torch.dtype:
-    return torch.float64 if g.dtype == torch.float64 else torch.float32
+def state_dtypes(g: Tensor) -> Tuple[torch.dtype, ...]:
+    """EMA state dtypes the kernels take for gradients like ``g``: the compute dtype, or
+    bfloat16 (``state_dtype=torch.bfloat16``) for float32 and half gradients."""
+    return (torch.float64,) if g.dtype == torch.float64 else (torch.float32, torch.bfloat16)
 
 
-def _check_state(name: str, t: Tensor, g: Tensor) -> Tensor:
+def _check_state(name: str, t: Tensor, g: Tensor, like: Optional[Tensor] = None) -> Tensor:
     _kernel_input(name, t, 2)
-    want = _state_dtype(g)
-    if t.dtype != want:
-        raise TypeError(f"{name} must be {want} (the state dtype for {g.dtype} gradients); got {t.dtype}")
+    want = state_dtypes(g) if like is None else (like.dtype,)
+    if t.dtype not in want:
+        raise TypeError(f"{name} must be {' or '.join(map(str, want))} (the state dtype{'s' if len(want) > 1 else ''} "
+                        f"for {g.dtype} gradients{', as m' if like is not None else ''}); got {t.dtype}")
     if t.shape != g.shape:
         raise ValueError(f"{name} must have the shape of g {tuple(g.shape)}; got {tuple(t.shape)}")
     return t
@@ -93,6 +96,9 @@ def _parse_stats(stats: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor
         "uncertainty": rest[3] / max(n, 1),
         "conflict": rest[4] / max(n, 1),
         "weights": rest[6 : 6 + m] / share_count.clamp_min(1.0),
+        # unnormalised, so a caller can merge the weights of several calls (segments)
+        "share_sum": rest[6 : 6 + m],
+        "share_count": share_count,
     }
 
 
@@ -109,6 +115,8 @@ def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tupl
     g = _kernel_input("g", g, 2)
     m, v = _check_state("m", m, g), _check_state("v", v, g)
     step, beta = V.check_step(step), V.check_beta(beta)
+    if m.dtype != (torch.float64 if g.dtype == torch.float64 else torch.float32) or v.dtype != m.dtype:
+        raise TypeError(f"m and v must be in the compute dtype of g ({g.dtype}) for ema_moments; got {m.dtype}, {v.dtype}")
     m_out, v_out, var = torch.empty_like(m), torch.empty_like(v), torch.empty_like(m)
     _ext().ema_moments(g, m, v, m_out, v_out, var, step, beta)
     return m_out, v_out, var
@@ -179,13 +187,14 @@ def bogc_step(
     when the step turns out to hold non-finite gradients (``stats["nonfinite"] > 0``).
     """
     g = _kernel_input("g", g, 2)
-    m, v = _check_state("m", m, g), _check_state("v", v, g)
+    m = _check_state("m", m, g)
+    v = _check_state("v", v, g, like=m)
     step, beta = V.check_step(step), V.check_beta(beta)
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, g.shape[1])
-    m_out = torch.empty_like(m) if m_out is None else _check_state("m_out", m_out, g)
-    v_out = torch.empty_like(v) if v_out is None else _check_state("v_out", v_out, g)
-    out = _check_out(out, g)
+    m_out = torch.empty_like(m) if m_out is None else _check_state("m_out", m_out, g, like=m)
+    v_out = torch.empty_like(v) if v_out is None else _check_state("v_out", v_out, g, like=m)
+    out = _check_out(out, g, unrounded=True)
     raw = raw_output(out)
     stats = _ext().bogc_step(g, m, v, m_out, v_out, raw, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
@@ -208,19 +217,23 @@ def bogc_sample_step(
         raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, samples.shape[2])
-    out = _check_out(out, samples[0])
+    out = _check_out(out, samples[0], unrounded=True)
     raw = raw_output(out)
     stats = _ext().bogc_sample_step(samples, raw, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
     return finish_output(out, raw, s, rescale), s
 
 
-def _check_out(out: Optional[Tensor], g: Tensor) -> Tensor:
+def _check_out(out: Optional[Tensor], g: Tensor, unrounded: bool = False) -> Tensor:
+    """``out`` in g's dtype; with ``unrounded`` (the BOGC steps), for half g also float32,
+    which receives the output unrounded (the calibrator norm-matches several segments'
+    outputs together, then rounds once)."""
     if out is None:
         return torch.empty(g.shape[-1], dtype=g.dtype)
     _kernel_input("out", out, 1)
-    if out.dtype != g.dtype or out.shape != (g.shape[-1],):
-        raise ValueError(f"out must be a {g.dtype} vector of length {g.shape[-1]}; got {out.dtype} {tuple(out.shape)}")
+    allowed = (g.dtype, torch.float32) if unrounded and g.dtype in (torch.float16, torch.bfloat16) else (g.dtype,)
+    if out.dtype not in allowed or out.shape != (g.shape[-1],):
+        raise ValueError(f"out must be a {' or '.join(map(str, allowed))} vector of length {g.shape[-1]}; got {out.dtype} {tuple(out.shape)}")
     return out
 
 

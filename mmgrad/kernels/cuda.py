@@ -20,7 +20,7 @@ from .gpu_ops import GpuOps
 Tensor = torch.Tensor
 
 __all__ = [  # the same functions as every backend; the element-wise ones are the reference's
-    "bogc_from_moments", "bogc_sample_step", "bogc_step", "bogc_step_slots", "combine", "combine_and_gram",
+    "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram",
     "ds_combine", "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "moo_weights", "opinions",
 ]
 
@@ -41,10 +41,14 @@ def _partials(off: Tensor, n: int, width: int, device: torch.device) -> Tensor:
     return torch.zeros(off.numel() - 1, blocks, width, dtype=torch.float64, device=device)
 
 
-def _launch_bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, slot, ibc_device, gamma, eps, confidence, weights):
+def _launch_bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, commit, ibc_device, gamma, eps, confidence, weights):
+    # The CUDA kernel reads its state slot from the device (slot 0 here: m_in -> m_out);
+    # the commit-gated step of sync_free=True is the triton backend's (README, "Backends").
+    if commit is not None:
+        raise ValueError("backend='cuda' has no commit-gated BOGC step; sync_free=True needs backend='triton'")
     mm, n = g.shape[-2], g.shape[-1]
     parts = _partials(off, n, 6 + mm + mm * mm, g.device)
-    _ext().bogc_step(g, m_in, v_in, m_out, v_out, raw, off, slot, ibc_device, samples, beta, ibc, gamma, eps,
+    _ext().bogc_step(g, m_in, v_in, m_out, v_out, raw, off, None, ibc_device, samples, beta, ibc, gamma, eps,
                      _CONFIDENCE[confidence], _WEIGHTS[weights], parts)
     return parts
 
@@ -62,7 +66,6 @@ def _launch_moo(grams, method, normalize, losses, magnitude):
 
 _OPS = GpuOps("cuda", lambda device: device.type == "cuda", _launch_bogc, _launch_combine, _launch_moo)
 bogc_step = _OPS.bogc_step
-bogc_step_slots = _OPS.bogc_step_slots
 bogc_sample_step = _OPS.bogc_sample_step
 combine_and_gram = _OPS.combine_and_gram
 combine = _OPS.combine

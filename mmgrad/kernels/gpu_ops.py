@@ -4,7 +4,7 @@ Both backends take the same arguments, give the same errors and return the same
 statistics; they differ only in how a kernel is launched. ``GpuOps`` holds that
 common part and calls a backend's three launchers:
 
-* ``bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, slot, ibc_device,
+* ``bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, commit, ibc_device,
   gamma, eps, confidence, weights) -> partials`` (``G x blocks x [6 | M | M*M]``);
 * ``combine(g, alpha, out, off, with_gram) -> partials`` (``G x blocks x [M*M | 1]``;
   ``alpha``/``out`` None for the Gram alone);
@@ -38,6 +38,8 @@ class GpuOps:
     launch_bogc: Callable[..., Tensor]
     launch_combine: Callable[..., Tensor]
     launch_moo: Callable[..., Tensor]
+    #: dtypes of the EMA state the kernels read and write (bfloat16: ``state_dtype=``)
+    state_dtypes: Tuple[torch.dtype, ...] = (torch.float32,)
 
     # ----------------------------------------------------------------- checks
     def check(self, name: str, t: object, dim: int, contiguous: bool = True) -> Tensor:
@@ -50,18 +52,18 @@ class GpuOps:
 
     def _state(self, name: str, t: object, dim: int) -> Tensor:
         t = self.check(name, t, dim)
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be torch.float32 for backend='{self.name}'; got {t.dtype}")
+        if t.dtype not in self.state_dtypes:
+            raise TypeError(f"{name} must be {' or '.join(map(str, self.state_dtypes))} for backend='{self.name}'; got {t.dtype}")
         return t
 
     def _bogc(self, g: Tensor, states: Tuple[Tensor, Tensor, Tensor, Tensor], out: Tensor, group_offsets: Any,
-              samples: int, beta: float, ibc: float, slot: Optional[Tensor], ibc_device: Optional[Tensor],
+              samples: int, beta: float, ibc: float, commit: Optional[Tensor], ibc_device: Optional[Tensor],
               gamma: float, eps: float, confidence: str, weights: str, rescale: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
         gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
         off = V.check_group_offsets(group_offsets, g.shape[-1])
         out = torch.empty(g.shape[-1], dtype=g.dtype, device=g.device) if out is None else out
         raw = raw_output(out)
-        parts = self.launch_bogc(g, *states, raw, off, samples, beta, ibc, slot, ibc_device, gamma, eps, confidence, weights)
+        parts = self.launch_bogc(g, *states, raw, off, samples, beta, ibc, commit, ibc_device, gamma, eps, confidence, weights)
         st = stats_from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
         return finish_output(out, raw, st, rescale), st
 
@@ -78,20 +80,18 @@ class GpuOps:
                              gamma, eps, confidence, weights, rescale)
         return res, m_out, v_out, st
 
-    def bogc_step_slots(self, g, m_state, v_state, slot, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
+    def bogc_step_gated(self, g, m, v, commit, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
                         weights="belief", rescale=True, group_offsets=None, out=None):
-        """``bogc_step`` on double-buffered state ``(2, M, N)``, reading slot ``slot`` and
-        writing the other, with ``slot`` and ``step`` 0-dim device tensors: no host
-        synchronisation. The sync-free calibrator flips ``slot`` only on a finite step."""
+        """``bogc_step`` updating one slot of state ``m``, ``v`` in place where ``commit``
+        (0-dim device tensor) is non-zero, with ``step`` a 0-dim device tensor too: no host
+        synchronisation. The sync-free calibrator commits only a finite step (SPEC §7)."""
         g = self.check("g", g, 2)
-        m_state, v_state = self._state("m_state", m_state, 3), self._state("v_state", v_state, 3)
-        if m_state.shape != (2, *g.shape) or v_state.shape != m_state.shape:
-            raise ValueError(f"m_state and v_state must have shape (2, {g.shape[0]}, {g.shape[1]}); "
-                             f"got {tuple(m_state.shape)}, {tuple(v_state.shape)}")
+        m, v = self._state("m", m, 2), self._state("v", v, 2)
+        V.check_same_shape(("g", "m", "v"), (g, m, v))
         beta = V.check_beta(beta)
         ibc = 1.0 / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=g.device), step.to(torch.float64)))
-        return self._bogc(g, (m_state[0], v_state[0], m_state[1], v_state[1]), out, group_offsets, 0, beta, 1.0,
-                          slot.reshape(()), ibc.reshape(()), gamma, eps, confidence, weights, rescale)
+        return self._bogc(g, (m, v, m, v), out, group_offsets, 0, beta, 1.0, commit.reshape(()).to(torch.int64),
+                          ibc.reshape(()), gamma, eps, confidence, weights, rescale)
 
     def bogc_sample_step(self, samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
                          rescale=True, group_offsets=None, out=None):

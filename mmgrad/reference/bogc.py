@@ -161,6 +161,13 @@ def bogc_from_moments(
     >>> out.tolist()  # equal weights: the plain sum
     [2.0, 0.0]
     """
+    out, diagnostics, _ = _bogc_core(mu, var, gamma, eps, confidence, weights)
+    return out, diagnostics
+
+
+def _bogc_core(mu, var, gamma, eps, confidence, weights):
+    """``bogc_from_moments`` plus the unnormalised shares ``(share_sum (M), share_count)``,
+    which let a caller merge the weights of several segments."""
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     lam, b_pos, b_neg, u = opinions(mu, var, gamma, eps)
     mu = mu.to(lam.dtype)
@@ -192,7 +199,7 @@ def bogc_from_moments(
         "weights": mean_share,
         "conflict": conflict.mean(),
     }
-    return out, diagnostics
+    return out, diagnostics, (share.sum(dim=1), n_pos)
 
 
 def bogc_step(
@@ -222,7 +229,7 @@ def bogc_step(
     """
     m_new, v_new, var = ema_moments(g, m, v, step, beta)
     res, stats = _calibrate(g, var, gamma, eps, confidence, weights, rescale, group_offsets)
-    return _into(out, res), _into(m_out, m_new), _into(v_out, v_new), stats
+    return _into(out, res, g.dtype), _into(m_out, m_new), _into(v_out, v_new), stats
 
 
 def bogc_sample_step(
@@ -242,23 +249,26 @@ def bogc_sample_step(
     """
     mu, var = sample_moments(samples)
     res, stats = _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
-    return _into(out, res), stats
+    return _into(out, res, samples.dtype), stats
 
 
-def _into(dst: Tensor | None, src: Tensor) -> Tensor:
-    return src if dst is None else dst.copy_(src)
+def _into(dst: Tensor | None, src: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``src`` copied into ``dst`` (rounded once to dst's dtype), or returned in ``dtype``."""
+    if dst is not None:
+        return dst.copy_(src)
+    return src if dtype is None else src.to(dtype)
 
 
 def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets):
     from .moo import gram  # local import: moo imports nothing from here
 
-    out, diag = bogc_from_moments(mu, var, gamma=gamma, eps=eps, confidence=confidence, weights=weights)
+    out, diag, (share_sum, share_count) = _bogc_core(mu, var, gamma, eps, confidence, weights)
     mu64 = mu.to(torch.float64)
     sum_sq = mu64.sum(dim=0).pow(2).sum()
     out_sq = out.to(torch.float64).pow(2).sum()
     if rescale:
         out = match_norm_(out.clone(), {"sum_sq": sum_sq, "out_sq": out_sq})
-    out = out.to(mu.dtype) if mu.dtype in (torch.float16, torch.bfloat16) else out
+    # left in the compute dtype: the caller rounds once into its output (_into)
     stats = {
         "gram": gram(mu, group_offsets=V.check_group_offsets(group_offsets, mu.shape[1])),
         "sum_sq": sum_sq,
@@ -267,6 +277,8 @@ def _calibrate(mu, var, gamma, eps, confidence, weights, rescale, group_offsets)
         "uncertainty": diag["uncertainty"].mean(),
         "conflict": diag["conflict"],
         "weights": diag["weights"],
+        "share_sum": share_sum.to(torch.float64),
+        "share_count": share_count.to(torch.float64),
     }
     return out, stats
 

@@ -1,0 +1,167 @@
+"""Per-objective gradients into the layout's rows: reach, backward passes, accumulation.
+
+``graph_reach`` reads, from the losses' autograd graphs, which objectives reach which
+parameters (SPEC §2: from the graph, never from zero values). ``GradientCollector``
+then fills each segment's ``grads`` rows, by one ``backward`` per objective
+(``"loop"``: autograd adds straight into views of the rows, no copy) or by one vmapped
+``autograd.grad`` (``"batched"``), adding to what earlier micro-batches left there when
+accumulating (SPEC §7).
+
+>>> import torch
+>>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+>>> x = torch.randn(4, 2)
+>>> la, lb = a(x).sum(), (a(x) + b(x)).sum()
+>>> reach, others = graph_reach([la, lb], [*a.parameters(), *b.parameters()])
+>>> reach   # a.weight, a.bias: both losses; b.weight, b.bias: the second only
+[{0, 1}, {0, 1}, {1}, {1}]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from .layout import Layout
+
+Tensor = torch.Tensor
+BACKWARD_MODES = ("loop", "batched")
+GRADS = "grads"  # the layout buffer holding the per-objective gradients
+
+# Phrases of the errors DDP's reducer raises when a second backward reaches it.
+_DDP_ERRORS = ("DistributedDataParallel", "DDP", "mark a variable ready", "finished reduction")
+
+
+def graph_reach(roots: Sequence[Tensor], params: Sequence[Tensor], num_objectives: Optional[int] = None
+                ) -> Tuple[List[Set[int]], List[Tensor]]:
+    """Which objectives reach each parameter, and the other leaves the roots reach.
+
+    Root r is objective ``r % num_objectives`` (several micro-batches of M losses for the
+    sample estimator). A walk over each root's graph to its ``AccumulateGrad`` nodes: a
+    few hundred Python steps for a typical model, whatever the parameter count.
+    """
+    m = len(roots) if num_objectives is None else num_objectives
+    index = {id(p): i for i, p in enumerate(params)}
+    reach: List[Set[int]] = [set() for _ in params]
+    others: Dict[int, Tensor] = {}
+    for r, root in enumerate(roots):
+        objective, stack, seen = r % m, [root.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None:
+                i = index.get(id(var))
+                if i is None:
+                    others[id(var)] = var
+                else:
+                    reach[i].add(objective)
+            stack.extend(nf for nf, _ in fn.next_functions)
+    return reach, list(others.values())
+
+
+class GradientCollector:
+    """Fills the layout's ``grads`` rows from M (or S x M) losses; see the module docstring."""
+
+    def __init__(self, layout: Layout, mode: str, averager: Any = None) -> None:
+        self.layout = layout
+        self.mode = mode
+        self.averager = averager
+
+    def ensure_buffer(self, samples: int) -> None:
+        """``grads``: ``|R| x N_s`` per segment, or ``S x |R| x N_s`` for the sample estimator."""
+        self.layout.add_buffer(GRADS, self.layout.dtype, (samples,) if samples > 1 else ())
+
+    def collect(self, rows: List[Tensor], samples: int, accumulate: bool, others: List[Tensor], reduce: bool) -> None:
+        """Run the backward passes of ``rows`` (S x M losses, flattened); ``accumulate``
+        adds to the rows' current contents; ``reduce`` launches the rows' averaging."""
+        lay = self.layout
+        if not accumulate:
+            lay.zero_(GRADS)
+        if self.mode == "batched":
+            self._batched(rows, samples, accumulate, others)
+        else:
+            self._loop(rows, reduce)
+        if reduce and self.averager is not None and self.mode == "batched":
+            for t in lay.buffers(GRADS):
+                self.averager.launch(t.view(-1))
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self, rows: List[Tensor], reduce: bool) -> None:
+        lay, m = self.layout, self.layout.num_objectives
+        last = len(rows) - 1
+        for r, loss in enumerate(rows):
+            objective, sample = r % m, r // m
+            targets = self._point_grads_at_rows(objective, sample)
+            try:
+                loss.backward(retain_graph=r < last)
+            except RuntimeError as err:
+                if r > 0 and any(k in str(err) for k in _DDP_ERRORS):
+                    raise RuntimeError(
+                        "a second backward through a DistributedDataParallel model failed: DDP reduces once per "
+                        "forward. Run the forward and cal.backward(losses) under `with ddp_model.no_sync():` and let "
+                        "the calibrator average the gradients (README, \"Distributed training\")") from err
+                raise
+            self._keep_stray_gradients(objective, sample, targets)
+            if reduce and self.averager is not None:  # this objective's rows are final: overlap their reduction
+                for seg in lay.reached:
+                    j = seg.row_of(objective)
+                    if j is not None:
+                        self.averager.launch(seg.buffers[GRADS].view(-1, len(seg.rows), seg.numel)[sample, j])
+        for p in lay.params:
+            p.grad = None  # nothing stale is visible until the calibrated gradient is written
+
+    def _point_grads_at_rows(self, objective: int, sample: int) -> List[bool]:
+        """``p.grad`` := the view of p's row of ``objective`` (autograd adds into it in
+        place), or None where the objective does not reach p; returns which got a view."""
+        for seg in self.layout.segments:
+            j = seg.row_of(objective)
+            views = seg.param_views(GRADS, sample * len(seg.rows) + j) if j is not None else None
+            for k, p in enumerate(seg.params):
+                p.grad = views[k] if views is not None else None
+        return [p.grad is not None for p in self.layout.params]
+
+    def _keep_stray_gradients(self, objective: int, sample: int, targets: List[bool]) -> None:
+        """A gradient autograd wrote where the graph walk saw no path (a custom hook or
+        function): grow the layout to hold it rather than drop it."""
+        lay = self.layout
+        stray = [(i, p.grad) for i, (p, t) in enumerate(zip(lay.params, targets)) if not t and p.grad is not None]
+        if not stray:
+            return
+        strays = {i for i, _ in stray}
+        for i in strays:
+            lay.params[i].grad = None
+        lay.extend([{objective} if i in strays else () for i in range(len(lay.params))])
+        for i, g in stray:
+            seg, k = lay.locate(i)
+            row = sample * len(seg.rows) + seg.row_of(objective)
+            seg.param_views(GRADS, row)[k].add_(g.to_dense() if g.layout != torch.strided else g)
+
+    # --------------------------------------------------------------- batched
+    def _batched(self, rows: List[Tensor], samples: int, accumulate: bool, others: List[Tensor]) -> None:
+        lay, m = self.layout, self.layout.num_objectives
+        stacked = torch.stack([r.reshape(()) for r in rows])
+        eye = torch.eye(len(rows), device=stacked.device, dtype=stacked.dtype)
+        try:
+            grads = torch.autograd.grad(stacked, lay.params, grad_outputs=eye, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=bool(others))
+        except NotImplementedError as err:
+            if "Sparse" not in str(err):
+                raise
+            raise TypeError("backward_mode='batched' cannot produce sparse gradients (nn.Embedding(sparse=True)): "
+                            "use backward_mode='loop', which densifies them into the buffer") from err
+        for seg in lay.reached:
+            buf = seg.buffers[GRADS].view(samples, len(seg.rows), seg.numel)
+            rows_idx = torch.tensor(seg.rows, device=buf.device)
+            at = 0
+            for i, p in zip(seg.index, seg.params):
+                g = grads[i]
+                if g is not None:
+                    part = g.reshape(samples, m, -1).index_select(1, rows_idx)
+                    dst = buf[:, :, at : at + p.numel()]
+                    dst.add_(part) if accumulate else dst.copy_(part)
+                at += p.numel()
+        if others:  # parameters outside the calibrator still get the summed gradient
+            stacked.sum().backward(inputs=others)

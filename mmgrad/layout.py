@@ -1,0 +1,248 @@
+"""Where the calibrator keeps its rows: parameters grouped into segments by reach (SPEC §2).
+
+Objective m *reaches* a parameter when the autograd graph of loss m leads to it. A
+*segment* holds the parameters that share one reach set R (possibly from several
+parameter groups); it stores only its ``|R| x N_s`` rows, so a view's own loss costs
+memory only over its encoder, never over the whole model. Row buffers (the
+per-objective gradients, BOGC's EMA moments) live per segment under a name; the
+calibrated output is one flat vector whose per-parameter views become ``.grad``.
+
+The reach a layout uses is the union of every reach seen so far: it only grows. A row
+that stops being reached keeps its state (its gradient is zero, as it would be in the
+dense ``M x N`` layout), so the result never depends on when the layout changed, and
+growing the layout carries every row over (``Layout.extend``).
+
+>>> import torch
+>>> enc_a, enc_b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+>>> layout = Layout([[*enc_a.parameters()], [*enc_b.parameters()]], num_objectives=3)
+>>> layout.extend([{0, 1}, {0, 1}, {0, 2}, {0, 2}])   # fused reaches all, each view its own
+True
+>>> [(seg.rows, seg.numel) for seg in layout.segments]
+[((0, 1), 8), ((0, 2), 10)]
+>>> layout.rows_held(), layout.num_objectives * layout.num_elements   # stored vs dense rows
+(36, 54)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+Reach = Tuple[int, ...]
+
+
+@dataclass
+class BufferSpec:
+    """A per-row buffer every segment holds: ``(*lead, |R|, N_s)`` of ``dtype``."""
+
+    lead: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Segment:
+    """Parameters reached by the same objectives ``rows``, laid out back to back.
+
+    ``group_offsets`` are local (int64, on the CPU), one range per parameter group the
+    segment draws from, ``groups`` naming those groups; ``lo:hi`` is the segment's slice
+    of the flat output.
+    """
+
+    rows: Reach
+    index: List[int]
+    params: List[Tensor]
+    groups: List[int]
+    group_offsets: Tensor
+    lo: int
+    hi: int
+    buffers: Dict[str, Tensor] = field(default_factory=dict)
+    _views: Dict[Tuple[str, int], List[Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    def row_of(self, objective: int) -> Optional[int]:
+        """Position of ``objective`` among the segment's rows, or None when it does not reach."""
+        try:
+            return self.rows.index(objective)
+        except ValueError:
+            return None
+
+    def param_views(self, name: str, flat_row: int) -> List[Tensor]:
+        """Views shaped like the parameters into row ``flat_row`` of buffer ``name``
+        (rows counted over the leading dimensions too); cached."""
+        key = (name, flat_row)
+        if key not in self._views:
+            row = self.buffers[name].view(-1, self.numel)[flat_row]
+            self._views[key] = split_views(row, self.params)
+        return self._views[key]
+
+
+def split_views(flat: Tensor, params: Sequence[Tensor]) -> List[Tensor]:
+    """Consecutive views of a 1-D tensor, one shaped like each parameter."""
+    views, at = [], 0
+    for p in params:
+        views.append(flat[at : at + p.numel()].view_as(p))
+        at += p.numel()
+    return views
+
+
+class Layout:
+    """Segments of the calibrated parameters by reach, their row buffers and the output.
+
+    Args:
+        groups: the calibrator's parameter groups (lists of leaf tensors).
+        num_objectives: M.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[Tensor]], num_objectives: int) -> None:
+        self.num_objectives = num_objectives
+        self.params: List[Tensor] = [p for grp in groups for p in grp]
+        self.group_of: List[int] = [gi for gi, grp in enumerate(groups) for _ in grp]
+        self.num_groups = len(groups)
+        self.num_elements = sum(p.numel() for p in self.params)
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.reach: List[Reach] = [() for _ in self.params]
+        self._specs: Dict[str, BufferSpec] = {}
+        self.out = torch.zeros(self.num_elements, device=self.device, dtype=self.dtype)
+        # the unrounded output of half-precision parameters (norm matching rounds once)
+        self.raw = self.out if self.dtype in (torch.float32, torch.float64) else torch.zeros(
+            self.num_elements, device=self.device, dtype=torch.float32)
+        self.segments: List[Segment] = []
+        self._build()
+
+    # ------------------------------------------------------------------ reach
+    def extend(self, reach: Sequence[Iterable[int]]) -> bool:
+        """Add ``reach[i]`` (objectives reaching parameter i) to the layout's reach; re-lay
+        out, carrying every buffer row over, when that adds a row. Returns whether it did."""
+        grown = [tuple(sorted(set(old) | set(new))) for old, new in zip(self.reach, reach)]
+        if grown == self.reach:
+            return False
+        self.set_reach(grown)
+        return True
+
+    def set_reach(self, reach: Sequence[Reach]) -> None:
+        """Lay out for exactly ``reach`` (a checkpoint's), carrying the rows both layouts hold."""
+        old_segments, old_reach = self.segments, self.reach
+        self.reach = [tuple(r) for r in reach]
+        self._build()
+        where = {}  # parameter -> (old segment, offset inside it)
+        for seg in old_segments:
+            at = 0
+            for i, p in zip(seg.index, seg.params):
+                where[i] = (seg, at)
+                at += p.numel()
+        for seg in self.segments:
+            at = 0
+            for i, p in zip(seg.index, seg.params):
+                old, old_at = where.get(i, (None, 0))
+                if old is not None:
+                    for name in self._specs:
+                        self._carry(name, old, old_at, seg, at, p.numel(), old_reach[i])
+                at += p.numel()
+
+    @staticmethod
+    def _carry(name: str, old: Segment, old_at: int, new: Segment, at: int, size: int, rows: Reach) -> None:
+        src, dst = old.buffers.get(name), new.buffers.get(name)
+        if src is None or dst is None:
+            return
+        for objective in rows:
+            j, k = old.row_of(objective), new.row_of(objective)
+            if j is not None and k is not None:
+                dst[..., k, at : at + size].copy_(src[..., j, old_at : old_at + size])
+
+    def _build(self) -> None:
+        by_reach: Dict[Reach, List[int]] = {}
+        for i, r in enumerate(self.reach):
+            by_reach.setdefault(r, []).append(i)
+        self.segments = []
+        lo = 0
+        for rows, members in by_reach.items():
+            members.sort(key=lambda i: (self.group_of[i], i))  # group ranges are contiguous
+            groups, offsets, at = [], [0], 0
+            for i in members:
+                if not groups or groups[-1] != self.group_of[i]:
+                    if groups:
+                        offsets.append(at)
+                    groups.append(self.group_of[i])
+                at += self.params[i].numel()
+            offsets.append(at)
+            seg = Segment(rows, members, [self.params[i] for i in members], groups,
+                          torch.tensor(offsets, dtype=torch.int64), lo, lo + at)
+            for name, spec in self._specs.items():
+                seg.buffers[name] = self._alloc(seg, spec)
+            self.segments.append(seg)
+            lo += at
+        order = [i for seg in self.segments for i in seg.index]
+        views = split_views(self.out, [self.params[i] for i in order])
+        position = {i: k for k, i in enumerate(order)}
+        self._where = {i: (seg, k) for seg in self.segments for k, i in enumerate(seg.index)}
+        self.out_views: List[Tensor] = [views[position[i]] for i in range(len(self.params))]
+
+    def _alloc(self, seg: Segment, spec: BufferSpec) -> Tensor:
+        return torch.zeros((*spec.lead, len(seg.rows), seg.numel), device=self.device, dtype=spec.dtype)
+
+    def locate(self, i: int) -> Tuple[Segment, int]:
+        """Parameter i's segment and its position there."""
+        return self._where[i]
+
+    # ---------------------------------------------------------------- buffers
+    def add_buffer(self, name: str, dtype: torch.dtype, lead: Tuple[int, ...] = ()) -> None:
+        """Give every segment a zeroed per-row buffer ``name``; a new shape re-allocates it."""
+        spec = BufferSpec(tuple(lead), dtype)
+        if self._specs.get(name) == spec:
+            return
+        self._specs[name] = spec
+        for seg in self.segments:
+            seg.buffers[name] = self._alloc(seg, spec)
+            seg._views = {k: v for k, v in seg._views.items() if k[0] != name}
+
+    def has_buffer(self, name: str) -> bool:
+        return name in self._specs
+
+    def buffers(self, name: str) -> List[Tensor]:
+        """Buffer ``name`` of every segment that holds a row."""
+        return [seg.buffers[name] for seg in self.segments if seg.rows]
+
+    def zero_(self, name: str) -> None:
+        for t in self.buffers(name):
+            t.zero_()
+
+    @property
+    def reached(self) -> List[Segment]:
+        """The segments some objective reaches (the others' output is zero)."""
+        return [seg for seg in self.segments if seg.rows]
+
+    def dense(self, name: str) -> Tensor:
+        """Buffer ``name`` as the dense ``(*lead, M, N)`` tensor (parameters in their given
+        order, zeros where no objective reaches): for tests and inspection, not the step."""
+        spec = self._specs[name]
+        full = torch.zeros((*spec.lead, self.num_objectives, self.num_elements), device=self.device, dtype=spec.dtype)
+        starts = [0]
+        for p in self.params:
+            starts.append(starts[-1] + p.numel())
+        for seg in self.reached:
+            at = 0
+            for i, p in zip(seg.index, seg.params):
+                for j, objective in enumerate(seg.rows):
+                    full[..., objective, starts[i] : starts[i + 1]] = seg.buffers[name][..., j, at : at + p.numel()]
+                at += p.numel()
+        return full
+
+    def rows_held(self) -> int:
+        """Stored rows x elements: sum over segments of |R| * N_s."""
+        return sum(len(seg.rows) * seg.numel for seg in self.segments)
+
+    def scatter_gram(self, seg: Segment, local: Tensor, into: Tensor) -> None:
+        """Add a segment's ``G_s x |R| x |R|`` Gram matrices to the global ``G x M x M``."""
+        rows = torch.tensor(seg.rows, device=into.device)
+        for k, g in enumerate(seg.groups):
+            into[g].index_put_((rows[:, None], rows[None, :]), local[k].to(into.device), accumulate=True)
+
+    def objectives_reaching(self) -> FrozenSet[int]:
+        return frozenset(o for seg in self.segments for o in seg.rows)

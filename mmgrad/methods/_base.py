@@ -1,0 +1,147 @@
+"""What every calibration method shares: its context, its result and the per-segment passes.
+
+A method is a class with a ``name``, its option ``defaults``, a ``check_options`` and a
+``step(ctx) -> StepResult`` on the layout; ``mmgrad.methods.register`` makes
+``FusedCalibrator(method=name)`` find it. ``step`` must leave every state it holds
+untouched when the gradients are not finite (SPEC §7): in the host mode it returns
+``StepResult(False, ...)`` before writing any; in the sync-free mode ``ok`` is a device
+flag and every state write is gated by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from ..collect import GRADS
+from ..layout import Layout
+
+Tensor = torch.Tensor
+Flag = Union[bool, Tensor]  # a host bool, or a 0-dim device bool in the sync-free mode
+
+
+@dataclass
+class StepContext:
+    """What a method's step reads: the layout (rows and output), the backend's functions,
+    the M loss values (mean over accumulated micro-batches), and the committed step count
+    (an int, or a 0-dim device tensor when ``sync_free``)."""
+
+    layout: Layout
+    ops: ModuleType
+    loss_values: Optional[Tensor]
+    steps: Union[int, Tensor]
+    sync_free: bool
+
+
+@dataclass
+class StepResult:
+    """``ok``: the step was finite (and committed). ``where``: says, when not, which input
+    was not finite. ``diagnostics``: what ``FusedCalibrator.diagnostics`` shows."""
+
+    ok: Flag
+    where: Callable[[], str] = lambda: ""
+    diagnostics: Dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base of the calibration methods; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[Dict[str, Any]] = {}
+    #: False for methods that take autograd's plain sum and need no per-objective rows
+    uses_rows: ClassVar[bool] = True
+    #: True when ``backward`` takes S >= 2 micro-batches of M losses (BOGC's sample estimator)
+    takes_samples: bool = False
+
+    def __init__(self, options: Dict[str, Any], layout: Layout) -> None:
+        self.options = options
+        self.layout = layout
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any]) -> None:
+        """Raise ValueError/TypeError naming the option that is wrong."""
+
+    def step(self, ctx: StepContext) -> StepResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (the layout is already the saved one)."""
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+def all_finite(tensors: List[Tensor]) -> Tensor:
+    """0-dim bool on the device: every entry of every tensor is finite. One read each (their
+    max-norms are inf/NaN exactly when an entry is); True for no tensors."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
+
+
+def decide(ctx: StepContext, ok: Tensor) -> Flag:
+    """The host mode reads the flag (a synchronisation); the sync-free mode keeps it on the device."""
+    return ok if ctx.sync_free else bool(ok)
+
+
+def locate_nonfinite(layout: Layout) -> str:
+    """Names the first objective and parameter whose gradient is not finite."""
+    for seg in layout.reached:
+        g = seg.buffers[GRADS].view(-1, len(seg.rows), seg.numel)
+        bad = (~torch.isfinite(g)).nonzero()
+        if bad.numel():
+            _, row, d = bad[0].tolist()
+            objective, at = seg.rows[row], 0
+            for i, p in zip(seg.index, seg.params):
+                if at + p.numel() > d:
+                    return (f"the gradient of objective {objective} (losses[{objective}]) for parameter {i} "
+                            f"(shape {tuple(p.shape)}) is not finite")
+                at += p.numel()
+    return "a per-objective gradient is not finite"
+
+
+def per_group_gram(ctx: StepContext) -> Tensor:
+    """The ``G x M x M`` Gram matrices (float64) from every segment's rows, one read."""
+    lay = ctx.layout
+    grams = torch.zeros(lay.num_groups, lay.num_objectives, lay.num_objectives, dtype=torch.float64, device=lay.device)
+    for seg in lay.reached:
+        lay.scatter_gram(seg, ctx.ops.gram(seg.buffers[GRADS], group_offsets=seg.group_offsets), grams)
+    return grams
+
+
+def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``out = sum_m alpha[group, m] g_m`` over every segment (zeros where nothing reaches);
+    returns the count of non-finite gradient entries and, ``with_gram``, the Gram
+    matrices from the same read (the lagged mode)."""
+    lay = ctx.layout
+    nonfinite = torch.zeros((), dtype=torch.int64, device=lay.device)
+    grams = None
+    if with_gram:
+        grams = torch.zeros(lay.num_groups, lay.num_objectives, lay.num_objectives, dtype=torch.float64, device=lay.device)
+    alpha = alpha.to(lay.device)
+    for seg in lay.segments:
+        out = lay.out[seg.lo : seg.hi]
+        if not seg.rows:
+            out.zero_()
+            continue
+        rows = torch.tensor(seg.rows, device=lay.device)
+        a = alpha[torch.tensor(seg.groups, device=lay.device)].index_select(1, rows)
+        _, st = ctx.ops.combine_and_gram(seg.buffers[GRADS], a, group_offsets=seg.group_offsets, out=out, with_gram=with_gram)
+        nonfinite = nonfinite + st["nonfinite"].to(lay.device)
+        if with_gram:
+            lay.scatter_gram(seg, st["gram"], grams)
+    return nonfinite, grams
+
+
+def weighted_diagnostics(alpha: Tensor, grams: Optional[Tensor]) -> Dict[str, Tensor]:
+    share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    diag = {"weights": share.mean(dim=0), "group_weights": alpha}
+    if grams is not None:
+        diag["gram"] = grams
+    return diag

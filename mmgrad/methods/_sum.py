@@ -1,0 +1,31 @@
+"""``sum``: plain joint training, the baseline every comparison needs. One backward of the
+summed losses writes ``.grad`` (bit for bit what ``sum(losses).backward()`` does); the
+step only checks that it is finite."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import Method, StepContext, StepResult, all_finite, decide
+
+
+class Sum(Method):
+    name = "sum"
+    uses_rows = False
+
+    def step(self, ctx: StepContext) -> StepResult:
+        params = ctx.layout.params
+        m = ctx.layout.num_objectives
+        diagnostics = {"weights": torch.full((m,), 1.0 / m, dtype=torch.float64)}
+        grads = [p.grad for p in params if p.grad is not None]
+        ok = all_finite(grads).to(ctx.layout.device)
+        if decide(ctx, ok) is False:
+            return StepResult(False, lambda: _locate(params), diagnostics)
+        return StepResult(ok, diagnostics=diagnostics)
+
+
+def _locate(params) -> str:
+    for i, p in enumerate(params):
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the summed gradient of parameter {i} (shape {tuple(p.shape)}) is not finite"
+    return "the summed gradient is not finite"
