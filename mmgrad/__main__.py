@@ -14,11 +14,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "verify":
-        from .verify import main as run
+        from .tools.verify import main as run
     elif cmd == "demo":
-        from .demo import main as run
+        from .tools.demo import main as run
     elif cmd == "bench":
-        from .bench import main as run
+        from .tools.bench import main as run
     else:
         from .backends import backends
 

@@ -24,6 +24,7 @@ from . import reference
 from .backends import resolve
 
 __all__ = [
+    "all_finite",
     "backend_module",
     "bogc_from_moments",
     "bogc_sample_step",
@@ -63,6 +64,8 @@ def _device_of(args: tuple, kwargs: dict) -> torch.device:
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
     return torch.device("cpu")
 
 
@@ -85,6 +88,7 @@ def _dispatching(name: str) -> Callable[..., Any]:
     return dispatch
 
 
+all_finite = _dispatching("all_finite")
 ema_moments = _dispatching("ema_moments")
 opinions = _dispatching("opinions")
 ds_combine = _dispatching("ds_combine")

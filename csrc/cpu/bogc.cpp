@@ -37,21 +37,22 @@ struct BogcArgs {
 // update itself in double (mmgrad_math.h), the state rounded once to its own dtype.
 template <typename state_t, typename scalar_t, typename acc_t>
 void ema_rows(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, const acc_t* mu, acc_t* var) {
+  using IO = StateIO<state_t, acc_t>;
+  using storage = typename IO::storage;
   for (int k = 0; k < a.M; ++k) {
     const int64_t base = k * a.N + lo;
     const acc_t* mk = mu + k * kChunk;
     acc_t* vk = var + k * kChunk;
-    const state_t* m_in = static_cast<const state_t*>(a.m_in) + base;
-    const state_t* v_in = static_cast<const state_t*>(a.v_in) + base;
-    state_t* m_out = static_cast<state_t*>(a.m_out) + base;
-    state_t* v_out = static_cast<state_t*>(a.v_out) + base;
+    const storage* m_in = static_cast<const storage*>(a.m_in) + base;
+    const storage* v_in = static_cast<const storage*>(a.v_in) + base;
+    storage* m_out = static_cast<storage*>(a.m_out) + base;
+    storage* v_out = static_cast<storage*>(a.v_out) + base;
     const double beta = a.beta, omb = a.one_minus_beta, ibc = a.inv_bias_correction;
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) {
-      const math::EmaResult<acc_t> e =
-          math::ema_update(mk[t], static_cast<acc_t>(m_in[t]), static_cast<acc_t>(v_in[t]), beta, omb, ibc);
-      m_out[t] = static_cast<state_t>(e.m);
-      v_out[t] = static_cast<state_t>(e.v);
+      const math::EmaResult<acc_t> e = math::ema_update(mk[t], IO::load(m_in[t]), IO::load(v_in[t]), beta, omb, ibc);
+      m_out[t] = IO::store(e.m);
+      v_out[t] = IO::store(e.v);
       vk[t] = e.var;
     }
   }
@@ -64,11 +65,13 @@ double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len
   const int M = a.M;
   if (src == Source::kEma) {
     const double bad = load_rows(M, a.g + lo, a.N, len, mu);
-    if (a.bf16_state) {
-      ema_rows<c10::BFloat16>(a, lo, len, mu, var);
-    } else {
-      ema_rows<acc_t>(a, lo, len, mu, var);
+    if constexpr (std::is_same_v<acc_t, float>) {  // bf16 state: float32/half gradients only
+      if (a.bf16_state) {
+        ema_rows<c10::BFloat16>(a, lo, len, mu, var);
+        return bad;
+      }
     }
+    ema_rows<acc_t>(a, lo, len, mu, var);
     return bad;
   }
   if (src == Source::kMoments) {

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -107,6 +108,29 @@ inline double load_rows(int M, const scalar_t* src, int64_t row_stride, int64_t 
   }
   return static_cast<double>(bad);
 }
+
+// bfloat16 <-> float by bit operations GCC vectorises (c10::BFloat16's conversions do not
+// vectorise in the state loops). Round to nearest even; the state is finite when stored
+// (a non-finite step writes no state), so no NaN case is needed.
+inline float bf16_bits_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+inline uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// How a state dtype is stored and converted: the compute type as is, bfloat16 as its bits.
+template <typename state_t, typename acc_t>
+struct StateIO {
+  using storage = state_t;
+  static acc_t load(storage x) { return static_cast<acc_t>(x); }
+  static storage store(acc_t x) { return static_cast<storage>(x); }
+};
+template <>
+struct StateIO<c10::BFloat16, float> {
+  using storage = uint16_t;
+  static float load(storage x) { return bf16_bits_to_float(x); }
+  static storage store(float x) { return float_to_bf16_bits(x); }
+};
 
 }  // namespace cpu
 }  // namespace mmgrad

@@ -13,6 +13,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import cuda_extension
+from ..reference.finite import all_finite  # noqa: F401
 from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
 from .gpu_ops import GpuOps
@@ -20,7 +21,7 @@ from .gpu_ops import GpuOps
 Tensor = torch.Tensor
 
 __all__ = [  # the same functions as every backend; the element-wise ones are the reference's
-    "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram",
+    "all_finite", "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram",
     "ds_combine", "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "moo_weights", "opinions",
 ]
 

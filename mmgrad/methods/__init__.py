@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
-from ._base import Method, StepContext, StepResult, all_finite
+from ._base import Method, StepContext, StepResult
 from ._bogc import BOGC
 from ._moo import MGDA, MMPareto
 from ._sum import Sum
@@ -16,4 +16,4 @@ from ._weighted import MIMO, Mean
 
 METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (BOGC, MGDA, MMPareto, MIMO, Sum, Mean)}
 
-__all__ = ["METHODS", "Method", "StepContext", "StepResult", "all_finite"]
+__all__ = ["METHODS", "Method", "StepContext", "StepResult"]

@@ -77,14 +77,6 @@ class Method:
         return 0
 
 
-def all_finite(tensors: List[Tensor]) -> Tensor:
-    """0-dim bool on the device: every entry of every tensor is finite. One read each (their
-    max-norms are inf/NaN exactly when an entry is); True for no tensors."""
-    if not tensors:
-        return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all()
-
-
 def decide(ctx: StepContext, ok: Tensor) -> Flag:
     """The host mode reads the flag (a synchronisation); the sync-free mode keeps it on the device."""
     return ok if ctx.sync_free else bool(ok)

@@ -17,7 +17,7 @@ import torch
 from .. import _validation as V
 from ..collect import GRADS
 from ..reference.bogc import match_norm_
-from ._base import Method, StepContext, StepResult, all_finite, decide, locate_nonfinite
+from ._base import Method, StepContext, StepResult, decide, locate_nonfinite
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -53,7 +53,7 @@ class BOGC(Method):
         ok = torch.ones((), dtype=torch.bool, device=lay.device)
         if not self.takes_samples:
             # one read of G before any state is written: a non-finite step leaves m, v intact
-            ok = all_finite([seg.buffers[GRADS] for seg in segments]).to(lay.device)
+            ok = ctx.ops.all_finite([seg.buffers[GRADS] for seg in segments]).to(lay.device)
             if decide(ctx, ok) is False:
                 return StepResult(False, lambda: locate_nonfinite(lay))
         kw = dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"], rescale=False)

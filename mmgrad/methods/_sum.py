@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Method, StepContext, StepResult, all_finite, decide
+from ._base import Method, StepContext, StepResult, decide
 
 
 class Sum(Method):
@@ -18,7 +18,7 @@ class Sum(Method):
         m = ctx.layout.num_objectives
         diagnostics = {"weights": torch.full((m,), 1.0 / m, dtype=torch.float64)}
         grads = [p.grad for p in params if p.grad is not None]
-        ok = all_finite(grads).to(ctx.layout.device)
+        ok = ctx.ops.all_finite(grads).to(ctx.layout.device)
         if decide(ctx, ok) is False:
             return StepResult(False, lambda: _locate(params), diagnostics)
         return StepResult(ok, diagnostics=diagnostics)

@@ -14,10 +14,12 @@ from .bogc import (
     opinions,
     sample_moments,
 )
+from .finite import all_finite
 from .moo import combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights
 
 __all__ = [
     "EVIDENCE_MAX",
+    "all_finite",
     "bogc_from_moments",
     "bogc_sample_step",
     "bogc_step",

@@ -1,0 +1,256 @@
+"""``python -m mmgrad bench``: every method's fused step against a memcpy, the eager
+reference, ``torch.compile(reference)`` and (mgda) TorchJD's ``MGDA``, measured in one
+run; a log-log scaling plot; then the end-to-end training step (``bench_step``).
+
+Bytes a fused step must move (fp32 gradients G of shape M x N):
+  bogc      read G, read and write the 2 x M x N float32 EMA moments, write N outputs;
+  mgda, mmpareto  read G twice (the Gram, then the combination: the weights depend on
+            the whole Gram), write N;
+  mimo, sum read G once, write N (weights from the losses / equal weights).
+The memcpy baseline reads and writes as many bytes in total; "% of memcpy" is
+t_memcpy / t_step. Times are medians after a warm-up; the machine is shared and noisy,
+so only ratios measured in one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import ops, reference
+from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights
+
+METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum")
+
+# Eager/compiled reference only where their float64 temporaries fit in memory.
+MAX_REFERENCE_ELEMENTS = 2**25
+
+
+def timeit(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 3, max_reps: int = 50) -> float:
+    """Median seconds per call of ``fn`` after one warm-up call."""
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memcpy_seconds(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    return timeit(lambda: dst.copy_(src))
+
+
+@dataclass
+class Row:
+    method: str
+    n: int
+    m: int
+    seconds: float
+    gbps: float
+    pct_memcpy: float
+    x_eager: Optional[float] = None
+    x_compile: Optional[float] = None
+    compile_seconds: Optional[float] = None
+    x_torchjd: Optional[float] = None
+
+
+@dataclass
+class Case:
+    """One method at one (M, N): the fused step, the same step in the reference, its inputs."""
+
+    nbytes: int
+    fused: Callable[[], object]
+    reference: Callable[..., object]  # reference(*inputs); compiled with torch.compile
+    inputs: tuple
+    torchjd: Optional[Callable[[], object]] = None
+
+
+def step_bytes(method: str, m: int, n: int, dtype: torch.dtype = torch.float32) -> int:
+    s = torch.empty(0, dtype=dtype).element_size()
+    reads_of_g = {"bogc": 1, "mgda": 2, "mmpareto": 2, "mimo": 1, "sum": 1}[method]
+    state = 2 * 2 * m * n * 4 if method == "bogc" else 0
+    return reads_of_g * m * n * s + state + n * s
+
+
+def _reference_bogc(g, m_state, v_state):
+    return reference.bogc_step(g, m_state, v_state, 5)
+
+
+def _reference_gram_weighted(solve):
+    def run(g):
+        return reference.combine(g, solve(reference.gram(g)))
+    return run
+
+
+def _reference_mimo(g, losses):
+    return reference.combine(g, mimo_weights(losses))
+
+
+def _reference_sum(g):
+    return g.sum(dim=0)
+
+
+_REFERENCES: Dict[str, Callable[..., object]] = {
+    "bogc": _reference_bogc,
+    "mgda": _reference_gram_weighted(mgda_weights),
+    "mmpareto": _reference_gram_weighted(mmpareto_weights),
+    "mimo": _reference_mimo,
+    "sum": _reference_sum,
+}
+
+
+def make_case(method: str, m: int, n: int, backend: str = "cpu") -> Case:
+    """What the calibrator runs per step for ``method``, on fresh random fp32 gradients."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(m, n, generator=gen)
+    out = torch.empty(n)
+    nbytes = step_bytes(method, m, n)
+    if method == "bogc":
+        st = torch.randn(m, n, generator=gen)
+        vst = st * st + 1.0
+        m_out, v_out = torch.empty_like(st), torch.empty_like(vst)
+        fused = lambda: ops.bogc_step(g, st, vst, 5, m_out=m_out, v_out=v_out, out=out, backend=backend)
+        return Case(nbytes, fused, _REFERENCES[method], (g, st, vst))
+    if method in ("mgda", "mmpareto"):
+        solve = mgda_weights if method == "mgda" else mmpareto_weights
+
+        def fused():  # Gram kernel, M x M solve on the host, combination kernel
+            alpha = solve(ops.gram(g, backend=backend))
+            return ops.combine_and_gram(g, alpha, out=out, with_gram=False, backend=backend)
+
+        torchjd = None
+        if method == "mgda" and importlib.util.find_spec("torchjd") is not None:
+            from torchjd.aggregation import MGDA
+
+            aggregator = MGDA()
+            torchjd = lambda: aggregator(g)
+        return Case(nbytes, fused, _REFERENCES[method], (g,), torchjd)
+    if method == "mimo":
+        losses = torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
+        fused = lambda: ops.combine_and_gram(g, mimo_weights(losses), out=out, with_gram=False, backend=backend)
+        return Case(nbytes, fused, _REFERENCES[method], (g, losses))
+    ones = torch.ones(m, dtype=torch.float64)
+    fused = lambda: ops.combine_and_gram(g, ones, out=out, with_gram=False, backend=backend)
+    return Case(nbytes, fused, _REFERENCES[method], (g,))
+
+
+_COMPILED: Dict[str, Callable[..., object]] = {}
+
+
+def _compiled(method: str) -> Callable[..., object]:
+    """One ``torch.compile`` per method's reference step, dynamic shapes (recompiles per M)."""
+    if method not in _COMPILED:
+        _COMPILED[method] = torch.compile(_REFERENCES[method], dynamic=True)
+    return _COMPILED[method]
+
+
+def bench_method(method: str, m: int, n: int, backend: str = "cpu", compare: bool = True) -> Row:
+    case = make_case(method, m, n, backend)
+    t = timeit(case.fused)
+    row = Row(method, n, m, t, case.nbytes / t / 1e9, 100 * memcpy_seconds(case.nbytes) / t)
+    if compare and m * n <= MAX_REFERENCE_ELEMENTS:
+        row.x_eager = timeit(lambda: case.reference(*case.inputs), min_time=0.2, min_reps=2) / t
+        compiled = _compiled(method)
+        t0 = time.perf_counter()
+        compiled(*case.inputs)
+        row.compile_seconds = time.perf_counter() - t0
+        row.x_compile = timeit(lambda: compiled(*case.inputs), min_time=0.2, min_reps=2) / t
+    if case.torchjd is not None:
+        row.x_torchjd = timeit(case.torchjd, min_time=0.2, min_reps=2) / t
+    return row
+
+
+HEADER = (f"{'method':8s} {'N':>6s} {'M':>2s} {'time ms':>9s} {'GB/s':>6s} {'% memcpy':>9s} {'x eager':>8s} "
+          f"{'x compile':>9s} {'compile s':>9s} {'x TorchJD':>9s}")
+
+
+def format_row(r: Row) -> str:
+    f = lambda x, fmt: "-" if x is None else format(x, fmt)
+    return (f"{r.method:8s} {r.n // 2**20:5d}M {r.m:2d} {1e3 * r.seconds:9.2f} {r.gbps:6.1f} {r.pct_memcpy:8.0f}% "
+            f"{f(r.x_eager, '8.1f')} {f(r.x_compile, '9.2f')} {f(r.compile_seconds, '9.1f')} {f(r.x_torchjd, '9.2f')}")
+
+
+def plot_scaling(rows: Sequence[Row], path: Path) -> None:
+    """Log-log: time versus N (one line per method and M), and time versus N*M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, method in enumerate(METHODS):
+        for j, m in enumerate(sorted({r.m for r in rows})):
+            pts = sorted((r.n, r.seconds) for r in rows if r.method == method and r.m == m)
+            if pts:
+                left.plot(*zip(*pts), marker="o", color=f"C{i}", alpha=0.4 + 0.3 * j,
+                          label=f"{method} M={m}" if j == 1 else None)
+        pts = sorted((r.n * r.m, r.seconds) for r in rows if r.method == method)
+        if pts:
+            right.plot(*zip(*pts), marker="o", ls="none", color=f"C{i}", label=method)
+    nm = sorted({r.n * r.m for r in rows})
+    if nm:
+        t0 = min(r.seconds / (r.n * r.m) for r in rows)
+        right.plot([nm[0], nm[-1]], [t0 * nm[0], t0 * nm[-1]], "k--", lw=1, label="slope 1 (linear in N·M)")
+    left.set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel="seconds per step", title="time vs N (shade: M)")
+    right.set(xscale="log", yscale="log", xlabel="N · M", ylabel="seconds per step", title="time vs N·M")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.suptitle(f"mmgrad CPU kernels, {torch.get_num_threads()} threads")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmgrad bench", description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64], help="N in units of 2**20 elements")
+    p.add_argument("--objectives", type=int, nargs="*", default=[2, 4, 8], help="values of M")
+    p.add_argument("--no-compare", action="store_true", help="skip the eager, torch.compile and TorchJD baselines")
+    p.add_argument("--plot", type=Path, default=Path("docs/bench_scaling.png"), help="where the log-log PNG goes")
+    p.add_argument("--json", type=Path, default=Path("docs/bench.json"), help="where the rows go")
+    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end step")
+    p.add_argument("--skip-step", action="store_true", help="only the kernel tables")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")  # inductor's own deprecations
+    print(f"mmgrad bench: fp32 gradients, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"TorchJD {'present' if importlib.util.find_spec('torchjd') else 'absent (pip install torchjd)'}")
+    n_gpu, m_gpu = 100_000_000, 4
+    moved = step_bytes("bogc", m_gpu, n_gpu)
+    print(f"roofline (a PREDICTION, not a measurement): bogc_step at N=100M, M=4 moves {moved / 1e9:.1f} GB "
+          f"-> {1e3 * moved / 3.35e12:.2f} ms at H100's 3.35 TB/s, if the GPU kernels run at memory bandwidth")
+    rows: List[Row] = []
+    if not args.skip_kernels:
+        for method in args.methods:
+            print(f"\n{method}\n{HEADER}", flush=True)
+            for n in args.sizes:
+                for m in args.objectives:
+                    rows.append(bench_method(method, m, n * 2**20, compare=not args.no_compare))
+                    print(format_row(rows[-1]), flush=True)
+        plot_scaling(rows, args.plot)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"\nwrote {args.plot} and {args.json}")
+    if not args.skip_step:
+        from .bench_step import main as step_main
+
+        step_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
