@@ -46,7 +46,8 @@ def cuda_extensions():
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    flags = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}
+    # C++20: torch 2.14's headers refuse older standards (#error C++20 or later ...)
+    flags = {"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]}
     return [CUDAExtension("mmgrad._C_cuda", sources, extra_compile_args=flags)]
 
 

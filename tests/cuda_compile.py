@@ -59,7 +59,7 @@ def compile_all() -> List[dict]:
     rows = []
     for src in sources:
         for arch in ARCHS:
-            cmd = [compiler, "-std=c++17", "-O3", "--Werror", "all-warnings", "-Xptxas", "-v",
+            cmd = [compiler, "-std=c++20", "-O3", "--Werror", "all-warnings", "-Xptxas", "-v",
                    f"-gencode=arch=compute_{arch[3:]},code={arch}", "-c", str(src), "-o", "/dev/null"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -107,7 +107,7 @@ def check_binding() -> str:
     stub = CACHE / "stub"
     (stub / "c10" / "cuda" / "impl").mkdir(parents=True, exist_ok=True)
     (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
            *[f"-I{p}" for p in include_paths()], f"-I{stub}", f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

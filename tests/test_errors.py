@@ -191,3 +191,23 @@ def test_cuda_backend_without_cuda_says_why():
         checks_only.bogc_step(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1)
     with pytest.raises(RuntimeError, match="built only where torch has CUDA"):
         cuda._ext()
+
+
+def test_auto_prefers_the_gpu_backend_whose_kernels_the_tests_execute(monkeypatch):
+    """SPEC §5: on CUDA tensors "auto" picks triton (its whole kernel logic runs under the
+    interpreter here) before cuda (compiled and linked, never run); cuda when triton is out."""
+    import importlib
+
+    B = importlib.import_module("mmgrad.backends")  # the module (mmgrad.backends is also the function)
+
+    def fake(available):
+        infos = {n: B.BackendInfo(n, n in available, ("cuda",) if n in ("triton", "cuda") else ("cpu",), "")
+                 for n in B.BACKENDS}
+        return lambda: infos
+
+    monkeypatch.setattr(B, "backends", fake({"reference", "triton", "cuda"}))
+    assert B.resolve("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(B, "backends", fake({"reference", "cuda"}))
+    assert B.resolve("auto", torch.device("cuda")) == "cuda"
+    monkeypatch.setattr(B, "backends", fake({"reference"}))
+    assert B.resolve("auto", torch.device("cuda")) == "reference"

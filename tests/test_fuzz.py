@@ -63,9 +63,9 @@ def draw_values(rng: np.random.Generator, shape, dtype, pools=POOLS) -> torch.Te
 
 
 @st.composite
-def cases(draw, dtypes=DTYPES):
+def cases(draw, dtypes=DTYPES, max_m=9):
     return dict(
-        m=draw(st.integers(1, 9)),
+        m=draw(st.integers(1, max_m)),
         n=draw(st.integers(1, 300)),
         dtype=draw(st.sampled_from(dtypes)),
         seed=draw(st.integers(0, 2**32 - 1)),
@@ -90,7 +90,9 @@ def test_every_backend_matches_the_reference(case):
 
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="triton is not installed")
-@given(cases(GPU_DTYPES))
+# the triton kernels take M <= 8 per segment (triton_kernels.MAX_OBJECTIVES; M = 9 is a
+# ValueError, tests/test_triton.py)
+@given(cases(GPU_DTYPES, max_m=8))
 @settings(max_examples=TRITON_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_triton_matches_the_reference(case):
     check_backend("triton", case, TRITON_POOLS)

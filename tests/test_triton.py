@@ -117,6 +117,10 @@ def test_calibrator_on_triton_trains_like_the_reference():
 
 
 def test_errors():
+    with pytest.raises(ValueError, match="M=9 objectives; backend='triton' takes at most 8 per segment"):
+        ops.gram(torch.randn(9, 8), backend="triton")
+    with pytest.raises(ValueError, match="M=9 objectives; backend='triton' takes at most 8"):
+        ops.bogc_step(torch.randn(9, 4), torch.zeros(9, 4), torch.zeros(9, 4), 1, backend="triton")
     with pytest.raises(ValueError, match="contiguous"):
         ops.gram(torch.randn(3, 8).T, backend="triton")
     with pytest.raises(TypeError, match="float32"):

@@ -67,9 +67,18 @@ void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_
   require_cuda_contiguous({{"g", &g}, {"m_in", &m_in}, {"v_in", &v_in}, {"m_out", &m_out}, {"v_out", &v_out},
                            {"out", &out}, {"partials", &partials}});
   const c10::cuda::CUDAGuard guard(g.device());
+  TORCH_CHECK_VALUE(g.dim() == (samples > 0 ? 3 : 2), "g must be M x N (S x M x N for samples)");
   const int m = static_cast<int>(g.size(-2));
   const int64_t n = g.size(-1);
   TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMaxObjectives, "M must be in [1, 64]");
+  TORCH_CHECK_VALUE(out.numel() == n && out.scalar_type() == at::kFloat, "out must be a float32 vector of length N");
+  if (samples == 0)
+    for (const at::Tensor* t : {&m_in, &v_in, &m_out, &v_out})
+      TORCH_CHECK_VALUE(t->numel() == g.numel() && t->scalar_type() == at::kFloat, "m and v must be float32 M x N");
+  TORCH_CHECK_VALUE(partials.dim() == 3 && partials.size(0) == group_offsets.numel() - 1 &&
+                        partials.size(2) == mmgrad::cuda::kScalarStats + m + m * m &&
+                        partials.scalar_type() == at::kDouble,
+                    "partials must be float64 G x blocks x (6 + M + M*M)");
   mmgrad::cuda::BogcStepArgs a{};
   a.n = n;
   a.samples = samples;
@@ -95,9 +104,20 @@ void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_
 void combine_and_gram(const at::Tensor& g, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& out,
                       const at::Tensor& group_offsets, bool with_gram, const at::Tensor& partials) {
   require_cuda_contiguous({{"g", &g}, {"partials", &partials}});
-  const c10::cuda::CUDAGuard guard(g.device());
+  TORCH_CHECK_VALUE(g.dim() == 2, "g must be M x N");
   const int m = static_cast<int>(g.size(0));
   const int64_t n = g.size(1);
+  const int64_t groups = group_offsets.numel() - 1;
+  TORCH_CHECK_VALUE(alpha.has_value() == out.has_value(), "alpha and out come together (or neither, for the Gram alone)");
+  if (alpha.has_value()) {
+    require_cuda_contiguous({{"alpha", &*alpha}, {"out", &*out}});
+    TORCH_CHECK_VALUE(alpha->scalar_type() == at::kDouble && alpha->numel() == groups * m, "alpha must be float64 G x M");
+    TORCH_CHECK_VALUE(out->numel() == n && out->scalar_type() == g.scalar_type(), "out must be a vector of length N in g's dtype");
+  }
+  TORCH_CHECK_VALUE(partials.dim() == 3 && partials.size(0) == groups && partials.size(2) == m * m + 1 &&
+                        partials.scalar_type() == at::kDouble,
+                    "partials must be float64 G x blocks x (M*M + 1)");
+  const c10::cuda::CUDAGuard guard(g.device());
   for_each_group(group_offsets, partials, [&](int64_t grp, int64_t lo, int64_t hi, double* part, int blocks,
                                                int64_t width, cudaStream_t stream) {
     const double* a = alpha.has_value() ? alpha->data_ptr<double>() + grp * m : nullptr;

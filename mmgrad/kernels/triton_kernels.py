@@ -48,9 +48,15 @@ SCALARS = 6  # sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count (then
 _CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
 _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 
-# Ampere/Hopper: large blocks keep enough bytes in flight; autotuned per M on the GPU.
-_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))]
-_MIN_BLOCK = 4096 if INTERPRET else 512  # the interpreter pays per program, not per element
+# Ampere/Hopper, autotuned per M on the GPU: at most 2 coordinates per thread. With 4 the
+# BOGC kernel spills registers from M = 4 on (its fold and Gram are float64), on sm_80 and
+# sm_90 alike (tests/triton_compile.py builds every config at every M <= MAX_OBJECTIVES).
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 4), (256, 8), (512, 8), (1024, 16))]
+# the smallest block: the partials buffers hold one row per program of it
+_MIN_BLOCK = 4096 if INTERPRET else min(c.kwargs["BLOCK"] for c in _CONFIGS)
+#: The BOGC and combination kernels unroll over M (the Gram is M*M): at M = 16 one build
+#: takes ~3 minutes and spills, so they take M <= 8 per segment (backend="cuda": <= 64).
+MAX_OBJECTIVES = 8
 
 
 @triton.jit
@@ -108,7 +114,10 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
                  commit_ptr, ibc_ptr, beta, omb, gamma, eps,
                  M: tl.constexpr, SOURCE: tl.constexpr, CONFIDENCE: tl.constexpr, WEIGHTS: tl.constexpr,
                  BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    # 64-bit offsets: row * n and program * BLOCK pass 2**31 on large buffers although
+    # n itself fits in 32 bits (tests/test_triton_compile.py reads the compiled IR)
+    n = tl.cast(n, tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hi
     if SOURCE == 0:
@@ -192,7 +201,8 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
 @triton.jit
 def _combine_gram_kernel(g_ptr, alpha_ptr, out_ptr, part_ptr, n, lo, hi,
                          M: tl.constexpr, WITH_OUT: tl.constexpr, WITH_GRAM: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    n = tl.cast(n, tl.int64)  # 64-bit offsets, as in _bogc_kernel
+    pid = tl.program_id(0).to(tl.int64)
     offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hi
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -275,6 +285,7 @@ def _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS: tl.constexpr):
     exact line search: move weight from the worst support vertex to the best vertex.
     Linear convergence on polytopes, no projection; at most ITERS iterations, stopping
     at the duality-gap certificate a^T K a - min_i (K a)_i <= TOL."""
+    TOL = tl.cast(TOL, tl.float64)  # a float argument is fp32 on the GPU; the gap is fp64
     gap = TOL + 1.0
     it = 0
     while (it < ITERS) & (gap > TOL):
@@ -389,7 +400,7 @@ def _launch_moo(grams, method, normalize, losses, magnitude):
 
 
 _OPS = GpuOps("triton", lambda device: device.type == "cuda" or INTERPRET, _launch_bogc, _launch_combine, _launch_moo,
-              state_dtypes=(torch.float32, torch.bfloat16))
+              state_dtypes=(torch.float32, torch.bfloat16), max_objectives=MAX_OBJECTIVES)
 bogc_step = _OPS.bogc_step
 bogc_step_gated = _OPS.bogc_step_gated
 bogc_sample_step = _OPS.bogc_sample_step
