@@ -66,7 +66,7 @@ def test_half_gradients(gen, dtype):
     assert res.dtype == dtype and rel_err(res, ref) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("m", (1, 2, 3, 8))
+@pytest.mark.parametrize("m", (1, 2, 3, 4))  # SAMPLE_MAX_OBJECTIVES; M = 5 is a ValueError (test_errors)
 def test_sample_step(gen, m):
     c = random_case(m, 1025, torch.float32, gen, samples=4)
     out = torch.full((1025,), float("nan"))
@@ -121,6 +121,8 @@ def test_errors():
         ops.gram(torch.randn(9, 8), backend="triton")
     with pytest.raises(ValueError, match="M=9 objectives; backend='triton' takes at most 8"):
         ops.bogc_step(torch.randn(9, 4), torch.zeros(9, 4), torch.zeros(9, 4), 1, backend="triton")
+    with pytest.raises(ValueError, match="M=5 objectives; backend='triton' takes at most 4 per segment with the sample estimator"):
+        ops.bogc_sample_step(torch.randn(2, 5, 4), backend="triton")
     with pytest.raises(ValueError, match="contiguous"):
         ops.gram(torch.randn(3, 8).T, backend="triton")
     with pytest.raises(TypeError, match="float32"):

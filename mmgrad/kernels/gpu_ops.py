@@ -40,8 +40,9 @@ class GpuOps:
     launch_moo: Callable[..., Tensor]
     #: dtypes of the EMA state the kernels read and write (bfloat16: ``state_dtype=``)
     state_dtypes: Tuple[torch.dtype, ...] = (torch.float32,)
-    #: objectives (rows) the BOGC and combination kernels take
+    #: objectives (rows) the BOGC and combination kernels take; the sample estimator's
     max_objectives: int = 64
+    max_sample_objectives: int = 64
 
     # ----------------------------------------------------------------- checks
     def check(self, name: str, t: object, dim: int, contiguous: bool = True) -> Tensor:
@@ -50,9 +51,10 @@ class GpuOps:
             raise ValueError(f"{name} must be contiguous for backend='{self.name}' (call .contiguous() on it)")
         if not self.device_ok(t.device):
             raise ValueError(f"{name} must be a CUDA tensor for backend='{self.name}'; got one on {t.device}")
-        if name in ("g", "samples") and t.shape[-2] > self.max_objectives:
-            raise ValueError(f"{name} has M={t.shape[-2]} objectives; backend='{self.name}' takes at most "
-                             f"{self.max_objectives} per segment (backend='cuda' takes 64)")
+        limit = self.max_sample_objectives if name == "samples" else self.max_objectives
+        if name in ("g", "samples") and t.shape[-2] > limit:
+            raise ValueError(f"{name} has M={t.shape[-2]} objectives; backend='{self.name}' takes at most {limit} "
+                             f"per segment{' with the sample estimator' if name == 'samples' else ''} (backend='cuda' takes 64)")
         return t
 
     def _state(self, name: str, t: object, dim: int) -> Tensor:

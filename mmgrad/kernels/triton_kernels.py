@@ -48,15 +48,20 @@ SCALARS = 6  # sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count (then
 _CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
 _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 
-# Ampere/Hopper, autotuned per M on the GPU: at most 2 coordinates per thread. With 4 the
-# BOGC kernel spills registers from M = 4 on (its fold and Gram are float64), on sm_80 and
-# sm_90 alike (tests/triton_compile.py builds every config at every M <= MAX_OBJECTIVES).
-_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 4), (256, 8), (512, 8), (1024, 16))]
+# Ampere/Hopper: one coordinate per thread, 8 warps. With 4 per thread the BOGC kernel
+# spills registers from M = 4 on (its fold and Gram are float64), ptxas still spills a few
+# bytes at 2 per thread, and 16 warps cap a thread at 128 registers, which M = 8 exceeds
+# (tests/triton_compile.py builds every config at every M for sm_80 and sm_90 and fails on
+# any spill). A list, so that a config found spill-free later can join the autotuning.
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 8),)]
 # the smallest block: the partials buffers hold one row per program of it
 _MIN_BLOCK = 4096 if INTERPRET else min(c.kwargs["BLOCK"] for c in _CONFIGS)
 #: The BOGC and combination kernels unroll over M (the Gram is M*M): at M = 16 one build
 #: takes ~3 minutes and spills, so they take M <= 8 per segment (backend="cuda": <= 64).
 MAX_OBJECTIVES = 8
+#: The sample estimator recomputes each objective's mean for its Gram row, and spills
+#: from M = 8 on sm_80 and sm_90 (68 and 44 bytes): it takes M <= 4 per segment here.
+SAMPLE_MAX_OBJECTIVES = 4
 
 
 @triton.jit
@@ -391,16 +396,23 @@ def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
     tl.store(w_ptr + grp * M + idx, w, mask=valid)
 
 
+def moo_warps(mb: int) -> int:
+    """Warps for the solver of an MB x MB Gram: 16 at MB = 16 (4 and 8 spill its float64 matrix)."""
+    return 16 if mb >= 16 else 4
+
+
 def _launch_moo(grams, method, normalize, losses, magnitude):
     groups, mm = grams.shape[0], grams.shape[1]
     w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
-    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TOL, M=mm, MB=max(2, triton.next_power_of_2(mm)),
-                                   METHOD=method, NORMALIZE=normalize, ITERS=MOO_ITERATIONS)
+    mb = max(2, triton.next_power_of_2(mm))
+    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TOL, M=mm, MB=mb, METHOD=method,
+                                   NORMALIZE=normalize, ITERS=MOO_ITERATIONS, num_warps=moo_warps(mb))
     return w
 
 
 _OPS = GpuOps("triton", lambda device: device.type == "cuda" or INTERPRET, _launch_bogc, _launch_combine, _launch_moo,
-              state_dtypes=(torch.float32, torch.bfloat16), max_objectives=MAX_OBJECTIVES)
+              state_dtypes=(torch.float32, torch.bfloat16), max_objectives=MAX_OBJECTIVES,
+              max_sample_objectives=SAMPLE_MAX_OBJECTIVES)
 bogc_step = _OPS.bogc_step
 bogc_step_gated = _OPS.bogc_step_gated
 bogc_sample_step = _OPS.bogc_sample_step
