@@ -11,9 +11,10 @@ from typing import Dict, Type
 from ._base import Method, StepContext, StepResult
 from ._bogc import BOGC
 from ._moo import MGDA, MMPareto
+from ._ogm import OGM
 from ._sum import Sum
 from ._weighted import MIMO, Mean
 
-METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (BOGC, MGDA, MMPareto, MIMO, Sum, Mean)}
+METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (BOGC, MGDA, MMPareto, MIMO, OGM, Sum, Mean)}
 
 __all__ = ["METHODS", "Method", "StepContext", "StepResult"]

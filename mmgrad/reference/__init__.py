@@ -15,7 +15,8 @@ from .bogc import (
     sample_moments,
 )
 from .finite import all_finite
-from .moo import combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights
+from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights,
+                  ogm_coefficients)
 
 __all__ = [
     "EVIDENCE_MAX",
@@ -32,6 +33,7 @@ __all__ = [
     "mimo_weights",
     "mmpareto_weights",
     "moo_weights",
+    "ogm_coefficients",
     "opinions",
     "sample_moments",
 ]

@@ -214,6 +214,30 @@ def mimo_weights(losses: Tensor | Sequence[float], rho: float = 1.0, tau: float 
     return torch.cat([torch.ones_like(f[:1]), rho * torch.softmax(f[1:] / tau, dim=0)])
 
 
+def ogm_coefficients(view_losses: Tensor | Sequence[float], alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    """OGM-GE's modulation (SPEC §4): per view v, confidence ``s_v = exp(-f_v)``, the
+    discrepancy ``rho_v = mean_{u != v} s_v / s_u`` and the coefficient
+    ``k_v = 1 - tanh(alpha * rho_v)`` where ``rho_v > 1``, else 1. Returns ``(k, rho)``.
+    One view alone is never modulated (``rho = 1``).
+
+    >>> k, rho = ogm_coefficients(torch.tensor([0.2, 0.9]))   # view 0 dominates
+    >>> [round(float(x), 4) for x in rho], [round(float(x), 4) for x in k]
+    ([2.0138, 0.4966], [0.2355, 1.0])
+    """
+    alpha = V.check_positive("alpha", alpha)
+    f = torch.as_tensor(view_losses).detach().to(torch.float64)
+    if f.dim() != 1 or f.numel() < 1:
+        raise ValueError(f"view_losses must be 1-D with >= 1 loss; got shape {tuple(f.shape)}")
+    v = f.numel()
+    if v == 1:
+        return torch.ones_like(f), torch.ones_like(f)
+    # s_v / s_u = exp(f_u - f_v): in the log domain, no underflow of exp(-f) for large losses
+    ratios = torch.exp(f[None, :] - f[:, None])  # [v, u] = s_v / s_u
+    rho = (ratios.sum(dim=1) - 1.0) / (v - 1)  # the diagonal is s_v / s_v = 1
+    k = torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(rho))
+    return k, rho
+
+
 def combine(g: Tensor, alpha: Tensor, *, group_offsets: Tensor | None = None) -> Tensor:
     """``sum_m alpha_m g_m``: ``alpha`` is ``M``, or ``G x M`` with ``group_offsets``.
 

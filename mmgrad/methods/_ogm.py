@@ -1,0 +1,105 @@
+"""OGM-GE (SPEC §4; Peng et al., CVPR 2022): on-the-fly gradient modulation with
+generalisation enhancement, for objectives ``[fused, view_1, ..., view_V]``.
+
+Each parameter group is one view's encoder and names that view's objective
+(``group_objectives``; by default group g is view g + 1 when there are M - 1 groups). Per
+step, the dominant views' encoders get the fused gradient scaled down by
+``k_v = 1 - tanh(alpha * rho_v)`` (``mmgrad.reference.ogm_coefficients``), through the
+backend's fused combination: group v's gradient is ``k_v g_fused + unimodal g_v``. GE
+then adds Gaussian noise of the modulated gradient's standard deviation over the group,
+drawn per parameter, in parameter order, from a generator seeded by ``seed`` whose state
+the checkpoint carries, so a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import _validation as V
+from ..reference.moo import ogm_coefficients
+from ._base import Method, StepContext, StepResult, combine_segments, decide, locate_nonfinite, weighted_diagnostics
+
+Tensor = torch.Tensor
+
+
+class OGM(Method):
+    name = "ogm"
+    defaults = {"alpha": 0.5, "unimodal": 0.0, "noise": True, "seed": 0, "group_objectives": None}
+
+    def __init__(self, options: Dict[str, Any], layout) -> None:
+        super().__init__(options, layout)
+        self.objectives = self._group_objectives(options["group_objectives"], layout.num_groups, layout.num_objectives)
+        self.generator = torch.Generator(device=layout.device).manual_seed(options["seed"])
+
+    @classmethod
+    def check_options(cls, o: Dict[str, Any]) -> None:
+        V.check_positive("alpha", o["alpha"])
+        if isinstance(o["unimodal"], bool) or not isinstance(o["unimodal"], (int, float)) or o["unimodal"] < 0:
+            raise ValueError(f"unimodal must be a number >= 0; got {o['unimodal']!r}")
+        if not isinstance(o["noise"], bool):
+            raise TypeError(f"noise must be a bool; got {type(o['noise']).__name__}")
+        if isinstance(o["seed"], bool) or not isinstance(o["seed"], int):
+            raise TypeError(f"seed must be an int; got {type(o['seed']).__name__}")
+
+    @staticmethod
+    def _group_objectives(given: Optional[List[int]], groups: int, m: int) -> List[int]:
+        if given is None:
+            if groups != m - 1:
+                raise ValueError(f"group_objectives: give each of the {groups} parameter groups the index of its view's "
+                                 f"objective (the default, one group per view, needs M - 1 = {m - 1} groups)")
+            return list(range(1, m))
+        if not isinstance(given, (list, tuple)) or len(given) != groups:
+            raise ValueError(f"group_objectives must list one objective per parameter group ({groups}); got {given!r}")
+        for o in given:
+            if isinstance(o, bool) or not isinstance(o, int) or not 1 <= o < m:
+                raise ValueError(f"group_objectives must name view objectives in [1, {m - 1}] (0 is the fused one); got {o!r}")
+        return list(given)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        lay, o = ctx.layout, self.options
+        losses = ctx.loss_values
+        ok = torch.isfinite(losses).all()
+        if decide(ctx, ok) is False:
+            bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
+            return StepResult(False, lambda: f"the loss of objective {bad} (losses[{bad}]) is not finite")
+        views = sorted(set(self.objectives))
+        k_view, rho_view = ogm_coefficients(torch.nan_to_num(losses.to(torch.float64))[views], o["alpha"])
+        at = {v: i for i, v in enumerate(views)}
+        k = torch.stack([k_view[at[v]] for v in self.objectives])
+        rho = torch.stack([rho_view[at[v]] for v in self.objectives])
+        alpha = torch.zeros(lay.num_groups, lay.num_objectives, dtype=torch.float64, device=k.device)
+        alpha[:, 0] = k
+        alpha[torch.arange(lay.num_groups), torch.tensor(self.objectives)] += float(o["unimodal"])
+        nonfinite, _ = combine_segments(ctx, alpha, with_gram=False)
+        ok = ok & (nonfinite == 0)
+        if decide(ctx, ok) is False:
+            return StepResult(False, lambda: locate_nonfinite(lay))
+        diagnostics = {**weighted_diagnostics(alpha, None), "ogm_coefficients": k, "ogm_ratio": rho}
+        if o["noise"]:
+            diagnostics["noise_std"] = self._add_noise()
+        return StepResult(ok, diagnostics=diagnostics)
+
+    def _add_noise(self) -> Tensor:
+        """GE: N(0, sigma_g^2) on group g's output, sigma_g its (unbiased) standard deviation
+        over the group's coordinates; drawn per parameter in parameter order, so the draws
+        do not depend on the layout."""
+        lay = self.layout
+        views = lay.out_views
+        sums = torch.zeros(lay.num_groups, 3, dtype=torch.float64, device=lay.device)  # n, sum, sum of squares
+        for i, g in enumerate(lay.group_of):
+            x = views[i].to(torch.float64)
+            sums[g] += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=lay.device), x.sum(), (x * x).sum()])
+        n, s1, s2 = sums.unbind(1)
+        sigma = torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n) / torch.clamp_min(n - 1, 1.0), 0.0))
+        for i, g in enumerate(lay.group_of):
+            noise = torch.randn(views[i].shape, generator=self.generator, device=lay.device, dtype=torch.float32)
+            views[i].add_((noise * sigma[g].to(torch.float32)).to(views[i].dtype))
+        return sigma
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
