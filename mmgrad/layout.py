@@ -26,7 +26,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -243,6 +243,3 @@ class Layout:
         rows = torch.tensor(seg.rows, device=into.device)
         for k, g in enumerate(seg.groups):
             into[g].index_put_((rows[:, None], rows[None, :]), local[k].to(into.device), accumulate=True)
-
-    def objectives_reaching(self) -> FrozenSet[int]:
-        return frozenset(o for seg in self.segments for o in seg.rows)

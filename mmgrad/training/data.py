@@ -141,6 +141,11 @@ def uci_digits(views: Optional[Sequence[str]] = None, seed: int = 0, fractions=(
     return MultiViewData("uci-digits", tuple(feats), int(y.max()) + 1, train, val, test)
 
 
+def _check_snr(snr: Sequence[float]) -> None:
+    if len(snr) < 1 or min(snr) < 0:
+        raise ValueError(f"snr must hold one non-negative ratio per view; got {list(snr)}")
+
+
 def synthetic_multiview(
     n: int = 2000,
     num_classes: int = 4,
@@ -157,8 +162,7 @@ def synthetic_multiview(
     first views are strong, the last weak, the imbalance set by ``snr`` (the setting of
     "What makes multi-modal learning better than single (provably)", Huang et al. 2021).
     """
-    if len(snr) < 1 or min(snr) < 0:
-        raise ValueError(f"snr must hold one non-negative ratio per view; got {list(snr)}")
+    _check_snr(snr)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, num_classes, size=n)
     centers = rng.normal(size=(num_classes, latent_dim)) * 1.5
@@ -191,8 +195,7 @@ def complementary_multiview(
     >>> data.num_classes, data.views, data.dims["v0"]
     (8, ('v0', 'v1', 'v2'), 16)
     """
-    if len(snr) < 1 or min(snr) < 0:
-        raise ValueError(f"snr must hold one non-negative ratio per view; got {list(snr)}")
+    _check_snr(snr)
     rng = np.random.default_rng(seed)
     bits = rng.integers(0, 2, size=(n, len(snr)))
     y = (bits * (2 ** np.arange(len(snr)))).sum(axis=1)
