@@ -109,11 +109,16 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
     rf = ref.ds_combine(rbp.to(mu.dtype).double(), rbn.to(mu.dtype).double(), ru.to(mu.dtype).double())
     errs["ds_combine"] = max(rel_err(x, y, 1.0) for x, y in zip(f, rf))
     worst = 0.0
+    # |b+ - b-| * mu_F cancels where the fused beliefs nearly tie: judged, as the fuzz tests
+    # do, by the backward-stable bound eps * M * max|mu| (README, "Spec notes" 15), not by
+    # the output's own size (seed 875069989: b+ 0.2748, b- 0.2725 gave 1.5e-5 in float32).
+    floor = mu.shape[0] * float(_f64(mu).abs().max())
     for conf in ("belief", "certainty", "none"):
         for w in ("belief", "precision"):
             out, d = ops.bogc_from_moments(mu, var_in, confidence=conf, weights=w, backend=b)
             rout, rd = ref.bogc_from_moments(_f64(mu), _f64(var_in), confidence=conf, weights=w)
-            worst = max(worst, rel_err(out, rout), rel_err(d["uncertainty"], rd["uncertainty"], 1.0), rel_err(d["weights"], rd["weights"], 1.0))
+            worst = max(worst, rel_err(out, rout, floor), rel_err(d["uncertainty"], rd["uncertainty"], 1.0),
+                        rel_err(d["weights"], rd["weights"], 1.0))
     errs["bogc_from_moments"] = worst
     out, _, _, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, backend=b)
     rout, _, _, rst = ref.bogc_step(_f64(c.g), _f64(c.m), _f64(c.v), c.step, group_offsets=c.group_offsets)
