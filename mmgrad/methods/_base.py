@@ -1,7 +1,7 @@
 """What every calibration method shares: its context, its result and the per-segment passes.
 
 A method is a class with a ``name``, its option ``defaults``, a ``check_options`` and a
-``step(ctx) -> StepResult`` on the layout; ``mmgrad.methods.register`` makes
+``step(ctx) -> StepResult`` on the layout; its line in ``mmgrad.methods.METHODS`` makes
 ``FusedCalibrator(method=name)`` find it. ``step`` must leave every state it holds
 untouched when the gradients are not finite (SPEC §7): in the host mode it returns
 ``StepResult(False, ...)`` before writing any; in the sync-free mode ``ok`` is a device
@@ -26,7 +26,7 @@ Flag = Union[bool, Tensor]  # a host bool, or a 0-dim device bool in the sync-fr
 @dataclass
 class StepContext:
     """What a method's step reads: the layout (rows and output), the backend's functions,
-    the M loss values (mean over accumulated micro-batches), and the committed step count
+    the M loss values (summed over accumulated calls), and the committed step count
     (an int, or a 0-dim device tensor when ``sync_free``)."""
 
     layout: Layout
@@ -80,6 +80,17 @@ class Method:
 def decide(ctx: StepContext, ok: Tensor) -> Flag:
     """The host mode reads the flag (a synchronisation); the sync-free mode keeps it on the device."""
     return ok if ctx.sync_free else bool(ok)
+
+
+def check_losses(ctx: StepContext) -> Tuple[Tensor, Optional[StepResult]]:
+    """Whether the loss values the weights are made of are finite: the flag, and in the
+    host mode the failed result naming the first bad objective (else None)."""
+    losses = ctx.loss_values
+    ok = torch.isfinite(losses).all()
+    if decide(ctx, ok) is False:
+        bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
+        return ok, StepResult(False, lambda: f"the loss of objective {bad} (losses[{bad}]) is not finite")
+    return ok, None
 
 
 def locate_nonfinite(layout: Layout) -> str:

@@ -19,7 +19,8 @@ import torch
 
 from .. import _validation as V
 from ..reference.moo import ogm_coefficients
-from ._base import Method, StepContext, StepResult, combine_segments, decide, locate_nonfinite, weighted_diagnostics
+from ._base import (Method, StepContext, StepResult, check_losses, combine_segments, decide, locate_nonfinite,
+                    weighted_diagnostics)
 
 Tensor = torch.Tensor
 
@@ -59,13 +60,11 @@ class OGM(Method):
 
     def step(self, ctx: StepContext) -> StepResult:
         lay, o = ctx.layout, self.options
-        losses = ctx.loss_values
-        ok = torch.isfinite(losses).all()
-        if decide(ctx, ok) is False:
-            bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
-            return StepResult(False, lambda: f"the loss of objective {bad} (losses[{bad}]) is not finite")
+        ok, failed = check_losses(ctx)
+        if failed is not None:
+            return failed
         views = sorted(set(self.objectives))
-        k_view, rho_view = ogm_coefficients(torch.nan_to_num(losses.to(torch.float64))[views], o["alpha"])
+        k_view, rho_view = ogm_coefficients(torch.nan_to_num(ctx.loss_values.to(torch.float64))[views], o["alpha"])
         at = {v: i for i, v in enumerate(views)}
         k = torch.stack([k_view[at[v]] for v in self.objectives])
         rho = torch.stack([rho_view[at[v]] for v in self.objectives])

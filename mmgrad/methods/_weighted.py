@@ -8,7 +8,8 @@ import torch
 
 from .. import _validation as V
 from ..reference.moo import mimo_weights
-from ._base import Method, StepContext, StepResult, combine_segments, decide, locate_nonfinite, weighted_diagnostics
+from ._base import (Method, StepContext, StepResult, check_losses, combine_segments, decide, locate_nonfinite,
+                    weighted_diagnostics)
 
 Tensor = torch.Tensor
 
@@ -19,11 +20,9 @@ class _FixedWeights(Method):
 
     def step(self, ctx: StepContext) -> StepResult:
         lay = ctx.layout
-        losses = ctx.loss_values
-        ok = torch.isfinite(losses).all()
-        if decide(ctx, ok) is False:
-            bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
-            return StepResult(False, lambda: f"the loss of objective {bad} (losses[{bad}]) is not finite")
+        ok, failed = check_losses(ctx)
+        if failed is not None:
+            return failed
         w = self.weights(ctx).to(device=lay.device, dtype=torch.float64)
         alpha = w.expand(lay.num_groups, lay.num_objectives).contiguous()
         nonfinite, _ = combine_segments(ctx, alpha, with_gram=False)
