@@ -6,7 +6,8 @@ the optimizer hook and checkpoints; everything else is one part's job:
 * ``mmgrad.layout.Layout`` — segments by reach, their rows, the output and its views;
 * ``mmgrad.collect.GradientCollector`` — reach from the graph, backward passes, accumulation;
 * ``mmgrad.methods`` — one module per method family, each with its options and step;
-* ``mmgrad.distributed.GradientAverager`` — bucketed, overlapped averaging across ranks.
+* ``mmgrad.distributed.GradientAverager`` — bucketed, overlapped averaging across ranks;
+* ``mmgrad.sharding.RowSharder`` / ``mmgrad.fsdp`` — rows sharded across ranks (SPEC §8).
 
 >>> import torch, mmgrad
 >>> audio, video, head = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.nn.Linear(8, 3)
@@ -39,10 +40,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _validation as V
 from .collect import BACKWARD_MODES, GRADS, GradientCollector, graph_reach
-from .distributed import GradientAverager, resolve_group
-from .layout import Layout
+from .distributed import GradientAverager, resolve_group, union_reach
+from .fsdp import FSDPGradients, fsdp_sharding
+from .layout import Layout, split_views
 from .methods import METHODS, StepContext
 from .ops import backend_module
+from .sharding import RowSharder
 
 Tensor = torch.Tensor
 ParamsArg = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
@@ -74,6 +77,11 @@ class FusedCalibrator:
             when ``torch.distributed`` is initialised with more than one rank; ``False``:
             never. See README, "Distributed training".
         bucket_bytes: size of one asynchronous all-reduce (default 25 MiB, as DDP).
+        shard: hold the rows and the EMA state of this rank's ``1/world`` slice only
+            (ZeRO-2, SPEC §8): rows are reduce-scattered, the calibrated slices
+            all-gathered into ``.grad``. Parameters of ``fully_shard``-ed (FSDP2) modules
+            are sharded that way whatever ``shard`` says. See README, "Which distributed
+            setup to pick".
         **options: the method's options (README, "Options"), ``skip_nonfinite``,
             ``sync_free`` and ``backward_mode`` (``"loop"``: one backward per objective,
             accumulating into views of the rows; ``"batched"``: one vmapped ``autograd.grad``).
@@ -90,6 +98,7 @@ class FusedCalibrator:
         backend: str = "auto",
         process_group: Any = None,
         bucket_bytes: int = 25 * 1024 * 1024,
+        shard: bool = False,
         **options: Any,
     ) -> None:
         V.check_choice("method", method, tuple(METHODS))
@@ -103,8 +112,9 @@ class FusedCalibrator:
         self.groups = parse_param_groups(params)
         self.params: List[Tensor] = [p for grp in self.groups for p in grp]
         self._claim_params()
-        group = resolve_group(process_group)
-        self._averager = GradientAverager(group, bucket_bytes) if group is not None else None
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard must be a bool; got {type(shard).__name__}")
+        self._setup_distribution(process_group, bucket_bytes, shard)
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.backend = backend
         self._ops = backend_module(backend, self.device)
@@ -121,10 +131,14 @@ class FusedCalibrator:
         sizes = [sum(p.numel() for p in grp) for grp in self.groups]
         self.group_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
-        self.layout = Layout(self.groups, num_objectives)
+        self.layout = Layout(self.groups, num_objectives, shards=self._shards)
         method_options = {k: v for k, v in self.options.items() if k not in _COMMON}
         self._method = METHODS[method](method_options, self.layout)
-        self._collector = GradientCollector(self.layout, self.options["backward_mode"], self._averager)
+        self._collector = GradientCollector(self.layout, self.options["backward_mode"], self._averager,
+                                            self._sharder, self._fsdp)
+        # shard=True: .grad of the whole parameters, gathered from every rank's calibrated slice
+        self._gathered = (torch.zeros(sum(p.numel() for p in self.params), device=self.device, dtype=self.dtype)
+                          if self._sharder is not None and self._method.uses_rows else None)
         self._steps: Union[int, Tensor] = torch.zeros((), dtype=torch.int64, device=self.device) if self.sync_free else 0
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device) if self.sync_free else None
         self._scaler: Any = None  # the GradScaler handed to backward(), for this step
@@ -138,6 +152,36 @@ class FusedCalibrator:
         self.diagnostics: Dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- set-up
+    def _setup_distribution(self, process_group: Any, bucket_bytes: int, shard: bool) -> None:
+        """Who averages what across ranks: the averager (rows when unsharded, the leaves
+        outside the calibrator), the sharder (shard=True) or FSDP2 itself (DTensor params)."""
+        self._sharder: Optional[RowSharder] = None
+        self._fsdp: Optional[FSDPGradients] = None
+        self._shards = None
+        self._shard_of: Optional[Dict[str, int]] = None  # {"rank", "world"} when sharded
+        fsdp = fsdp_sharding(self.params)
+        if fsdp is not None:
+            if self.options["backward_mode"] != "loop":
+                raise ValueError("backward_mode: FSDP2 reduce-scatters gradients in backward(), which "
+                                 "backward_mode='batched' (autograd.grad) never calls; use 'loop'")
+            if process_group is not None and process_group is not False:
+                raise ValueError("process_group: FSDP2 parameters are averaged by FSDP2 over their device mesh; "
+                                 "leave process_group unset")
+            self._averager = None
+            self._group = fsdp.group if fsdp.world > 1 else None  # losses and the step's global sums
+            self._fsdp, self._shards = FSDPGradients(self.params), fsdp.rows
+            self._stats_group = self._group
+            self._shard_of = {"rank": fsdp.rank, "world": fsdp.world}
+            return
+        group = resolve_group(process_group)
+        self._averager = GradientAverager(group, bucket_bytes) if group is not None else None
+        self._group = group
+        self._stats_group = None
+        if shard and group is not None and METHODS[self.method].uses_rows:
+            self._sharder = RowSharder(group, self.params, bucket_bytes)
+            self._shards, self._stats_group = self._sharder.rows, group
+            self._shard_of = {"rank": self._sharder.rank, "world": self._sharder.world}
+
     @staticmethod
     def _parse_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
         cls = METHODS[method]
@@ -213,6 +257,8 @@ class FusedCalibrator:
         self._scaler = scaler
         samples = len(rows) // self.num_objectives
         reach, others = graph_reach(rows, self.params, self.num_objectives)
+        if self._averager is not None and self._method.uses_rows:  # every rank must lay out the same rows
+            reach = union_reach(reach, self.num_objectives, self._averager.group, self.device)
         if not accumulate:
             self._others = {}
         self._others.update((id(t), t) for t in others)
@@ -256,9 +302,10 @@ class FusedCalibrator:
 
     def _finish_reduction(self) -> None:
         """Wait for the launched reductions; the rows, summed over ranks, become the average
-        (an accumulated step adds its next micro-batch to that)."""
+        (an accumulated step adds its next micro-batch to that). Sharded rows stay sums,
+        added to by every call, and are averaged once by the step."""
         self._averager.wait()
-        if self._method.uses_rows:
+        if self._method.uses_rows and self._sharder is None:
             torch._foreach_mul_(self.layout.buffers(GRADS), 1.0 / self._averager.world_size)
         self._reducing = False
 
@@ -267,9 +314,9 @@ class FusedCalibrator:
         the sample estimator's micro-batches, summed over accumulated calls, averaged over ranks."""
         values = torch.stack([r.detach().reshape(()) for r in rows]).to(torch.float64)
         values = values.view(samples, self.num_objectives).mean(0)
-        if self._averager is not None:  # MIMO and loss-normalised MGDA see the global losses
-            torch.distributed.all_reduce(values, group=self._averager.group)
-            values /= self._averager.world_size
+        if self._group is not None:  # MIMO and loss-normalised MGDA see the global losses
+            torch.distributed.all_reduce(values, group=self._group)
+            values /= torch.distributed.get_world_size(self._group)
         self._loss_sum = values if fresh or self._loss_sum is None else self._loss_sum + values
 
     @property
@@ -367,17 +414,20 @@ class FusedCalibrator:
         world = 1
         if self._averager is not None:
             if not self._reducing:  # every backward of this step ran in accumulate(): reduce now
-                if self._method.uses_rows:
+                if self._method.uses_rows and self._sharder is None:
                     for t in self.layout.buffers(GRADS):
                         self._averager.launch(t.view(-1))
                 self._launch_reduction()
             self._averager.wait()
+            if self._sharder is not None:
+                self._sharder.wait()
             self._reducing = False
             world = self._averager.world_size
         scale = self._scaler.get_scale() if self._scaler is not None else 1.0
         if self._method.uses_rows and scale * world != 1.0:  # one pass: average over ranks and unscale together
             torch._foreach_mul_(self.layout.buffers(GRADS), 1.0 / (scale * world))
-        ctx = StepContext(self.layout, self._ops, self._loss_values, self._steps, self.sync_free)
+        ctx = StepContext(self.layout, self._ops, self._loss_values, self._steps, self.sync_free,
+                          self._stats_group if self._method.uses_rows or self._fsdp is not None else None)
         result = self._method.step(ctx)
         self.diagnostics = result.diagnostics
         if self.sync_free:
@@ -400,9 +450,17 @@ class FusedCalibrator:
         return ok
 
     def _write_grads(self) -> None:
-        if self._method.uses_rows:
-            for p, view in zip(self.layout.params, self.layout.out_views):
-                p.grad = view
+        if not self._method.uses_rows:
+            return
+        if self._fsdp is not None:  # sharded DTensors over the local output, as FSDP2's optimizer expects
+            self._fsdp.write(self.layout.out_views)
+            return
+        views = self.layout.out_views
+        if self._sharder is not None:  # ZeRO-2: every rank's calibrated slices, gathered
+            views = split_views(self._gathered, [p.shape for p in self.params])
+            self._sharder.gather(self.layout.out_views, views)
+        for p, view in zip(self.layout.params, views):
+            p.grad = view
 
     def _nonfinite(self, where: str) -> None:
         if self._scaler is not None:  # overflow is routine under a scaler: let it skip and back off
@@ -427,19 +485,24 @@ class FusedCalibrator:
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes this calibrator holds: the per-objective rows (only where an objective
-        reaches), the EMA state (one slot) and the output (which ``.grad`` views)."""
+        reaches), the EMA state (one slot) and the output (which ``.grad`` views); sharded,
+        this rank's slices of them, and (``shard=True``) the gathered ``.grad``."""
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
         grads = sum(size(t) for t in self.layout.buffers(GRADS)) if self.layout.has_buffer(GRADS) else 0
         out = 0 if not self._method.uses_rows else size(self.layout.out) + (
             0 if self.layout.raw is self.layout.out else size(self.layout.raw))
-        return {"grad_buffer": grads, "ema_state": self._method.state_bytes(), "output": out}
+        gathered = 0 if self._gathered is None else size(self._gathered)
+        return {"grad_buffer": grads, "ema_state": self._method.state_bytes(), "output": out, "gathered_grad": gathered}
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Method, options, step count, the layout's reach and the method's state (BOGC's
-        EMA moments per segment, the lagged weights)."""
+        EMA moments per segment, the lagged weights). Sharded, it is this rank's shard
+        (``"shard": {"rank", "world"}``): save one file per rank, as FSDP2's
+        ``model.state_dict()`` is per rank, and resume with the same world size."""
         return {
             "format": 2,
+            "shard": None if self._shard_of is None else dict(self._shard_of),
             "method": self.method,
             "num_objectives": self.num_objectives,
             "num_elements": self.num_elements,
@@ -459,6 +522,12 @@ class FusedCalibrator:
                 raise ValueError(f"state {key}={state.get(key)!r} does not match this calibrator's {mine!r}")
         if not torch.equal(torch.as_tensor(state["group_offsets"]), self.group_offsets):
             raise ValueError("state group_offsets do not match this calibrator's parameter groups")
+        saved_shard = state.get("shard")
+        if saved_shard != self._shard_of:
+            def says(shard: Any) -> str:
+                return "unsharded" if shard is None else f"rank {shard['rank']} of {shard['world']}"
+            raise ValueError(f"state shard: the state was saved {says(saved_shard)}, this calibrator is "
+                             f"{says(self._shard_of)}; a sharded state resumes on the same rank of the same world size")
         options = {k: v for k, v in state["options"].items()}
         if options.get("state_dtype", torch.float32) != self.options.get("state_dtype", torch.float32):
             raise ValueError(f"state state_dtype={options.get('state_dtype')} does not match this calibrator's "

@@ -63,12 +63,20 @@ def graph_reach(roots: Sequence[Tensor], params: Sequence[Tensor], num_objective
 
 
 class GradientCollector:
-    """Fills the layout's ``grads`` rows from M (or S x M) losses; see the module docstring."""
+    """Fills the layout's ``grads`` rows from M (or S x M) losses; see the module docstring.
 
-    def __init__(self, layout: Layout, mode: str, averager: Any = None) -> None:
+    Sharded (SPEC §8), the rows hold this rank's slice only: with a ``sharder``
+    (``mmgrad.sharding.RowSharder``) each objective's full gradients are reduce-scattered
+    into them; with ``fsdp`` (``mmgrad.fsdp.FSDPGradients``) FSDP2's sharded gradients
+    are moved in. Either way autograd writes ``.grad``, not views of the rows.
+    """
+
+    def __init__(self, layout: Layout, mode: str, averager: Any = None, sharder: Any = None, fsdp: Any = None) -> None:
         self.layout = layout
         self.mode = mode
         self.averager = averager
+        self.sharder = sharder
+        self.fsdp = fsdp
 
     def ensure_buffer(self, samples: int) -> None:
         """``grads``: ``|R| x N_s`` per segment, or ``S x |R| x N_s`` for the sample estimator."""
@@ -78,13 +86,15 @@ class GradientCollector:
         """Run the backward passes of ``rows`` (S x M losses, flattened); ``accumulate``
         adds to the rows' current contents; ``reduce`` launches the rows' averaging."""
         lay = self.layout
+        if self.sharder is not None:
+            self.sharder.wait()  # an earlier call's last objective lands before these are added
         if not accumulate:
             lay.zero_(GRADS)
         if self.mode == "batched":
             self._batched(rows, samples, accumulate, others)
         else:
             self._loop(rows, reduce)
-        if reduce and self.averager is not None and self.mode == "batched":
+        if reduce and self.averager is not None and self.mode == "batched" and self.sharder is None:
             for t in lay.buffers(GRADS):
                 self.averager.launch(t.view(-1))
 
@@ -92,28 +102,67 @@ class GradientCollector:
     def _loop(self, rows: List[Tensor], reduce: bool) -> None:
         lay, m = self.layout, self.layout.num_objectives
         last = len(rows) - 1
+        sharded = self.sharder is not None or self.fsdp is not None
         for r, loss in enumerate(rows):
             objective, sample = r % m, r // m
-            targets = self._point_grads_at_rows(objective, sample)
+            if sharded:
+                for p in lay.params:
+                    p.grad = None
+            else:
+                targets = self._point_grads_at_rows(objective, sample)
+            if self.fsdp is not None:
+                self.fsdp.active = objective
             try:
                 loss.backward(retain_graph=r < last)
             except RuntimeError as err:
-                if self.averager is not None:  # every rank fails here alike: finish the rows already
-                    self.averager.wait()       # launched, or their threads abort the process at exit
+                self._drain()  # every rank fails here alike: finish what was launched, or its threads abort at exit
                 if r > 0 and any(k in str(err) for k in _DDP_ERRORS):
                     raise RuntimeError(
                         "a second backward through a DistributedDataParallel model failed: DDP reduces once per "
                         "forward. Run the forward and cal.backward(losses) under `with ddp_model.no_sync():` and let "
                         "the calibrator average the gradients (README, \"Distributed training\")") from err
                 raise
+            finally:
+                if self.fsdp is not None:
+                    self.fsdp.active = None
+            if self.fsdp is not None:
+                self.fsdp.take(lay, objective, sample)
+                continue
+            if self.sharder is not None:  # overlap this objective's reduce-scatter with the next backward
+                self._scatter(objective, sample, [p.grad for p in lay.params])
+                for p in lay.params:
+                    p.grad = None
+                self.sharder.wait(keep_last=True)
+                continue
             self._keep_stray_gradients(objective, sample, targets)
             if reduce and self.averager is not None:  # this objective's rows are final: overlap their reduction
                 for seg in lay.reached:
                     j = seg.row_of(objective)
                     if j is not None:
-                        self.averager.launch(seg.buffers[GRADS].view(-1, len(seg.rows), seg.numel)[sample, j])
+                        self.averager.launch(seg.rows_view(GRADS)[sample, j])
         for p in lay.params:
             p.grad = None  # nothing stale is visible until the calibrated gradient is written
+
+    def _drain(self) -> None:
+        if self.averager is not None:
+            self.averager.wait()
+        if self.sharder is not None:
+            self.sharder.wait()
+
+    def _scatter(self, objective: int, sample: int, grads: List[Optional[Tensor]]) -> None:
+        """Hand objective ``objective``'s full gradients to the sharder. The reach is the same
+        on every rank (the facade took its union), so are the collectives; a gradient where
+        the walk saw no path exists on this rank only, and cannot join them."""
+        reach = self.layout.reach
+        stray = [i for i, g in enumerate(grads) if g is not None and objective not in reach[i]]
+        if stray:
+            self._drain()
+            p = self.layout.params[stray[0]]
+            raise RuntimeError(f"objective {objective} wrote a gradient into a parameter of shape {tuple(p.shape)} that "
+                               "its autograd graph does not lead to (a custom hook or autograd.Function?); with "
+                               "shard=True every rank must reduce-scatter the same rows, so it cannot be kept")
+        self.sharder.scatter(self.layout, objective, sample,
+                             [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads])
 
     def _point_grads_at_rows(self, objective: int, sample: int) -> List[bool]:
         """``p.grad`` := the view of p's row of ``objective`` (autograd adds into it in
@@ -154,16 +203,24 @@ class GradientCollector:
                 raise
             raise TypeError("backward_mode='batched' cannot produce sparse gradients (nn.Embedding(sparse=True)): "
                             "use backward_mode='loop', which densifies them into the buffer") from err
+        if self.sharder is not None:
+            reach = lay.reach  # a vmapped grad has a (zero) row for every objective; send the reached ones
+            for r in range(len(rows)):
+                self._scatter(r % m, r // m, [None if g is None or r % m not in reach[i] else g[r]
+                                              for i, g in enumerate(grads)])
+            if others:
+                stacked.sum().backward(inputs=others)
+            return
         for seg in lay.reached:
             buf = seg.buffers[GRADS].view(samples, len(seg.rows), seg.numel)
             rows_idx = torch.tensor(seg.rows, device=buf.device)
             at = 0
-            for i, p in zip(seg.index, seg.params):
-                g = grads[i]
+            for i in seg.index:
+                g, n = grads[i], lay.numels[i]
                 if g is not None:
                     part = g.reshape(samples, m, -1).index_select(1, rows_idx)
-                    dst = buf[:, :, at : at + p.numel()]
+                    dst = buf[:, :, at : at + n]
                     dst.add_(part) if accumulate else dst.copy_(part)
-                at += p.numel()
+                at += n
         if others:  # parameters outside the calibrator still get the summed gradient
             stacked.sum().backward(inputs=others)

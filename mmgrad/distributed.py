@@ -12,7 +12,7 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence, Set
 
 import torch
 import torch.distributed as dist
@@ -92,3 +92,15 @@ def broadcast_parameters(params: Iterable[Tensor], src: int = 0, process_group: 
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=src, group=group)
+
+
+def union_reach(reach: Sequence[Iterable[int]], num_objectives: int, group: Any, device: torch.device) -> List[Set[int]]:
+    """The objectives reaching each parameter on any rank (one small all-reduce).
+
+    Ranks exchange rows objective by objective and segment by segment, so they must lay
+    out the same rows even when a rank's batch leaves a path unused."""
+    flags = torch.zeros(len(reach), num_objectives, dtype=torch.float32, device=device)
+    for i, objectives in enumerate(reach):
+        flags[i, list(objectives)] = 1.0
+    dist.all_reduce(flags, group=group)
+    return [set(row.nonzero().flatten().tolist()) for row in flags.cpu()]

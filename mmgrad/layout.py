@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -54,6 +55,7 @@ class Segment:
     rows: Reach
     index: List[int]
     params: List[Tensor]
+    shapes: List[torch.Size]
     groups: List[int]
     group_offsets: Tensor
     lo: int
@@ -72,23 +74,50 @@ class Segment:
         except ValueError:
             return None
 
+    def rows_view(self, name: str) -> Tensor:
+        """Buffer ``name`` as ``(S, |R|, N_s)`` (S = 1 without leading dimensions); a view,
+        also when a sharded rank holds no element of the segment."""
+        buf = self.buffers[name]
+        return buf.unsqueeze(0) if buf.dim() == 2 else buf
+
     def param_views(self, name: str, flat_row: int) -> List[Tensor]:
         """Views shaped like the parameters into row ``flat_row`` of buffer ``name``
         (rows counted over the leading dimensions too); cached."""
         key = (name, flat_row)
         if key not in self._views:
-            row = self.buffers[name].view(-1, self.numel)[flat_row]
-            self._views[key] = split_views(row, self.params)
+            row = self.buffers[name].flatten(0, -2)[flat_row]
+            self._views[key] = split_views(row, self.shapes)
         return self._views[key]
 
 
-def split_views(flat: Tensor, params: Sequence[Tensor]) -> List[Tensor]:
-    """Consecutive views of a 1-D tensor, one shaped like each parameter."""
+def split_views(flat: Tensor, shapes: Sequence[torch.Size]) -> List[Tensor]:
+    """Consecutive views of a 1-D tensor, one of each shape."""
     views, at = [], 0
-    for p in params:
-        views.append(flat[at : at + p.numel()].view_as(p))
-        at += p.numel()
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[at : at + n].view(shape))
+        at += n
     return views
+
+
+def dim0_rows(shape: Sequence[int], rank: int, world: int) -> Tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 that ``rank`` holds of a tensor of ``shape``
+    split over ``world`` ranks as FSDP2 splits it (chunks of ``ceil(d0 / world)`` rows,
+    the last ones shorter or empty; a 0-dim tensor is one row).
+
+    >>> [dim0_rows((7, 3), rank, 4) for rank in range(4)]
+    [(0, 2), (2, 4), (4, 6), (6, 7)]
+    >>> [dim0_rows((3,), rank, 4) for rank in range(4)]   # the last rank holds nothing
+    [(0, 1), (1, 2), (2, 3), (3, 3)]
+    """
+    d0 = shape[0] if len(shape) else 1
+    chunk = -(-d0 // world)
+    return min(rank * chunk, d0), min((rank + 1) * chunk, d0)
+
+
+def shard_shape(shape: Sequence[int], rows: Tuple[int, int]) -> torch.Size:
+    """The shape of the rows ``[start, stop)`` of a tensor of ``shape``."""
+    return torch.Size((rows[1] - rows[0], *shape[1:]))
 
 
 class Layout:
@@ -97,14 +126,23 @@ class Layout:
     Args:
         groups: the calibrator's parameter groups (lists of leaf tensors).
         num_objectives: M.
+        shards: for a sharded calibrator (SPEC §8), the rows ``[start, stop)`` of each
+            parameter's dim 0 this rank holds; the layout then holds only those
+            (``num_elements`` counts them, ``total_elements`` the whole parameters).
     """
 
-    def __init__(self, groups: Sequence[Sequence[Tensor]], num_objectives: int) -> None:
+    def __init__(self, groups: Sequence[Sequence[Tensor]], num_objectives: int,
+                 shards: Optional[Sequence[Tuple[int, int]]] = None) -> None:
         self.num_objectives = num_objectives
         self.params: List[Tensor] = [p for grp in groups for p in grp]
         self.group_of: List[int] = [gi for gi, grp in enumerate(groups) for _ in grp]
         self.num_groups = len(groups)
-        self.num_elements = sum(p.numel() for p in self.params)
+        self.shards = None if shards is None else [tuple(r) for r in shards]
+        self.shapes: List[torch.Size] = ([p.shape for p in self.params] if self.shards is None else
+                                         [shard_shape(p.shape, r) for p, r in zip(self.params, self.shards)])
+        self.numels: List[int] = [math.prod(s) for s in self.shapes]
+        self.num_elements = sum(self.numels)
+        self.total_elements = sum(p.numel() for p in self.params)
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
         self.reach: List[Reach] = [() for _ in self.params]
@@ -134,17 +172,17 @@ class Layout:
         where = {}  # parameter -> (old segment, offset inside it)
         for seg in old_segments:
             at = 0
-            for i, p in zip(seg.index, seg.params):
+            for i in seg.index:
                 where[i] = (seg, at)
-                at += p.numel()
+                at += self.numels[i]
         for seg in self.segments:
             at = 0
-            for i, p in zip(seg.index, seg.params):
+            for i in seg.index:
                 old, old_at = where.get(i, (None, 0))
                 if old is not None:
                     for name in self._specs:
-                        self._carry(name, old, old_at, seg, at, p.numel(), old_reach[i])
-                at += p.numel()
+                        self._carry(name, old, old_at, seg, at, self.numels[i], old_reach[i])
+                at += self.numels[i]
 
     @staticmethod
     def _carry(name: str, old: Segment, old_at: int, new: Segment, at: int, size: int, rows: Reach) -> None:
@@ -170,16 +208,16 @@ class Layout:
                     if groups:
                         offsets.append(at)
                     groups.append(self.group_of[i])
-                at += self.params[i].numel()
+                at += self.numels[i]
             offsets.append(at)
-            seg = Segment(rows, members, [self.params[i] for i in members], groups,
+            seg = Segment(rows, members, [self.params[i] for i in members], [self.shapes[i] for i in members], groups,
                           torch.tensor(offsets, dtype=torch.int64), lo, lo + at)
             for name, spec in self._specs.items():
                 seg.buffers[name] = self._alloc(seg, spec)
             self.segments.append(seg)
             lo += at
         order = [i for seg in self.segments for i in seg.index]
-        views = split_views(self.out, [self.params[i] for i in order])
+        views = split_views(self.out, [self.shapes[i] for i in order])
         position = {i: k for k, i in enumerate(order)}
         self._where = {i: (seg, k) for seg in self.segments for k, i in enumerate(seg.index)}
         self.out_views: List[Tensor] = [views[position[i]] for i in range(len(self.params))]
@@ -224,14 +262,14 @@ class Layout:
         spec = self._specs[name]
         full = torch.zeros((*spec.lead, self.num_objectives, self.num_elements), device=self.device, dtype=spec.dtype)
         starts = [0]
-        for p in self.params:
-            starts.append(starts[-1] + p.numel())
+        for n in self.numels:
+            starts.append(starts[-1] + n)
         for seg in self.reached:
             at = 0
-            for i, p in zip(seg.index, seg.params):
+            for i in seg.index:
                 for j, objective in enumerate(seg.rows):
-                    full[..., objective, starts[i] : starts[i + 1]] = seg.buffers[name][..., j, at : at + p.numel()]
-                at += p.numel()
+                    full[..., objective, starts[i] : starts[i + 1]] = seg.buffers[name][..., j, at : at + self.numels[i]]
+                at += self.numels[i]
         return full
 
     def rows_held(self) -> int:

@@ -1,11 +1,17 @@
-"""One rank of the 2-rank gloo test (tests/test_distributed.py), or the single-process run.
+"""One rank of the multi-rank gloo tests (tests/test_distributed.py), or the single-process run.
 
-    python tests/distributed_worker.py RANK WORLD STORE_FILE METHOD WRAP OUT_FILE
+    python tests/distributed_worker.py RANK WORLD STORE_FILE METHODS WRAP OUT_FILE [CKPT_DIR]
+
+METHODS: one method or several, comma-separated; OUT_FILE holds {method: result} or {"error": ...}.
 
 WRAP: "plain" (model not wrapped; the calibrator averages everything), "plain_batched" /
-"ddp_batched" (backward_mode="batched"),
-"ddp_no_sync" (DDP-wrapped, forward and backward under no_sync), "ddp" (DDP-wrapped
-without no_sync: must fail with the calibrator's message).
+"ddp_batched" (backward_mode="batched"), "ddp_no_sync" (DDP-wrapped, forward and
+backward under no_sync), "ddp" (DDP-wrapped without no_sync: must fail with the
+calibrator's message); "shard" / "shard_batched" (shard=True, ZeRO-2), "fsdp"
+(fully_shard per encoder and at the root), "fsdp_accum" (two micro-batches per step);
+"shard_nan_skip" / "shard_nan_raise" (rank 1's batch poisoned at step NAN_STEP);
+"shard_first" / "shard_resume" and "fsdp_first" / "fsdp_resume" (5 steps and a per-rank
+checkpoint in CKPT_DIR, then 5 more in new processes).
 """
 
 from __future__ import annotations
@@ -21,44 +27,90 @@ import mmgrad  # noqa: E402
 from mmgrad.distributed import broadcast_parameters  # noqa: E402
 from toy_model import TwoView, batch  # noqa: E402
 
-STEPS, FULL_BATCH = 10, 16
+STEPS, FULL_BATCH, NAN_STEP, SPLIT = 10, 16, 3, 5
+# sharded setups split dim 0 over the ranks: 7 and 3 rows leave padded and (4 ranks) empty shards
+SIZES = {"hidden": 7, "extra": 3}
+OPTIONS = {"mmpareto": {"lagged": True}, "ogm": {"group_objectives": [1, 2, 1]}}
 
 
-def train(method: str, rank: int, world: int, wrap: str) -> list:
-    """10 SGD-momentum steps; rank r trains on its contiguous 1/world of each full batch."""
-    torch.manual_seed(rank)  # different inits on purpose: broadcast_parameters / DDP must fix them
-    model = TwoView()
+def build(method: str, rank: int, world: int, wrap: str):
+    torch.manual_seed(rank)  # different inits on purpose: broadcast_parameters / DDP / FSDP2 must fix them
+    model = TwoView(**SIZES)
     if world > 1:
         broadcast_parameters(model.parameters())
-    net = torch.nn.parallel.DistributedDataParallel(model) if wrap.startswith("ddp") else model
+    net = model
+    if wrap.startswith("ddp"):
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if wrap.startswith("fsdp") and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for part in (model.enc_a, model.enc_b, model.extra):
+            fully_shard(part, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mode = "batched" if wrap.endswith("batched") else "loop"
-    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, backward_mode=mode).attach(opt)
+    options = dict(OPTIONS.get(method, {}), backward_mode=mode, shard=wrap.startswith("shard"))
+    if "nan" in wrap:
+        options["skip_nonfinite"] = wrap.endswith("skip")
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, **options).attach(opt)
+    return model, net, opt, cal
+
+
+def train(method: str, rank: int, world: int, wrap: str, steps=range(STEPS), ckpt: str = "") -> dict:
+    """SGD-momentum steps; rank r trains on its contiguous 1/world of each full batch."""
+    model, net, opt, cal = build(method, rank, world, wrap)
+    if wrap.endswith("resume"):
+        saved = torch.load(os.path.join(ckpt, f"{method}-rank{rank}.pt"), weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        cal.load_state_dict(saved["cal"])
     gen = torch.Generator().manual_seed(123)
+    data = [batch(gen, FULL_BATCH) for _ in range(STEPS)]
     share = FULL_BATCH // world
-    for _ in range(STEPS):
-        full = batch(gen, FULL_BATCH)
-        mine = [t[rank * share:(rank + 1) * share] for t in full]
-        if wrap == "ddp_no_sync":
-            with net.no_sync():
+    if "nan" in wrap:  # a sample of rank 1's share (of the full batch in one process)
+        data[NAN_STEP][0][FULL_BATCH // 2, 0] = float("nan")
+    errors = []
+    for step in steps:
+        mine = [t[rank * share:(rank + 1) * share] for t in data[step]]
+        try:
+            if wrap == "ddp_no_sync":
+                with net.no_sync():
+                    cal.backward(net(*mine))
+            elif wrap == "fsdp_accum":  # two micro-batches, each half of the rank's share
+                half = share // 2
+                with cal.accumulate():
+                    cal.backward([0.5 * loss for loss in net(*[t[:half] for t in mine])])
+                cal.backward([0.5 * loss for loss in net(*[t[half:] for t in mine])])
+            else:
                 cal.backward(net(*mine))
-        else:
-            cal.backward(net(*mine))
-        opt.step()
+            opt.step()
+        except mmgrad.NonFiniteGradientError as err:
+            errors.append(str(err))
         opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()]
+    if wrap.endswith("first"):
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "cal": cal.state_dict()},
+                   os.path.join(ckpt, f"{method}-rank{rank}.pt"))
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return {"params": [p.detach().clone() for p in params], "errors": errors, "step_count": cal.step_count,
+            "memory": cal.memory_bytes()}
 
 
 def main() -> None:
     rank, world, store, method, wrap, out = sys.argv[1:7]
+    ckpt = sys.argv[7] if len(sys.argv) > 7 else ""
     rank, world = int(rank), int(world)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    steps = range(SPLIT) if wrap.endswith("first") else range(SPLIT, STEPS) if wrap.endswith("resume") else range(STEPS)
+    results = {}
     try:
-        params = train(method, rank, world, wrap)
-        torch.save({"params": params}, out)
+        for name in method.split(","):  # several methods in one process: one start-up, one process group
+            results[name] = train(name, rank, world, wrap, steps, ckpt)
     except RuntimeError as err:
-        torch.save({"error": str(err)}, out)
+        results = {"error": str(err)}
     finally:
+        torch.save(results, out)
         torch.distributed.destroy_process_group()
 
 

@@ -9,15 +9,18 @@ F = nn.functional
 
 
 class TwoView(nn.Module):
-    """Two encoders, a fusion head and per-view heads; a third input the unimodal heads never see."""
+    """Two encoders, a fusion head and per-view heads; a third input the unimodal heads never see.
 
-    def __init__(self, dtype=torch.float32):
+    ``hidden`` and ``extra`` size the encoders' and the extra layer's outputs (the sharded
+    tests pick sizes that do not split evenly over the ranks)."""
+
+    def __init__(self, dtype=torch.float32, hidden: int = 8, extra: int = 4):
         super().__init__()
-        self.enc_a = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
-        self.enc_b = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.extra = nn.Linear(3, 4)  # reached by the fusion loss only
-        self.fuse = nn.Linear(20, 3)
-        self.head_a, self.head_b = nn.Linear(8, 3), nn.Linear(8, 3)
+        self.enc_a = nn.Sequential(nn.Linear(6, hidden), nn.Tanh())
+        self.enc_b = nn.Sequential(nn.Linear(5, hidden), nn.Tanh())
+        self.extra = nn.Linear(3, extra)  # reached by the fusion loss only
+        self.fuse = nn.Linear(2 * hidden + extra, 3)
+        self.head_a, self.head_b = nn.Linear(hidden, 3), nn.Linear(hidden, 3)
         self.to(dtype)
 
     def forward(self, xa, xb, xc, y):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
 from ..collect import GRADS
 from ..layout import Layout
@@ -26,14 +27,16 @@ Flag = Union[bool, Tensor]  # a host bool, or a 0-dim device bool in the sync-fr
 @dataclass
 class StepContext:
     """What a method's step reads: the layout (rows and output), the backend's functions,
-    the M loss values (summed over accumulated calls), and the committed step count
-    (an int, or a 0-dim device tensor when ``sync_free``)."""
+    the M loss values (summed over accumulated calls), the committed step count
+    (an int, or a 0-dim device tensor when ``sync_free``), and, when each rank holds a
+    slice of the rows (SPEC §8), the group whose sums make the global statistics."""
 
     layout: Layout
     ops: ModuleType
     loss_values: Optional[Tensor]
     steps: Union[int, Tensor]
     sync_free: bool
+    group: Any = None
 
 
 @dataclass
@@ -77,6 +80,23 @@ class Method:
         return 0
 
 
+def all_reduce_sum(ctx: StepContext, tensors: Sequence[Tensor]) -> List[Tensor]:
+    """Sharded (SPEC §8): each tensor summed over the ranks, all in one all-reduce (float64;
+    counts stay exact below 2**53). Unsharded: the tensors as they are."""
+    if ctx.group is None:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat, group=ctx.group)
+    return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def all_ranks_ok(ctx: StepContext, ok: Tensor) -> Tensor:
+    """A local finiteness flag made global, so every rank takes the same decision."""
+    if ctx.group is None:
+        return ok
+    return all_reduce_sum(ctx, [(~ok).to(torch.float64)])[0] == 0
+
+
 def decide(ctx: StepContext, ok: Tensor) -> Flag:
     """The host mode reads the flag (a synchronisation); the sync-free mode keeps it on the device."""
     return ok if ctx.sync_free else bool(ok)
@@ -96,32 +116,36 @@ def check_losses(ctx: StepContext) -> Tuple[Tensor, Optional[StepResult]]:
 def locate_nonfinite(layout: Layout) -> str:
     """Names the first objective and parameter whose gradient is not finite."""
     for seg in layout.reached:
-        g = seg.buffers[GRADS].view(-1, len(seg.rows), seg.numel)
+        g = seg.rows_view(GRADS)
         bad = (~torch.isfinite(g)).nonzero()
         if bad.numel():
             _, row, d = bad[0].tolist()
             objective, at = seg.rows[row], 0
             for i, p in zip(seg.index, seg.params):
-                if at + p.numel() > d:
+                if at + layout.numels[i] > d:
                     return (f"the gradient of objective {objective} (losses[{objective}]) for parameter {i} "
                             f"(shape {tuple(p.shape)}) is not finite")
-                at += p.numel()
+                at += layout.numels[i]
+    if layout.shards is not None:
+        return "a per-objective gradient is not finite (in the slice another rank holds)"
     return "a per-objective gradient is not finite"
 
 
 def per_group_gram(ctx: StepContext) -> Tensor:
-    """The ``G x M x M`` Gram matrices (float64) from every segment's rows, one read."""
+    """The ``G x M x M`` Gram matrices (float64) from every segment's rows, one read
+    (summed over the ranks when they are sharded)."""
     lay = ctx.layout
     grams = torch.zeros(lay.num_groups, lay.num_objectives, lay.num_objectives, dtype=torch.float64, device=lay.device)
     for seg in lay.reached:
-        lay.scatter_gram(seg, ctx.ops.gram(seg.buffers[GRADS], group_offsets=seg.group_offsets), grams)
-    return grams
+        if seg.numel:
+            lay.scatter_gram(seg, ctx.ops.gram(seg.buffers[GRADS], group_offsets=seg.group_offsets), grams)
+    return all_reduce_sum(ctx, [grams])[0]
 
 
 def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """``out = sum_m alpha[group, m] g_m`` over every segment (zeros where nothing reaches);
     returns the count of non-finite gradient entries and, ``with_gram``, the Gram
-    matrices from the same read (the lagged mode)."""
+    matrices from the same read (the lagged mode), both summed over sharded ranks."""
     lay = ctx.layout
     nonfinite = torch.zeros((), dtype=torch.int64, device=lay.device)
     grams = None
@@ -130,7 +154,7 @@ def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[
     alpha = alpha.to(lay.device)
     for seg in lay.segments:
         out = lay.out[seg.lo : seg.hi]
-        if not seg.rows:
+        if not seg.rows or not seg.numel:
             out.zero_()
             continue
         rows = torch.tensor(seg.rows, device=lay.device)
@@ -139,6 +163,10 @@ def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[
         nonfinite = nonfinite + st["nonfinite"].to(lay.device)
         if with_gram:
             lay.scatter_gram(seg, st["gram"], grams)
+    if with_gram:
+        nonfinite, grams = all_reduce_sum(ctx, [nonfinite, grams])
+    else:
+        nonfinite = all_reduce_sum(ctx, [nonfinite])[0]
     return nonfinite, grams
 
 

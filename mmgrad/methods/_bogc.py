@@ -17,7 +17,7 @@ import torch
 from .. import _validation as V
 from ..collect import GRADS
 from ..reference.bogc import match_norm_
-from ._base import Method, StepContext, StepResult, decide, locate_nonfinite
+from ._base import Method, StepContext, StepResult, all_ranks_ok, all_reduce_sum, decide, locate_nonfinite
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -53,7 +53,7 @@ class BOGC(Method):
         ok = torch.ones((), dtype=torch.bool, device=lay.device)
         if not self.takes_samples:
             # one read of G before any state is written: a non-finite step leaves m, v intact
-            ok = ctx.ops.all_finite([seg.buffers[GRADS] for seg in segments]).to(lay.device)
+            ok = all_ranks_ok(ctx, ctx.ops.all_finite([seg.buffers[GRADS] for seg in segments]).to(lay.device))
             if decide(ctx, ok) is False:
                 return StepResult(False, lambda: locate_nonfinite(lay))
         kw = dict(gamma=o["gamma"], eps=o["eps"], confidence=o["confidence"], weights=o["weights"], rescale=False)
@@ -66,6 +66,8 @@ class BOGC(Method):
             if not seg.rows:  # no objective reaches: a vacuous opinion, zero output
                 raw.zero_()
                 u_sum = u_sum + seg.numel
+                continue
+            if not seg.numel:  # a sharded rank may hold no element of a small segment
                 continue
             g, off = seg.buffers[GRADS], seg.group_offsets
             if self.takes_samples:
@@ -86,6 +88,9 @@ class BOGC(Method):
             nonfinite = nonfinite + st["nonfinite"]
             u_sum = u_sum + st["uncertainty"] * seg.numel
             conflict_sum = conflict_sum + st["conflict"] * seg.numel
+        # sharded (SPEC §8): the per-coordinate work was local; these sums are global
+        grams, share_sum, sum_sq, out_sq, share_count, nonfinite, u_sum, conflict_sum = all_reduce_sum(
+            ctx, [grams, share_sum, sum_sq, out_sq, share_count, nonfinite, u_sum, conflict_sum])
         if self.takes_samples:  # no state to protect: the step's own count decides
             ok = nonfinite == 0
             if decide(ctx, ok) is False:
@@ -96,7 +101,7 @@ class BOGC(Method):
             lay.out.copy_(lay.raw)
         if not ctx.sync_free and not bool(torch.isfinite(out_sq)):  # finite inputs must give a finite output
             raise RuntimeError("mmgrad: the calibrated gradient is not finite although every input was; please report this")
-        n = max(lay.num_elements, 1)
+        n = max(lay.total_elements, 1)
         diagnostics = {"weights": share_sum / share_count.clamp_min(1.0), "uncertainty": u_sum / n,
                        "conflict": conflict_sum / n, "gram": grams}
         return StepResult(ok if ctx.sync_free else True, diagnostics=diagnostics)

@@ -19,8 +19,8 @@ import torch
 
 from .. import _validation as V
 from ..reference.moo import ogm_coefficients
-from ._base import (Method, StepContext, StepResult, check_losses, combine_segments, decide, locate_nonfinite,
-                    weighted_diagnostics)
+from ._base import (Method, StepContext, StepResult, all_reduce_sum, check_losses, combine_segments, decide,
+                    locate_nonfinite, weighted_diagnostics)
 
 Tensor = torch.Tensor
 
@@ -77,23 +77,28 @@ class OGM(Method):
             return StepResult(False, lambda: locate_nonfinite(lay))
         diagnostics = {**weighted_diagnostics(alpha, None), "ogm_coefficients": k, "ogm_ratio": rho}
         if o["noise"]:
-            diagnostics["noise_std"] = self._add_noise()
+            diagnostics["noise_std"] = self._add_noise(ctx)
         return StepResult(ok, diagnostics=diagnostics)
 
-    def _add_noise(self) -> Tensor:
+    def _add_noise(self, ctx: StepContext) -> Tensor:
         """GE: N(0, sigma_g^2) on group g's output, sigma_g its (unbiased) standard deviation
         over the group's coordinates; drawn per parameter in parameter order, so the draws
-        do not depend on the layout."""
+        do not depend on the layout (sharded, each rank draws the whole parameter's noise
+        and keeps its rows: the same draws as one process)."""
         lay = self.layout
         views = lay.out_views
         sums = torch.zeros(lay.num_groups, 3, dtype=torch.float64, device=lay.device)  # n, sum, sum of squares
         for i, g in enumerate(lay.group_of):
             x = views[i].to(torch.float64)
             sums[g] += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=lay.device), x.sum(), (x * x).sum()])
-        n, s1, s2 = sums.unbind(1)
+        n, s1, s2 = all_reduce_sum(ctx, [sums])[0].unbind(1)
         sigma = torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n) / torch.clamp_min(n - 1, 1.0), 0.0))
         for i, g in enumerate(lay.group_of):
-            noise = torch.randn(views[i].shape, generator=self.generator, device=lay.device, dtype=torch.float32)
+            shape = lay.params[i].shape
+            noise = torch.randn(shape, generator=self.generator, device=lay.device, dtype=torch.float32)
+            if lay.shards is not None:
+                start, stop = lay.shards[i]
+                noise = noise.reshape(shape[0] if len(shape) else 1, -1)[start:stop].reshape(views[i].shape)
             views[i].add_((noise * sigma[g].to(torch.float32)).to(views[i].dtype))
         return sigma
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Method, StepContext, StepResult, decide
+from ._base import Method, StepContext, StepResult, all_ranks_ok, decide
 
 
 class Sum(Method):
@@ -17,8 +17,9 @@ class Sum(Method):
         params = ctx.layout.params
         m = ctx.layout.num_objectives
         diagnostics = {"weights": torch.full((m,), 1.0 / m, dtype=torch.float64)}
-        grads = [p.grad for p in params if p.grad is not None]
-        ok = ctx.ops.all_finite(grads).to(ctx.layout.device)
+        # FSDP2's gradients are sharded DTensors: each rank checks its shard, all decide together
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params if p.grad is not None]
+        ok = all_ranks_ok(ctx, ctx.ops.all_finite(grads).to(ctx.layout.device))
         if decide(ctx, ok) is False:
             return StepResult(False, lambda: _locate(params), diagnostics)
         return StepResult(ok, diagnostics=diagnostics)
