@@ -10,6 +10,10 @@
 // that float32 results agree with the reference to rounding.
 #pragma once
 #include <cmath>
+#include <cstdint>
+#if !defined(__CUDA_ARCH__)
+#include <bit>
+#endif
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MMGRAD_HD __host__ __device__ __forceinline__
@@ -126,59 +130,185 @@ MMGRAD_HD T confidence_scale(Opinion<T> fused, int mode) {
   return mode == kConfidenceBelief ? belief : (mode == kConfidenceCertainty ? fused.b_pos + fused.b_neg : T(1));
 }
 
-// The Dempster-Shafer fold and the weight sums of one coordinate, objective by objective.
-// The fold runs in double whatever T is: the fused uncertainty of a few confident
-// objectives is a product of u ~ 2e-30 each (1e-60 for two), below float32's range, and
-// once it flushes to 0 a later opposite opinion meets a dogmatic one and the fold
-// forgets how confident each side was (found by the fuzz tests; README, "Spec notes").
-using FoldT = double;
+// The confidence mode as three 0/1 factors, formed once outside the coordinate loops:
+// selecting on an int mode inside them keeps GCC from vectorising the loop.
+template <typename T>
+struct ConfidenceMix {
+  T belief, certainty, none;
+};
+template <typename T>
+MMGRAD_HD ConfidenceMix<T> confidence_mix(int mode) {
+  return {mode == kConfidenceBelief ? T(1) : T(0), mode == kConfidenceCertainty ? T(1) : T(0),
+          mode == kConfidenceNone ? T(1) : T(0)};
+}
+template <typename T>
+MMGRAD_HD T confidence_scale(T b_pos, T b_neg, ConfidenceMix<T> c) {
+  const T d = b_pos - b_neg;
+  return c.belief * (d < T(0) ? -d : d) + c.certainty * (b_pos + b_neg) + c.none;
+}
+
+// ---- The fused step's Dempster-Shafer fold, in the gradient's own precision ----------
+// Each BOGC opinion supports one sign only: (b, 0, u) for mu > 0, (0, b, u) for mu < 0,
+// vacuous for mu = 0. Dempster's rule is associative, so the left-to-right fold of
+// SPEC §3.5 equals, exactly, combining the positive opinions into (1 - U+, 0, U+), the
+// negative ones into (0, 1 - U-, U-) with U = prod u, and then the two:
+//   kept = U+ + U- - U+ U-,  b+ = (1 - U+) U- / kept,  b- = (1 - U-) U+ / kept,
+//   u = U+ U- / kept,  conflict = 1 - kept = (1 - U+)(1 - U-).
+// U of a few confident objectives is a product of u ~ 2e-30 each, below float32's range,
+// so it is kept as mantissa * 2^exponent (an int): it cannot flush to zero, and the
+// division by kept happens once, after normalising by the larger U. B = 1 - U is kept
+// directly (B' = b + B u), so no belief is formed as a difference of near-1 numbers.
+// Float32 gradients then need no float64 per coordinate (README, "Spec notes" 12).
+
+template <typename T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using U = uint32_t;
+  static constexpr int kMant = 23, kBias = 127;
+};
+template <>
+struct FloatBits<double> {
+  using U = uint64_t;
+  static constexpr int kMant = 52, kBias = 1023;
+};
+
+MMGRAD_HD uint32_t to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return std::bit_cast<uint32_t>(x);
+#endif
+}
+MMGRAD_HD uint64_t to_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  return std::bit_cast<uint64_t>(x);
+#endif
+}
+template <typename T>
+MMGRAD_HD T from_bits(typename FloatBits<T>::U u) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) return __uint_as_float(u); else return __longlong_as_double(static_cast<long long>(u));
+#else
+  return std::bit_cast<T>(u);
+#endif
+}
+
+// x = mant * 2^exp with mant in [1, 2): a float with an int exponent.
+template <typename T>
+struct Wide {
+  T mant;
+  int32_t exp;
+};
+
+// w * x for x in [2^-100, 1] (an opinion's u, or 1): the product of mant in [1, 2) and x
+// is a normal number, whose exponent bits move into exp.
+template <typename T>
+MMGRAD_HD Wide<T> wide_mul(Wide<T> w, T x) {
+  using B = FloatBits<T>;
+  using U = typename B::U;
+  const U bits = to_bits(w.mant * x);
+  const int32_t e = static_cast<int32_t>(bits >> B::kMant) - B::kBias;
+  return {from_bits<T>((bits & ((U(1) << B::kMant) - 1)) | (U(B::kBias) << B::kMant)), w.exp + e};
+}
+
+// 2^k for k <= 0; 0 below the normal range.
+template <typename T>
+MMGRAD_HD T pow2(int32_t k) {
+  using B = FloatBits<T>;
+  using U = typename B::U;
+  return k <= -B::kBias ? T(0) : from_bits<T>(U(k + B::kBias) << B::kMant);
+}
 
 template <typename T>
 struct FoldState {
-  Opinion<FoldT> fused;  // fused opinion of the objectives folded so far
-  FoldT kept;            // prod over the folds of (1 - C)
+  T b_pos, b_neg;        // 1 - U+, 1 - U-: belief of the positive / negative objectives combined
+  Wide<T> u_pos, u_neg;  // U+, U-
   T w_sum;               // sum of the weights
   T n_reach;             // objectives that reach the coordinate
 };
 
 template <typename T>
+MMGRAD_HD FoldState<T> fold_start() {
+  return {T(0), T(0), {T(1), 0}, {T(1), 0}, T(0), T(0)};
+}
+
+template <typename T>
 struct FoldStep {
   FoldState<T> state;  // the fold with this objective joined
-  T weight;            // its raw weight: belief 1 - u (formed without cancellation) or lambda
+  T weight;            // its raw weight: belief b = 1 - u (formed without cancellation) or lambda
 };
 
-// SPEC §3.2-3.5 for objective k of one coordinate: its opinion joins the fold (the first
-// one starts it; `state` is then ignored).
+// SPEC §3.2-3.4 for objective k of one coordinate, joined to the fold: two divisions
+// (the precision, and 1/(e + 2) for both b and u).
 template <typename T>
-MMGRAD_HD FoldStep<T> fold_objective(FoldState<T> state, T mu, T var, BogcParams<T> prm, bool first) {
+MMGRAD_HD FoldStep<T> fold_objective(FoldState<T> s, T mu, T var, BogcParams<T> prm) {
   const T lam = precision(mu, var, prm.eps);
-  const Opinion<T> op = opinion(mu, evidence(mu, lam, prm.gamma));
-  const T w = prm.weights == kWeightsBelief ? op.b_pos + op.b_neg : lam;
-  const Opinion<FoldT> op_w{static_cast<FoldT>(op.b_pos), static_cast<FoldT>(op.b_neg), static_cast<FoldT>(op.u)};
-  const Combined<FoldT> c = ds_combine2(state.fused, op_w);
-  const T reach = lam > T(0) ? T(1) : T(0);
+  const T e = evidence(mu, lam, prm.gamma);
+  const T inv_strength = T(1) / (e + T(2));
+  const T b = e * inv_strength, u = T(2) * inv_strength;
+  const bool pos = mu > T(0), neg = mu < T(0);
   FoldStep<T> r;
-  r.state.fused.b_pos = first ? op_w.b_pos : c.fused.b_pos;
-  r.state.fused.b_neg = first ? op_w.b_neg : c.fused.b_neg;
-  r.state.fused.u = first ? op_w.u : c.fused.u;
-  r.state.kept = first ? FoldT(1) : state.kept * c.kept;
-  r.state.w_sum = first ? w : state.w_sum + w;
-  r.state.n_reach = first ? reach : state.n_reach + reach;
+  r.state.b_pos = pos ? b + s.b_pos * u : s.b_pos;
+  r.state.b_neg = neg ? b + s.b_neg * u : s.b_neg;
+  r.state.u_pos = wide_mul(s.u_pos, pos ? u : T(1));
+  r.state.u_neg = wide_mul(s.u_neg, neg ? u : T(1));
+  const T w = prm.weights == kWeightsBelief ? b : lam;
+  r.state.w_sum = s.w_sum + w;
+  r.state.n_reach = s.n_reach + (lam > T(0) ? T(1) : T(0));
   r.weight = w;
   return r;
 }
 
-// share_m = w_m / sum(w), a division each: 1/sum(w) overflows when the sum is subnormal
-// (belief weights of tiny gradients), and inf * 0 would put NaN into the gradient.
 template <typename T>
-MMGRAD_HD T share_of(T w, T w_sum) {
-  return w_sum > T(0) ? w / w_sum : T(0);
+struct Fused {
+  Opinion<T> op;
+  T conflict;
+};
+
+// The fused opinion of a finished fold (one division). With lo, hi the smaller and the
+// larger of U+, U- and everything divided by 2^exp(hi): kept' = C + A (1 - hi), where
+// A = lo / 2^exp(hi) and C = mant(hi) >= 1, so kept' never vanishes.
+template <typename T>
+MMGRAD_HD Fused<T> fused_opinion(FoldState<T> s) {
+  // | and &, not || and &&: a branch here would keep the CPU loop from vectorising
+  const bool pos_lo = (s.u_pos.exp < s.u_neg.exp) | ((s.u_pos.exp == s.u_neg.exp) & (s.u_pos.mant <= s.u_neg.mant));
+  const T lo_mant = pos_lo ? s.u_pos.mant : s.u_neg.mant, hi_mant = pos_lo ? s.u_neg.mant : s.u_pos.mant;
+  const int32_t lo_exp = pos_lo ? s.u_pos.exp : s.u_neg.exp, hi_exp = pos_lo ? s.u_neg.exp : s.u_pos.exp;
+  const T b_lo = pos_lo ? s.b_pos : s.b_neg, b_hi = pos_lo ? s.b_neg : s.b_pos;
+  const T A = lo_mant * pow2<T>(lo_exp - hi_exp);
+  const T C = hi_mant;
+  const T inv = T(1) / (C + A * b_hi);
+  const T f_lo = (b_lo * C) * inv, f_hi = (b_hi * A) * inv;
+  const T u = ((A * C) * pow2<T>(hi_exp)) * inv;
+  return {{pos_lo ? f_lo : f_hi, pos_lo ? f_hi : f_lo, u}, s.b_pos * s.b_neg};
+}
+
+// share_m = w_m / sum(w) as w_m * (1/sum(w)): one reciprocal per coordinate. A sum below
+// 2^-64 (belief weights of tiny gradients; a subnormal's reciprocal overflows, and inf * 0
+// would put NaN into the gradient) is scaled by 2^64 first, exactly.
+template <typename T>
+struct ShareScale {
+  T scale, inv;
+};
+template <typename T>
+MMGRAD_HD ShareScale<T> share_scale(T w_sum) {
+  const T scale = w_sum < T(5.421010862427522e-20) ? T(18446744073709551616.0) : T(1);
+  const T scaled = w_sum * scale;
+  return {scale, scaled > T(0) ? T(1) / scaled : T(0)};
+}
+template <typename T>
+MMGRAD_HD T share_of(T w, ShareScale<T> sc) {
+  return (w * sc.scale) * sc.inv;
 }
 
 // SPEC §3.6: ghat = confidence * n * sum_m share_m mu_m (weighted_mu is that sum).
+// (Scalars, not the Fused struct: GCC does not vectorise a loop passing that by value.)
 template <typename T>
-MMGRAD_HD T calibrated(FoldState<T> s, T weighted_mu, int confidence) {
-  return static_cast<T>(confidence_scale(s.fused, confidence)) * (s.n_reach * weighted_mu);
+MMGRAD_HD T calibrated(T b_pos, T b_neg, T n_reach, T weighted_mu, ConfidenceMix<T> confidence) {
+  return confidence_scale(b_pos, b_neg, confidence) * (n_reach * weighted_mu);
 }
 
 // SPEC §3.2-3.6 for one coordinate, as a GPU thread runs it: mu_at(k), var_at(k) give
@@ -189,27 +319,30 @@ template <typename T>
 struct CoordinateResult {
   T out;
   FoldState<T> state;
+  Fused<T> fused;
 };
 
 template <typename T, int MT, typename MuAt, typename VarAt, typename WeightAt>
 MMGRAD_HD CoordinateResult<T> bogc_coordinate(int m_count, const MuAt& mu_at, const VarAt& var_at,
                                              BogcParams<T> prm, const WeightAt& weight_at) {
   const int M = MT > 0 ? MT : m_count;
-  FoldState<T> s{{FoldT(0), FoldT(0), FoldT(1)}, FoldT(1), T(0), T(0)};
+  FoldState<T> s = fold_start<T>();
 MMGRAD_UNROLL
   for (int k = 0; k < M; ++k) {
-    const FoldStep<T> step = fold_objective(s, mu_at(k), var_at(k), prm, k == 0);
+    const FoldStep<T> step = fold_objective(s, mu_at(k), var_at(k), prm);
     s = step.state;
     weight_at(k) = step.weight;
   }
+  const ShareScale<T> sc = share_scale(s.w_sum);
   T weighted_mu = T(0);
 MMGRAD_UNROLL
   for (int k = 0; k < M; ++k) {
     T& w = weight_at(k);
-    w = share_of(w, s.w_sum);
+    w = share_of(w, sc);
     weighted_mu += w * mu_at(k);
   }
-  return {calibrated(s, weighted_mu, prm.confidence), s};
+  const Fused<T> f = fused_opinion(s);
+  return {calibrated(f.op.b_pos, f.op.b_neg, s.n_reach, weighted_mu, confidence_mix<T>(prm.confidence)), s, f};
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from mmgrad import ops
 from mmgrad import reference as R
-from mmgrad.verify import TOLERANCE, compare_all, random_case, rel_err
+from mmgrad.verify import TOLERANCE, compare_all, norm_sq_floor, random_case, rel_err
 
 from conftest import requires_cpu_kernels
 
@@ -65,8 +65,9 @@ def test_bogc_step_options_with_poisoned_outputs(gen, confidence, weights, resca
         ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, **kw)
         assert rel_err(res, ref) <= 1e-5, f"M={m}"
         assert rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
-        for key in ("sum_sq", "out_sq"):
-            assert rel_err(st[key], rst[key]) <= 1e-5, key
+        assert rel_err(st["sum_sq"], rst["sum_sq"]) <= 1e-5
+        # where the fused beliefs nearly tie, |b+ - b-| cancels: the backward-stable bound
+        assert rel_err(st["out_sq"], rst["out_sq"], norm_sq_floor(rst["out_sq"], c.g)) <= 1e-5
         for key in ("uncertainty", "conflict", "weights"):  # means of values in [0, 1]: absolute error
             assert (f64(st[key]) - f64(rst[key])).abs().max() <= 1e-6, key
         assert int(st["nonfinite"]) == 0

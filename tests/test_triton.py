@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
 from mmgrad import reference as R  # noqa: E402
-from mmgrad.verify import TOLERANCE, random_case, rel_err  # noqa: E402
+from mmgrad.verify import TOLERANCE, norm_sq_floor, random_case, rel_err  # noqa: E402
 
 
 def f64(t):
@@ -41,8 +41,9 @@ def test_bogc_step_matches_the_reference(gen, m, n):
     ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, group_offsets=c.group_offsets)
     assert rel_err(res, ref) <= 1e-5 and rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
     assert rel_err(st["gram"], rst["gram"]) <= 1e-12
-    for key in ("sum_sq", "out_sq"):
-        assert rel_err(st[key], rst[key]) <= 1e-5, key
+    assert rel_err(st["sum_sq"], rst["sum_sq"]) <= 1e-5
+    # where the fused beliefs nearly tie, |b+ - b-| cancels: the backward-stable bound
+    assert rel_err(st["out_sq"], rst["out_sq"], norm_sq_floor(rst["out_sq"], c.g)) <= 1e-5
     for key in ("uncertainty", "conflict", "weights"):  # means of values in [0, 1]: absolute error
         assert (f64(st[key]) - f64(rst[key])).abs().max() <= 1e-6, key
     assert int(st["nonfinite"]) == 0

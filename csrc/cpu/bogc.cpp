@@ -111,15 +111,18 @@ double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len
 }
 
 // The per-coordinate math of mmgrad_math.h, objective by objective over a chunk: each
-// loop below is element-wise over t (structure of arrays), so it vectorises.
+// loop below is element-wise over t (structure of arrays), so it vectorises; everything
+// per coordinate is in acc_t (float32 for float32/half gradients), the fold's products
+// in extended range (mmgrad_math.h), only the chunk's sums in double.
 template <Source src, typename scalar_t, typename acc_t, int MT>
 at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) {
   const int M = MT > 0 ? MT : a.M;  // a compile-time trip count where possible
   const StatsLayout L{M, plan.num_groups()};
-  // acc_t rows: mu, var, share (M each); w_sum, n_reach, weighted mu; one for loading
-  // samples. Then double rows (2 acc_t rows each at most): b_pos, b_neg, u, kept, total.
-  constexpr int64_t kDoubleRows = 5;
-  const int64_t elems = (3 * M + 4) * kChunk + kDoubleRows * kChunk * int64_t(sizeof(double) / sizeof(acc_t));
+  // acc_t rows: mu, var, share (M each); w_sum, n_reach, weighted mu, one for loading
+  // samples, b_pos, b_neg, mant_pos, mant_neg, share scale and reciprocal, the sum over
+  // m; two int32 rows (exp_pos, exp_neg; each fits in an acc_t row).
+  constexpr int64_t kRows = 13;
+  const int64_t elems = (3 * M + kRows) * kChunk;
   return run_chunks<acc_t>(plan, L, elems, [&](int64_t c, double* st, acc_t* buf) {
     int64_t grp, lo, len;
     plan.locate(c, grp, lo, len);
@@ -127,73 +130,89 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
     acc_t* var = mu + M * kChunk;
     acc_t* share = var + M * kChunk;
     acc_t *w_sum = share + M * kChunk, *n_reach = w_sum + kChunk, *wmu = n_reach + kChunk, *load = wmu + kChunk;
-    double* bp = reinterpret_cast<double*>(load + kChunk);  // the fold runs in double (mmgrad_math.h)
-    double *bn = bp + kChunk, *uu = bn + kChunk, *kept = uu + kChunk, *total = kept + kChunk;
+    acc_t *bp = load + kChunk, *bn = bp + kChunk, *mp = bn + kChunk, *mn = mp + kChunk;
+    acc_t *sc_scale = mn + kChunk, *sc_inv = sc_scale + kChunk, *total = sc_inv + kChunk;
+    int32_t* ep = reinterpret_cast<int32_t*>(total + kChunk);
+    int32_t* en = reinterpret_cast<int32_t*>(total + 2 * kChunk);
     st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, load);
     const BogcParams<acc_t> prm = a.prm;
 
+    const math::FoldState<acc_t> start = math::fold_start<acc_t>();
+    std::fill(bp, bp + len, start.b_pos);
+    std::fill(bn, bn + len, start.b_neg);
+    std::fill(mp, mp + len, start.u_pos.mant);
+    std::fill(mn, mn + len, start.u_neg.mant);
+    std::fill(ep, ep + len, start.u_pos.exp);
+    std::fill(en, en + len, start.u_neg.exp);
+    std::fill(w_sum, w_sum + len, start.w_sum);
+    std::fill(n_reach, n_reach + len, start.n_reach);
     for (int k = 0; k < M; ++k) {
       const acc_t *mk = mu + k * kChunk, *vk = var + k * kChunk;
       acc_t* sk = share + k * kChunk;
-      const bool first = k == 0;
 #pragma omp simd
       for (int64_t t = 0; t < len; ++t) {
-        const math::FoldStep<acc_t> r =
-            math::fold_objective(math::FoldState<acc_t>{{bp[t], bn[t], uu[t]}, kept[t], w_sum[t], n_reach[t]}, mk[t],
-                                 vk[t], prm, first);
+        const math::FoldStep<acc_t> r = math::fold_objective(
+            math::FoldState<acc_t>{bp[t], bn[t], {mp[t], ep[t]}, {mn[t], en[t]}, w_sum[t], n_reach[t]}, mk[t], vk[t],
+            prm);
         sk[t] = r.weight;
-        bp[t] = r.state.fused.b_pos;
-        bn[t] = r.state.fused.b_neg;
-        uu[t] = r.state.fused.u;
-        kept[t] = r.state.kept;
+        bp[t] = r.state.b_pos;
+        bn[t] = r.state.b_neg;
+        mp[t] = r.state.u_pos.mant;
+        ep[t] = r.state.u_pos.exp;
+        mn[t] = r.state.u_neg.mant;
+        en[t] = r.state.u_neg.exp;
         w_sum[t] = r.state.w_sum;
         n_reach[t] = r.state.n_reach;
       }
     }
-    std::fill(wmu, wmu + len, acc_t(0));
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) {
+      const math::ShareScale<acc_t> sc = math::share_scale(w_sum[t]);
+      sc_scale[t] = sc.scale;
+      sc_inv[t] = sc.inv;
+      wmu[t] = acc_t(0);
+      total[t] = acc_t(0);
+    }
     for (int k = 0; k < M; ++k) {
       const acc_t* mk = mu + k * kChunk;
       acc_t* sk = share + k * kChunk;
-      double share_sum = 0;
+      acc_t share_sum = 0;  // a diagnostic (the mean share): the chunk's sum in acc_t, then double
 #pragma omp simd reduction(+ : share_sum)
       for (int64_t t = 0; t < len; ++t) {
-        sk[t] = math::share_of(sk[t], w_sum[t]);
+        sk[t] = math::share_of(sk[t], math::ShareScale<acc_t>{sc_scale[t], sc_inv[t]});
         wmu[t] += sk[t] * mk[t];
-        share_sum += static_cast<double>(sk[t]);
+        total[t] += mk[t];  // sum_m g_m, for ||sum_m g_m||^2
+        share_sum += sk[t];
       }
-      st[L.share_sum() + k] += share_sum;
+      st[L.share_sum() + k] += static_cast<double>(share_sum);
     }
     acc_t* const out = a.out + lo;
-    double out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
-#pragma omp simd reduction(+ : out_sq, u_sum, conflict_sum, share_count)
+    acc_t *fu = load, *conflict = sc_scale;  // both free again: the fused u and conflict per coordinate
+    const math::ConfidenceMix<acc_t> mix = math::confidence_mix<acc_t>(prm.confidence);
+#pragma omp simd
     for (int64_t t = 0; t < len; ++t) {
-      const acc_t g =
-          math::calibrated(math::FoldState<acc_t>{{bp[t], bn[t], uu[t]}, kept[t], w_sum[t], n_reach[t]}, wmu[t],
-                           prm.confidence);
-      out[t] = g;
-      out_sq += static_cast<double>(g) * static_cast<double>(g);
-      u_sum += uu[t];
-      conflict_sum += 1.0 - kept[t];
-      share_count += w_sum[t] > acc_t(0) ? 1.0 : 0.0;
-    }
-    if constexpr (src == Source::kMoments) {  // the pure function's full diagnostics
-      for (int64_t t = 0; t < len; ++t) {
-        a.fused_u[lo + t] = static_cast<acc_t>(uu[t]);
-        a.fused_b_pos[lo + t] = static_cast<acc_t>(bp[t]);
-        a.fused_b_neg[lo + t] = static_cast<acc_t>(bn[t]);
+      const math::Fused<acc_t> f = math::fused_opinion(
+          math::FoldState<acc_t>{bp[t], bn[t], {mp[t], ep[t]}, {mn[t], en[t]}, w_sum[t], n_reach[t]});
+      out[t] = math::calibrated(f.op.b_pos, f.op.b_neg, n_reach[t], wmu[t], mix);
+      fu[t] = f.op.u;
+      conflict[t] = f.conflict;
+      if constexpr (src == Source::kMoments) {  // the pure function's full diagnostics
+        a.fused_u[lo + t] = f.op.u;
+        a.fused_b_pos[lo + t] = f.op.b_pos;
+        a.fused_b_neg[lo + t] = f.op.b_neg;
       }
     }
-    // ||sum_m g_m||^2, the sum over m in double as the reference forms it; row by row so
-    // that each loop vectorises.
-    std::fill(total, total + len, 0.0);
-    for (int k = 0; k < M; ++k) {
-      const acc_t* mk = mu + k * kChunk;
-#pragma omp simd
-      for (int64_t t = 0; t < len; ++t) total[t] += static_cast<double>(mk[t]);
+    // the chunk's sums in double (a loop of their own: reductions beside the element math
+    // above keep GCC from vectorising it)
+    double out_sq = 0, u_sum = 0, conflict_sum = 0, share_count = 0, sum_sq = 0;
+#pragma omp simd reduction(+ : out_sq, u_sum, conflict_sum, share_count, sum_sq)
+    for (int64_t t = 0; t < len; ++t) {
+      out_sq += static_cast<double>(out[t]) * static_cast<double>(out[t]);
+      sum_sq += static_cast<double>(total[t]) * static_cast<double>(total[t]);
+      u_sum += static_cast<double>(fu[t]);
+      conflict_sum += static_cast<double>(conflict[t]);
+      share_count += w_sum[t] > acc_t(0) ? 1.0 : 0.0;
     }
-    double sum_sq = 0;
-#pragma omp simd reduction(+ : sum_sq)
-    for (int64_t t = 0; t < len; ++t) sum_sq += total[t] * total[t];
     add_chunk_gram(M, mu, len, st + L.gram() + grp * M * M);
     st[L.sum_sq()] += sum_sq;
     st[L.out_sq()] += out_sq;

@@ -16,7 +16,6 @@ namespace mmgrad {
 namespace cuda {
 
 using math::BogcParams;
-using math::FoldState;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
@@ -102,14 +101,13 @@ struct BogcBlockStats {
     for (int k = 0; k < mm; ++k) total += static_cast<double>(mu[k]);
     const math::CoordinateResult<float> r = math::bogc_coordinate<float, M>(
         mm, [&](int k) { return mu[k]; }, [&](int k) { return var[k]; }, prm, [&](int k) -> float& { return w[k]; });
-    const FoldState<float>& s = r.state;
 #pragma unroll
     for (int k = 0; k < mm; ++k) share_sum[k] += w[k];
     sum_sq += total * total;
     out_sq += double(r.out) * double(r.out);
-    u_sum += s.fused.u;
-    conflict_sum += 1.0 - s.kept;
-    share_count += s.w_sum > 0.f ? 1.0 : 0.0;
+    u_sum += r.fused.op.u;
+    conflict_sum += r.fused.conflict;
+    share_count += r.state.w_sum > 0.f ? 1.0 : 0.0;
     if (M > 0) {
       int p = 0;
 #pragma unroll
@@ -128,7 +126,7 @@ __device__ __forceinline__ void unpack4(float4 q, float* x) { x[0] = q.x, x[1] =
 // per-objective values in local memory, and the Gram left to gram_pairs_kernel).
 // Vec = 4 (fp32 gradients, EMA, M <= 4, rows 16-byte aligned): g, m and v are read and
 // m, v and the output written as float4, four coordinates per thread and iteration.
-// The fold state is double (mmgrad_math.h), as on the CPU.
+// The fold runs in float32 (mmgrad_math.h: extended-range products), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
 template <typename scalar_t, int M, int Vec>
 // m_out, v_out may alias m_in, v_in (the calibrator's one slot, updated in place): each

@@ -1,0 +1,56 @@
+"""Before/after in one process: the CPU kernels of an earlier build against this tree's.
+
+    python benchmarks/ab_kernels.py PATH/TO/OLD/_C.cpython-311-x86_64-linux-gnu.so
+
+Builds the earlier commit's extension elsewhere (``git worktree add /tmp/before REV``,
+``python setup.py build_ext --inplace`` there), loads it beside ``mmgrad._C``, and times
+both kernels on the same inputs, alternately, with a memcpy of the same bytes into
+memory already touched (``mmgrad.tools.bench.memcpy_seconds``: the warm-up call takes the
+page faults). bogc_step moves (5M + 1) N floats: G read, the two EMA rows read and
+written, the output written; the Gram reads G once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+
+from mmgrad.kernels import cpu as K
+from mmgrad.tools.bench import memcpy_seconds, timeit
+
+
+def load(path: str):
+    spec = importlib.util.spec_from_file_location("_C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv) -> int:
+    before, after = load(argv[0]), K._ext()
+    n = 16 * 2**20
+    print(f"N = 16 M, float32, {torch.get_num_threads()} threads; % memcpy = t_memcpy / t_kernel, same bytes, one run")
+    print(f"{'kernel':10s} {'M':>2s} {'before ms':>10s} {'after ms':>9s} {'before':>8s} {'after':>8s} {'speed-up':>9s}")
+    for m in (2, 4, 8):
+        gen = torch.Generator().manual_seed(m)
+        g = torch.randn(m, n, generator=gen)
+        state = [torch.rand(m, n, generator=gen) for _ in range(2)]
+        raw, off = torch.empty(n), torch.tensor([0, n])
+        cases = {
+            "bogc_step": ((5 * m + 1) * n * 4,
+                          lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, 3, 0.9, 1.0, 1e-8, 0, 0)),
+            "gram": (m * n * 4, lambda ext: ext.gram(g, off)),
+        }
+        for name, (nbytes, call) in cases.items():
+            t_before = timeit(lambda: call(before))
+            t_after = timeit(lambda: call(after))
+            t_copy = memcpy_seconds(nbytes)
+            print(f"{name:10s} {m:2d} {1e3 * t_before:10.1f} {1e3 * t_after:9.1f} {100 * t_copy / t_before:7.0f}% "
+                  f"{100 * t_copy / t_after:7.0f}% {t_before / t_after:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
