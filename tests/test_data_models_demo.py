@@ -97,7 +97,8 @@ def test_fit_with_every_calibrator_method_on_i2m2():
         assert len(hist.val_accuracy) == 2 and hist.weights
 
 
-@pytest.mark.parametrize("task", ["UCI, 4 views (fac fou zer mor)", "complementary synthetic, 3 views"])
+@pytest.mark.parametrize("task", ["UCI, 4 views (fac fou zer mor)", "UCI, 4 views, 5 % training split",
+                                  "complementary synthetic, 3 views"])
 def test_quick_demo_end_to_end(tmp_path, task):
     from mmgrad.demo import CONTROLS, main
 
