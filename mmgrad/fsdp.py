@@ -85,13 +85,10 @@ class FSDPGradients:
                     p.grad = None
             return on_grad
 
-        self._handles = [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):  # no-ops once this object is gone (a weak reference)
+            p.register_post_accumulate_grad_hook(hook(i))
         self._grads: List[Tensor] = []
         self._grads_of: Optional[List[Tensor]] = None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
     def take(self, layout: Layout, objective: int, sample: int) -> None:
         """After objective ``objective``'s backward: grow the reach to the parameters that
