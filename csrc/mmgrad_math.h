@@ -122,14 +122,6 @@ MMGRAD_HD Combined<T> ds_combine2(Opinion<T> a, Opinion<T> b) {
   return {{p * inv, n * inv, total_conflict ? T(1) : a.u * (b.u * inv)}, kept};
 }
 
-template <typename T>
-MMGRAD_HD T confidence_scale(Opinion<T> fused, int mode) {
-  const T d = fused.b_pos - fused.b_neg;
-  const T belief = d < T(0) ? -d : d;
-  // certainty 1 - u formed as b_pos + b_neg (the opinion sums to 1): no cancellation when u ~ 1
-  return mode == kConfidenceBelief ? belief : (mode == kConfidenceCertainty ? fused.b_pos + fused.b_neg : T(1));
-}
-
 // The confidence mode as three 0/1 factors, formed once outside the coordinate loops:
 // selecting on an int mode inside them keeps GCC from vectorising the loop.
 template <typename T>
@@ -141,6 +133,7 @@ MMGRAD_HD ConfidenceMix<T> confidence_mix(int mode) {
   return {mode == kConfidenceBelief ? T(1) : T(0), mode == kConfidenceCertainty ? T(1) : T(0),
           mode == kConfidenceNone ? T(1) : T(0)};
 }
+// certainty 1 - u is formed as b_pos + b_neg (the opinion sums to 1): no cancellation when u ~ 1
 template <typename T>
 MMGRAD_HD T confidence_scale(T b_pos, T b_neg, ConfidenceMix<T> c) {
   const T d = b_pos - b_neg;

@@ -62,6 +62,16 @@ def graph_reach(roots: Sequence[Tensor], params: Sequence[Tensor], num_objective
     return reach, list(others.values())
 
 
+def add_to_rows(layout: Layout, objective: int, sample: int, grads: Dict[int, Tensor]) -> None:
+    """Add ``grads[i]`` (parameter i's gradient of ``objective``, shaped as the layout holds
+    parameter i) into micro-batch ``sample``'s row of it, growing the reach first where the
+    layout has no such row, so no gradient is dropped."""
+    layout.extend([{objective} if i in grads else () for i in range(len(layout.params))])
+    for i, g in grads.items():
+        seg, k = layout.locate(i)
+        seg.param_views(GRADS, sample * len(seg.rows) + seg.row_of(objective))[k].add_(g)
+
+
 class GradientCollector:
     """Fills the layout's ``grads`` rows from M (or S x M) losses; see the module docstring.
 
@@ -181,14 +191,9 @@ class GradientCollector:
         stray = [(i, p.grad) for i, (p, t) in enumerate(zip(lay.params, targets)) if not t and p.grad is not None]
         if not stray:
             return
-        strays = {i for i, _ in stray}
-        for i in strays:
+        for i, _ in stray:
             lay.params[i].grad = None
-        lay.extend([{objective} if i in strays else () for i in range(len(lay.params))])
-        for i, g in stray:
-            seg, k = lay.locate(i)
-            row = sample * len(seg.rows) + seg.row_of(objective)
-            seg.param_views(GRADS, row)[k].add_(g.to_dense() if g.layout != torch.strided else g)
+        add_to_rows(lay, objective, sample, {i: g.to_dense() if g.layout != torch.strided else g for i, g in stray})
 
     # --------------------------------------------------------------- batched
     def _batched(self, rows: List[Tensor], samples: int, accumulate: bool, others: List[Tensor]) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .collect import GRADS
+from .collect import add_to_rows
 from .layout import Layout, dim0_rows, shard_shape
 
 Tensor = torch.Tensor
@@ -94,11 +94,7 @@ class FSDPGradients:
         """After objective ``objective``'s backward: grow the reach to the parameters that
         got a shard, and add each shard into its row."""
         stash, self._stash = self._stash, {}
-        layout.extend([{objective} if i in stash else () for i in range(len(self.params))])
-        for i, shard in stash.items():
-            seg, k = layout.locate(i)
-            row = sample * len(seg.rows) + seg.row_of(objective)
-            seg.param_views(GRADS, row)[k].add_(shard)
+        add_to_rows(layout, objective, sample, stash)
 
     def write(self, out_views: Sequence[Tensor]) -> None:
         """``.grad`` := sharded DTensors over the local calibrated output (cached per layout)."""

@@ -16,6 +16,7 @@ a bucket packs several parameters rank-major (``[world, chunk_1 + chunk_2 + ...]
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .collect import GRADS
-from .layout import Layout, dim0_rows
+from .layout import Layout, dim0_rows, shard_shape
 
 Tensor = torch.Tensor
 
@@ -66,9 +67,8 @@ class RowSharder:
         self.params = list(params)
         #: the rows [start, stop) of dim 0 of each parameter this rank holds
         self.rows: List[Tuple[int, int]] = [dim0_rows(p.shape, self.rank, self.world) for p in self.params]
-        d0 = [p.shape[0] if p.dim() else 1 for p in self.params]
-        # elements per rank of each parameter in a collective (padded)
-        self.chunk: List[int] = [-(-d // self.world) * (p.numel() // d if d else 0) for p, d in zip(self.params, d0)]
+        # elements per rank of each parameter in a collective (padded): rank 0's chunk is a full one
+        self.chunk: List[int] = [math.prod(shard_shape(p.shape, dim0_rows(p.shape, 0, self.world))) for p in self.params]
         self._batches: List[List[_Launched]] = []
 
     # ------------------------------------------------------- reduce-scatter
@@ -110,10 +110,6 @@ class RowSharder:
                 launched.work.wait()
                 for row, off, n in launched.targets:
                     row.add_(launched.received[off : off + n])
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._batches)
 
     # ----------------------------------------------------------- all-gather
     def gather(self, local: Sequence[Tensor], full: Sequence[Tensor]) -> None:

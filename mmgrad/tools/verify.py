@@ -30,6 +30,13 @@ Tensor = torch.Tensor
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def stable_floor(mu: Tensor) -> float:
+    """The backward-stable error scale of a BOGC output (README, "Spec notes" 15): it is a
+    weighted sum of the M rows of ``mu`` (``M x N``, or ``S x M x N`` samples), so where it
+    cancels its natural bound is eps * M * max|mu|, not eps * |output|; for ``rel_err(..., floor)``."""
+    return mu.shape[-2] * float(mu.detach().to("cpu", torch.float64).abs().max())
+
+
 def norm_sq_floor(out_sq: Tensor, mu: Tensor) -> float:
     """The backward-stable floor for ``||out||^2`` (README, "Spec notes" 15): each output
     coordinate may err by about eps * M * max_m |mu_m| where the fused beliefs nearly tie,
@@ -120,7 +127,7 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
     # |b+ - b-| * mu_F cancels where the fused beliefs nearly tie: judged, as the fuzz tests
     # do, by the backward-stable bound eps * M * max|mu| (README, "Spec notes" 15), not by
     # the output's own size (seed 875069989: b+ 0.2748, b- 0.2725 gave 1.5e-5 in float32).
-    floor = mu.shape[0] * float(_f64(mu).abs().max())
+    floor = stable_floor(mu)
     for conf in ("belief", "certainty", "none"):
         for w in ("belief", "precision"):
             out, d = ops.bogc_from_moments(mu, var_in, confidence=conf, weights=w, backend=b)
@@ -132,11 +139,10 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
     rout, _, _, rst = ref.bogc_step(_f64(c.g), _f64(c.m), _f64(c.v), c.step, group_offsets=c.group_offsets)
     # the steps by the same backward-stable bound (seed 790576208: M = 11, N = 1, a sample
     # step's near-tie gave 1.8e-4 relative to its output, with either fold)
-    step_floor = c.g.shape[0] * float(_f64(c.g).abs().max())
-    errs["bogc_step"] = max(rel_err(out, rout, step_floor), rel_err(st["gram"], rst["gram"]))
+    errs["bogc_step"] = max(rel_err(out, rout, stable_floor(c.g)), rel_err(st["gram"], rst["gram"]))
     out, _ = ops.bogc_sample_step(c.samples, group_offsets=c.group_offsets, backend=b)
     rout, _ = ref.bogc_sample_step(_f64(c.samples), group_offsets=c.group_offsets)
-    errs["bogc_sample_step"] = rel_err(out, rout, c.samples.shape[1] * float(_f64(c.samples).abs().max()))
+    errs["bogc_sample_step"] = rel_err(out, rout, stable_floor(c.samples))
     k = ops.gram(c.g, group_offsets=c.group_offsets, backend=b)
     rk = ref.gram(_f64(c.g), group_offsets=c.group_offsets)
     errs["gram"] = rel_err(k, rk)
