@@ -7,17 +7,21 @@ Builds the earlier commit's extension elsewhere (``git worktree add /tmp/before 
 both kernels on the same inputs, alternately, with a memcpy of the same bytes into
 memory already touched (``mmgrad.tools.bench.memcpy_seconds``: the warm-up call takes the
 page faults). bogc_step moves (5M + 1) N floats: G read, the two EMA rows read and
-written, the output written; the Gram reads G once.
+written, the output written; the Gram reads G once. Builds before the EMA kept
+``mean, var`` (README, Spec note 3) take the step count and beta instead of the step's
+weights; each is called its own way, on the same bytes.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 
 import torch
 
 from mmgrad.kernels import cpu as K
+from mmgrad.reference.bogc import ema_weights
 from mmgrad.tools.bench import memcpy_seconds, timeit
 
 
@@ -26,6 +30,13 @@ def load(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def ema_args(ext, step: int = 3, beta: float = 0.9):
+    """The EMA arguments ``ext.bogc_step`` takes: ``(step, beta)`` up to mmgrad 0.2, the
+    step's weights ``(alpha, 1 - alpha)`` since."""
+    old = re.search(r"arg7: (int|typing.SupportsInt)\b", ext.bogc_step.__doc__)
+    return (step, beta) if old else ema_weights(step, beta)
 
 
 def main(argv) -> int:
@@ -40,7 +51,8 @@ def main(argv) -> int:
         raw, off = torch.empty(n), torch.tensor([0, n])
         cases = {
             "bogc_step": ((5 * m + 1) * n * 4,
-                          lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, 3, 0.9, 1.0, 1e-8, 0, 0)),
+                          lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, *ema_args(ext),
+                                                    1.0, 1e-8, 0, 0)),
             "gram": (m * n * 4, lambda ext: ext.gram(g, off)),
         }
         for name, (nbytes, call) in cases.items():

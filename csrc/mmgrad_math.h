@@ -33,10 +33,6 @@ namespace math {
 // Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32, so the
 // Dempster-Shafer fold never meets 0/0 (README, "Spec notes").
 constexpr double kEvidenceMax = 1e30;
-template <typename T>
-MMGRAD_HD T max0(T x) {
-  return x > T(0) ? x : T(0);
-}
 
 // Runtime-M kernels keep per-objective values in registers/stack arrays of this size.
 constexpr int kMaxObjectives = 64;
@@ -55,23 +51,22 @@ struct BogcParams {
   int confidence, weights;
 };
 
-// SPEC §3.1: one EMA update and the bias-corrected variance. The update runs in double
-// (W): the state is stored as T, but v_hat - m_hat^2 cancels badly when sigma^2 << m^2,
-// so the variance is formed from the unrounded moments, as the float64 oracle does.
-// one_minus_beta and inv_bias_correction = 1/(1-beta^t) are formed on the host.
+// SPEC §3.1's EMA, kept as the bias-corrected mean and the variance themselves (Spec
+// note 3): with alpha = (1-beta)/(1-beta^t), m_hat' = m_hat + alpha*d and
+// var' = (1-alpha)(var + alpha*d^2) for d = g - m_hat, which equals v_hat - m_hat^2 of
+// SPEC's (m, v) but sums only non-negative terms: no cancellation, so it runs in the
+// gradient's precision. alpha and 1-alpha (formed apart, in double) come from the host.
 template <typename T>
 struct EmaResult {
-  T m, v, var;  // updated moments (stored as T) and the bias-corrected variance
+  T mean, var;  // the updated state; var is also the step's variance
 };
 
-template <typename T, typename W = double>
-MMGRAD_HD EmaResult<T> ema_update(T g, T m0, T v0, W beta, W one_minus_beta, W inv_bias_correction) {
-  const W gw = static_cast<W>(g);
-  const W mw = beta * static_cast<W>(m0) + one_minus_beta * gw;
-  const W vw = beta * static_cast<W>(v0) + one_minus_beta * (gw * gw);
-  const W m_hat = mw * inv_bias_correction;
-  const W d = vw * inv_bias_correction - m_hat * m_hat;
-  return {static_cast<T>(mw), static_cast<T>(vw), static_cast<T>(max0(d))};
+template <typename T>
+MMGRAD_HD EmaResult<T> ema_update(T g, T mean0, T var0, T alpha, T one_minus_alpha) {
+  const T d = g - mean0;
+  const T ad = alpha * d;
+  // (1-alpha)*alpha*d first: on step 1 (alpha = 1) it is 0 even where d*d overflows
+  return {mean0 + ad, one_minus_alpha * var0 + (one_minus_alpha * ad) * d};
 }
 
 // SPEC §3.2: 0 where the objective does not reach the coordinate (mu = var = 0 exactly).

@@ -497,11 +497,11 @@ class FusedCalibrator:
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Method, options, step count, the layout's reach and the method's state (BOGC's
-        EMA moments per segment, the lagged weights). Sharded, it is this rank's shard
+        EMA mean and variance per segment, the lagged weights). Sharded, it is this rank's shard
         (``"shard": {"rank", "world"}``): save one file per rank, as FSDP2's
         ``model.state_dict()`` is per rank, and resume with the same world size."""
         return {
-            "format": 2,
+            "format": 3,
             "shard": None if self._shard_of is None else dict(self._shard_of),
             "method": self.method,
             "num_objectives": self.num_objectives,
@@ -514,7 +514,8 @@ class FusedCalibrator:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a ``state_dict`` of a calibrator built with the same parameters and method."""
+        """Restore a ``state_dict`` of a calibrator built with the same parameters and method
+        (checkpoints of mmgrad 0.1 and 0.2, which held SPEC's raw moments, load too)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
         for key, mine in (("method", self.method), ("num_objectives", self.num_objectives), ("num_elements", self.num_elements)):
@@ -551,8 +552,9 @@ class FusedCalibrator:
 
 
 def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
-    """A checkpoint of mmgrad 0.1 (dense ``M x N`` moments) in the reach layout. A row whose
-    moments are all zero is exactly a row never reached, so the reach is read off them."""
+    """A checkpoint of mmgrad 0.1 (dense ``M x N`` moments) in the reach layout (the raw
+    moments per segment, as 0.2 saved them). A row whose moments are all zero is exactly a
+    row never reached, so the reach is read off them."""
     state = dict(state)
     if "m" not in state:
         state["reach"] = [() for _ in layout.params]
@@ -573,7 +575,7 @@ def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
         parts = []
         for seg in layout.reached:
             cols = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in seg.index])
-            parts.append(dense[list(seg.rows)][:, cols].to(seg.buffers[name].dtype))
+            parts.append(dense[list(seg.rows)][:, cols])
         state[name] = parts
     return state
 

@@ -187,7 +187,7 @@ def test_cuda_backend_without_cuda_says_why():
         checks_only.moo_weights(torch.zeros(1, 17, 17, dtype=torch.float64), "mgda")
     with pytest.raises(ValueError, match='losses must be given when normalize="loss"'):
         checks_only.moo_weights(torch.zeros(1, 3, 3, dtype=torch.float64), "mgda", normalize="loss")
-    with pytest.raises(TypeError, match="m must be torch.float32 for backend='cuda'"):
+    with pytest.raises(TypeError, match="mean must be torch.float32 for backend='cuda'"):
         checks_only.bogc_step(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1)
     with pytest.raises(RuntimeError, match="built only where torch has CUDA"):
         cuda._ext()

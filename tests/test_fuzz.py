@@ -107,22 +107,55 @@ def check_backend(b, case, pools):
     mu = g.to(state_dt)
     var = torch.zeros_like(mu) if case["zero_var"] else draw_values(rng, (m, n), dt, pools).to(state_dt).abs()
     var[mu == 0] = 0
+    # EMA state: a mean half the gradient (so the deviation is too), the drawn variance
+    mean_state = torch.where(mu == 0, torch.zeros_like(mu), mu * 0.5)
+    var_state = var.clone()
+    ema = dict(beta=case["beta"])
+    ref_mean, ref_var = R.ema_moments(_f64(g), _f64(mean_state), _f64(var_state), case["step"], **ema)
+    # A variance beyond the state dtype's range (|g - mean| above ~1e19 in float32) cannot be
+    # stored, in SPEC's m, v either: it saturates to inf (test_kernels_cpu pins that), so the
+    # steps are compared where the next variance fits; those columns are left unreached.
+    over = (ref_var > torch.finfo(state_dt).max).any(0)
+    for t in (g, mu, var, mean_state, var_state):
+        t[:, over] = 0
     tol = TOLERANCE[dt]
     # The direction is a weighted sum of the mu: where it cancels, the natural error bound is
     # eps * M * max|mu|, not eps * |result| (backward stability), so that is the floor.
     floor = max(FLOOR[dt], stable_floor(mu))
     kw = dict(confidence=case["confidence"], weights=case["weights"])
     ref_out, ref_d = R.bogc_from_moments(_f64(mu), _f64(var), **kw)
-    m_state = torch.where(mu == 0, torch.zeros_like(mu), mu * 0.5)
-    v_state = (_f64(m_state) ** 2 + _f64(var)).clamp_max(torch.finfo(state_dt).max).to(state_dt)  # finite state
     # Norm matching is compared apart: it amplifies whatever the cancellation left (in float64
     # too), so the step is checked before it and the norms it uses are checked on their own.
-    ref_step, _, _, ref_st = R.bogc_step(_f64(g), _f64(m_state), _f64(v_state), case["step"], beta=case["beta"], rescale=False, **kw)
+    ref_step, ref_mean, ref_var, ref_st = R.bogc_step(_f64(g), _f64(mean_state), _f64(var_state), case["step"],
+                                                      rescale=False, **ema, **kw)
     out, d = ops.bogc_from_moments(mu, var, backend=b, **kw)
     assert rel_err(out, ref_out, floor) <= tol, (b, "bogc_from_moments")
     assert rel_err(d["uncertainty"], ref_d["uncertainty"], 1.0) <= max(tol, 1e-6), (b, "uncertainty")
-    step_out, _, _, st_ = ops.bogc_step(g, m_state, v_state, case["step"], beta=case["beta"], rescale=False, backend=b, **kw)
+    step_out, new_mean, new_var, st_ = ops.bogc_step(g, mean_state, var_state, case["step"], rescale=False, backend=b,
+                                                     **ema, **kw)
     assert torch.isfinite(step_out).all(), (b, "bogc_step non-finite")
     assert rel_err(step_out, ref_step, floor) <= tol, (b, "bogc_step")
+    # the state in float32 arithmetic (Spec note 3): the mean, a sum that may cancel, to its
+    # terms' size; the variance, a sum of non-negative terms, to its own, or to the dtype's
+    # smallest normal (d^2 of subnormal gradients flushes; next to eps it cannot matter)
+    state_floor = float(_f64(mean_state).abs().max() + (_f64(g) - _f64(mean_state)).abs().max())
+    assert rel_err(new_mean, ref_mean, state_floor) <= tol, (b, "EMA mean")
+    assert rel_err(new_var, ref_var, torch.finfo(state_dt).tiny) <= tol, (b, "EMA variance")
     assert rel_err(st_["sum_sq"], ref_st["sum_sq"]) <= 1e-6, (b, "sum_sq")
     assert rel_err(ops.gram(g, backend=b), R.gram(_f64(g))) <= 1e-12, (b, "gram")
+
+
+@pytest.mark.parametrize("backend", ["reference", *AVAILABLE])
+def test_a_variance_beyond_the_state_dtype_saturates_and_the_objective_goes_vacuous(backend):
+    """|g - mean| = 2e30: the variance (~1e60) does not fit float32 state (SPEC's v = g^2
+    would not either). It is stored as inf, so the precision there is 0 and the objective
+    gives no opinion on that coordinate: the step equals the other objective's alone, and
+    every output and every other state entry stays finite (README, Spec note 3)."""
+    g = torch.tensor([[1e30, 2.0, -3.0], [1.0, 1.0, 1.0]])
+    mean, var = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    mean[0, 0] = -1e30
+    out, new_mean, new_var, _ = ops.bogc_step(g, mean, var, 2, beta=0.5, rescale=False, backend=backend)
+    assert new_var[0, 0] == float("inf") and torch.isfinite(new_var.flatten()[1:]).all()
+    assert torch.isfinite(new_mean).all() and torch.isfinite(out).all()
+    alone, *_ = R.bogc_step(g[1:], mean[1:], var[1:], 2, beta=0.5, rescale=False)
+    assert rel_err(out[:1], alone[:1]) <= 1e-6

@@ -42,9 +42,9 @@ def test_large_n_not_a_multiple_of_the_chunk(gen, m, dtype):
     n = 2**20 + 3
     c = random_case(m, n, dtype, gen, samples=2)
     out = torch.full((n,), float("nan"), dtype=dtype)
-    m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
-    res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, out=out, m_out=m_out, v_out=v_out, backend="cpu")
-    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, group_offsets=c.group_offsets)
+    m_out, v_out = torch.full_like(c.mean, float("nan")), torch.full_like(c.var, float("nan"))
+    res, m1, v1, st = ops.bogc_step(c.g, c.mean, c.var, c.step, group_offsets=c.group_offsets, out=out, mean_out=m_out, var_out=v_out, backend="cpu")
+    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step, group_offsets=c.group_offsets)
     assert res.data_ptr() == out.data_ptr() and m1.data_ptr() == m_out.data_ptr()
     tol = TOLERANCE[dtype]
     assert rel_err(res, ref) <= tol and rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
@@ -60,9 +60,9 @@ def test_bogc_step_options_with_poisoned_outputs(gen, confidence, weights, resca
         c = random_case(m, 1023, torch.float32, gen)
         kw = dict(beta=0.8, gamma=0.5, eps=1e-6, confidence=confidence, weights=weights, rescale=rescale, group_offsets=c.group_offsets)
         out = torch.full((1023,), float("nan"))
-        m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
-        res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, out=out, m_out=m_out, v_out=v_out, backend="cpu", **kw)
-        ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, **kw)
+        m_out, v_out = torch.full_like(c.mean, float("nan")), torch.full_like(c.var, float("nan"))
+        res, m1, v1, st = ops.bogc_step(c.g, c.mean, c.var, c.step, out=out, mean_out=m_out, var_out=v_out, backend="cpu", **kw)
+        ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step, **kw)
         assert rel_err(res, ref) <= 1e-5, f"M={m}"
         assert rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
         assert rel_err(st["sum_sq"], rst["sum_sq"]) <= 1e-5
@@ -84,9 +84,9 @@ def test_sample_step_with_poisoned_output(gen):
 
 def test_state_may_be_updated_in_place(gen):
     c = random_case(3, 4097, torch.float32, gen)
-    ref, rm1, rv1, _ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step)
-    m, v = c.m.clone(), c.v.clone()
-    res, m1, v1, _ = ops.bogc_step(c.g, m, v, c.step, m_out=m, v_out=v, backend="cpu")
+    ref, rm1, rv1, _ = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step)
+    m, v = c.mean.clone(), c.var.clone()
+    res, m1, v1, _ = ops.bogc_step(c.g, m, v, c.step, mean_out=m, var_out=v, backend="cpu")
     assert m1.data_ptr() == m.data_ptr() and rel_err(m, rm1) <= 1e-6 and rel_err(res, ref) <= 1e-5
 
 
@@ -104,7 +104,7 @@ def test_nonfinite_entries_are_counted(gen):
     c = random_case(3, 1023, torch.float32, gen)
     g = c.g.clone()
     g[1, 5], g[2, 700], g[0, 1022] = float("nan"), float("inf"), -float("inf")
-    *_, st = ops.bogc_step(g, c.m, c.v, 1, backend="cpu")
+    *_, st = ops.bogc_step(g, c.mean, c.var, 1, backend="cpu")
     assert int(st["nonfinite"]) == 3
     _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu")
     assert int(st["nonfinite"]) == 3
@@ -124,7 +124,7 @@ def test_confident_opposite_objectives_float32_kernel():
         (lambda: ops.gram(torch.randn(3, 8).T, backend="cpu"), ValueError, "contiguous"),
         (lambda: ops.gram(torch.randn(3, 8, dtype=torch.float64).to(torch.int32), backend="cpu"), TypeError, "floating"),
         (lambda: ops.gram(torch.randn(8), backend="cpu"), ValueError, "2 dimensions"),
-        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1, 0.9, backend="cpu"), TypeError, "m must be torch.float32"),
+        (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), 1, 0.9, backend="cpu"), TypeError, "mean must be torch.float32"),
         (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 5), torch.zeros(2, 5), 1, 0.9, backend="cpu"), ValueError, "shape"),
         (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 0, 0.9, backend="cpu"), ValueError, "step"),
         (lambda: ops.ema_moments(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1, 1.0, backend="cpu"), ValueError, "beta"),

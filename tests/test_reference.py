@@ -19,14 +19,40 @@ def t(x):
 def test_ema_moments_by_hand():
     g1, g2, beta = t([[2.0, -1.0]]), t([[4.0, -1.0]]), 0.5
     z = torch.zeros(1, 2, dtype=F64)
-    m, v, var = R.ema_moments(g1, z, z, 1, beta)
-    # step 1: m = 0.5 g, v = 0.5 g^2, bias correction 1/(1-0.5): m_hat = g, v_hat = g^2, var = 0
-    assert torch.equal(m, t([[1.0, -0.5]])) and torch.equal(v, t([[2.0, 0.5]])) and torch.equal(var, t([[0.0, 0.0]]))
-    m, v, var = R.ema_moments(g2, m, v, 2, beta)
+    mean, var = R.ema_moments(g1, z, z, 1, beta)
+    # step 1: SPEC's m = 0.5 g, v = 0.5 g^2, bias correction 1/(1-0.5): m_hat = g, v_hat = g^2, var = 0
+    assert torch.equal(mean, t([[2.0, -1.0]])) and torch.equal(var, t([[0.0, 0.0]]))
+    mean, var = R.ema_moments(g2, mean, var, 2, beta)
     # step 2: m = 0.5*1 + 0.5*4 = 2.5, v = 0.5*2 + 0.5*16 = 9; /(1-0.25): m_hat = 10/3, v_hat = 12
-    assert m[0, 0] == 2.5 and v[0, 0] == 9.0
+    assert mean[0, 0].item() == pytest.approx(10.0 / 3.0, rel=1e-15)
     assert var[0, 0].item() == pytest.approx(12.0 - (10.0 / 3.0) ** 2, rel=1e-14)
-    assert var[0, 1].item() == pytest.approx(0.0, abs=1e-15)  # constant gradient: no variance
+    assert var[0, 1].item() == 0.0  # constant gradient: no variance, exactly (no cancellation)
+
+
+@pytest.mark.parametrize("beta", (0.01, 0.5, 0.9, 0.999))
+def test_ema_state_is_specs_bias_corrected_moments(gen, beta):
+    """The state (mean, var) equals SPEC §3.1's m/(1-beta^t) and v/(1-beta^t) - m_hat^2
+    after every step, on float64 (the identity of README Spec note 3)."""
+    g = torch.randn(30, 3, 50, generator=gen, dtype=F64) * torch.exp(3 * torch.randn(1, 3, 1, generator=gen, dtype=F64))
+    g = g + 5 * torch.randn(1, 3, 50, generator=gen, dtype=F64)  # a mean the size of the spread
+    m = v = mean = var = torch.zeros(3, 50, dtype=F64)
+    for t_, gt in enumerate(g, start=1):
+        m, v = beta * m + (1 - beta) * gt, beta * v + (1 - beta) * gt * gt
+        mean, var = R.ema_moments(gt, mean, var, t_, beta)
+        want_mean, want_var = R.state_from_moments(m, v, t_, beta)
+        scale = want_mean.abs().max() ** 2
+        assert (mean - want_mean).abs().max() <= 1e-13 * want_mean.abs().max()
+        # v_hat - m_hat^2 itself carries eps * m_hat^2 of rounding: compared on that scale
+        assert (var - want_var).abs().max() <= 1e-12 * scale
+
+
+def test_ema_weights_avoid_cancellation():
+    alpha, rest = R.ema_weights(2, 0.01)
+    assert rest == pytest.approx(0.01 * 0.99 / (1 - 0.01**2), rel=1e-15)  # 1 - alpha formed directly
+    assert alpha + rest == pytest.approx(1.0, rel=1e-15)
+    a_t, r_t = R.ema_weights(torch.tensor(3), 0.9)  # a device step: tensors, no host read
+    assert isinstance(a_t, torch.Tensor) and a_t.item() == pytest.approx(0.1 / (1 - 0.9**3), rel=1e-15)
+    assert r_t.item() == pytest.approx(1 - 0.1 / (1 - 0.9**3), rel=1e-14)
 
 
 def test_sample_moments_by_hand():

@@ -36,9 +36,9 @@ def test_backend_is_available_under_the_interpreter():
 def test_bogc_step_matches_the_reference(gen, m, n):
     c = random_case(m, n, torch.float32, gen)
     out = torch.full((n,), float("nan"))
-    m_out, v_out = torch.full_like(c.m, float("nan")), torch.full_like(c.v, float("nan"))
-    res, m1, v1, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, out=out, m_out=m_out, v_out=v_out, backend="triton")
-    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, group_offsets=c.group_offsets)
+    m_out, v_out = torch.full_like(c.mean, float("nan")), torch.full_like(c.var, float("nan"))
+    res, m1, v1, st = ops.bogc_step(c.g, c.mean, c.var, c.step, group_offsets=c.group_offsets, out=out, mean_out=m_out, var_out=v_out, backend="triton")
+    ref, rm1, rv1, rst = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step, group_offsets=c.group_offsets)
     assert rel_err(res, ref) <= 1e-5 and rel_err(m1, rm1) <= 1e-6 and rel_err(v1, rv1) <= 1e-6
     assert rel_err(st["gram"], rst["gram"]) <= 1e-12
     assert rel_err(st["sum_sq"], rst["sum_sq"]) <= 1e-5
@@ -54,16 +54,16 @@ def test_bogc_step_matches_the_reference(gen, m, n):
 def test_bogc_options(gen, confidence, weights):
     c = random_case(3, 1025, torch.float32, gen)
     kw = dict(beta=0.8, gamma=0.5, eps=1e-6, confidence=confidence, weights=weights, rescale=False)
-    res, *_ = ops.bogc_step(c.g, c.m, c.v, c.step, backend="triton", **kw)
-    ref, *_ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step, **kw)
+    res, *_ = ops.bogc_step(c.g, c.mean, c.var, c.step, backend="triton", **kw)
+    ref, *_ = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step, **kw)
     assert rel_err(res, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_half_gradients(gen, dtype):
     c = random_case(2, 1025, dtype, gen)
-    res, *_ = ops.bogc_step(c.g, c.m, c.v, c.step, backend="triton")
-    ref, *_ = R.bogc_step(f64(c.g), f64(c.m), f64(c.v), c.step)
+    res, *_ = ops.bogc_step(c.g, c.mean, c.var, c.step, backend="triton")
+    ref, *_ = R.bogc_step(f64(c.g), f64(c.mean), f64(c.var), c.step)
     assert res.dtype == dtype and rel_err(res, ref) <= TOLERANCE[dtype]
 
 
@@ -93,7 +93,7 @@ def test_nonfinite_is_counted(gen):
     c = random_case(3, 1025, torch.float32, gen)
     g = c.g.clone()
     g[1, 5], g[2, 700] = float("nan"), float("inf")
-    *_, st = ops.bogc_step(g, c.m, c.v, 1, backend="triton")
+    *_, st = ops.bogc_step(g, c.mean, c.var, 1, backend="triton")
     assert int(st["nonfinite"]) == 2
 
 

@@ -67,7 +67,7 @@ def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], int]
     def bogc(m, g="fp32", state="fp32", source=0, conf=0, weights=0, block=256, warps=4, index="i32"):
         sig = {"g_ptr": f"*{g}", "m_ptr": f"*{state}", "v_ptr": f"*{state}", "mo_ptr": f"*{state}", "vo_ptr": f"*{state}",
                "out_ptr": "*fp32" if g != "fp32" else f"*{g}", "part_ptr": "*fp64", "n": index, "lo": index,
-               "hi": index, "S": "i32", "commit_ptr": "*i64", "ibc_ptr": "*fp64", "beta": "fp32", "omb": "fp32",
+               "hi": index, "S": "i32", "commit_ptr": "*i64", "alpha_ptr": "*fp64",
                "gamma": "fp32", "eps": "fp32", "M": "constexpr", "SOURCE": "constexpr", "CONFIDENCE": "constexpr",
                "WEIGHTS": "constexpr", "BLOCK": "constexpr"}
         specs.append(("_bogc_kernel", sig, {"M": m, "SOURCE": source, "CONFIDENCE": conf, "WEIGHTS": weights, "BLOCK": block}, warps))

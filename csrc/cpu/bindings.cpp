@@ -33,13 +33,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.attr("CHUNK") = mmgrad::cpu::kChunk;
 
   mod.def("bogc_step",
-          [](const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-             const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
-             double beta, double gamma, double eps, int64_t confidence, int64_t weights) {
-            require_cpu_contiguous({{"g", &g}, {"m_in", &m_in}, {"v_in", &v_in}, {"m_out", &m_out},
-                                    {"v_out", &v_out}, {"out", &out}});
-            return mmgrad::cpu::bogc_step(g, m_in, v_in, m_out, v_out, out, group_offsets, step, beta,
-                                          options(gamma, eps, confidence, weights));
+          [](const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+             const at::Tensor& var_out, const at::Tensor& out, const at::Tensor& group_offsets, double alpha,
+             double one_minus_alpha, double gamma, double eps, int64_t confidence, int64_t weights) {
+            require_cpu_contiguous({{"g", &g}, {"mean_in", &mean_in}, {"var_in", &var_in}, {"mean_out", &mean_out},
+                                    {"var_out", &var_out}, {"out", &out}});
+            return mmgrad::cpu::bogc_step(g, mean_in, var_in, mean_out, var_out, out, group_offsets, alpha,
+                                          one_minus_alpha, options(gamma, eps, confidence, weights));
           });
   mod.def("bogc_sample_step", [](const at::Tensor& samples, const at::Tensor& out, const at::Tensor& group_offsets,
                                  double gamma, double eps, int64_t confidence, int64_t weights) {

@@ -19,12 +19,12 @@ struct BogcArgs {
   int64_t N = 0, S = 0;
   const scalar_t* g = nullptr;     // kEma: M x N; kSamples: S x M x N; kMoments: mu (M x N)
   const acc_t* var_in = nullptr;   // kMoments: var (M x N)
-  const void* m_in = nullptr;      // kEma state in ...
-  const void* v_in = nullptr;
-  void* m_out = nullptr;           // ... and out (may alias the inputs): acc_t, or
-  void* v_out = nullptr;           // bfloat16 when bf16_state (state_dtype=torch.bfloat16)
+  const void* state_mean_in = nullptr;  // kEma state in ...
+  const void* state_var_in = nullptr;
+  void* state_mean_out = nullptr;  // ... and out (may alias the inputs): acc_t, or
+  void* state_var_out = nullptr;   // bfloat16 when bf16_state (state_dtype=torch.bfloat16)
   bool bf16_state = false;
-  double beta = 0, one_minus_beta = 0, inv_bias_correction = 0;
+  acc_t alpha = 0, one_minus_alpha = 0;  // the EMA's weight of this step (mmgrad_math.h)
   acc_t* out = nullptr;            // N, before norm matching: float32 for half gradients, so
                                    // it neither underflows nor is rounded twice (bogc.h)
   acc_t* fused_u = nullptr;        // optional N-long diagnostics
@@ -34,7 +34,8 @@ struct BogcArgs {
 };
 
 // The EMA update of one chunk's M rows (mu holds the gradients), state in state_t: the
-// update itself in double (mmgrad_math.h), the state rounded once to its own dtype.
+// update in acc_t (mmgrad_math.h), the state rounded once to its own dtype; the step
+// uses the unrounded variance.
 template <typename state_t, typename scalar_t, typename acc_t>
 void ema_rows(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, const acc_t* mu, acc_t* var) {
   using IO = StateIO<state_t, acc_t>;
@@ -43,16 +44,16 @@ void ema_rows(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, const
     const int64_t base = k * a.N + lo;
     const acc_t* mk = mu + k * kChunk;
     acc_t* vk = var + k * kChunk;
-    const storage* m_in = static_cast<const storage*>(a.m_in) + base;
-    const storage* v_in = static_cast<const storage*>(a.v_in) + base;
-    storage* m_out = static_cast<storage*>(a.m_out) + base;
-    storage* v_out = static_cast<storage*>(a.v_out) + base;
-    const double beta = a.beta, omb = a.one_minus_beta, ibc = a.inv_bias_correction;
+    const storage* mean_in = static_cast<const storage*>(a.state_mean_in) + base;
+    const storage* var_in = static_cast<const storage*>(a.state_var_in) + base;
+    storage* mean_out = static_cast<storage*>(a.state_mean_out) + base;
+    storage* var_out = static_cast<storage*>(a.state_var_out) + base;
+    const acc_t alpha = a.alpha, oma = a.one_minus_alpha;
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) {
-      const math::EmaResult<acc_t> e = math::ema_update(mk[t], IO::load(m_in[t]), IO::load(v_in[t]), beta, omb, ibc);
-      m_out[t] = IO::store(e.m);
-      v_out[t] = IO::store(e.v);
+      const math::EmaResult<acc_t> e = math::ema_update(mk[t], IO::load(mean_in[t]), IO::load(var_in[t]), alpha, oma);
+      mean_out[t] = IO::store(e.mean);
+      var_out[t] = IO::store(e.var);
       vk[t] = e.var;
     }
   }
@@ -251,9 +252,9 @@ BogcArgs<scalar_t, acc_t> make_args(const at::Tensor& g, const at::Tensor& out, 
 
 }  // namespace
 
-at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                     const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
-                     double beta, const BogcOptions& o) {
+at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+                     const at::Tensor& var_out, const at::Tensor& out, const at::Tensor& group_offsets, double alpha,
+                     double one_minus_alpha, const BogcOptions& o) {
   const ChunkPlan plan(group_offsets);
   const int M = static_cast<int>(g.size(0));
   const int64_t N = g.size(1);
@@ -261,18 +262,17 @@ at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mmgrad_bogc_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t, acc_t>(g, out, o, M, N);
-    a.bf16_state = m_in.scalar_type() == at::kBFloat16;
-    TORCH_CHECK(a.bf16_state || m_in.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+    a.bf16_state = mean_in.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(a.bf16_state || mean_in.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                 "bogc_step: the state must be bfloat16 or the gradient's compute dtype");
-    for (const at::Tensor* t : {&v_in, &m_out, &v_out})
-      TORCH_CHECK(t->scalar_type() == m_in.scalar_type(), "bogc_step: m and v (in and out) must share one dtype");
-    a.m_in = m_in.data_ptr();
-    a.v_in = v_in.data_ptr();
-    a.m_out = m_out.data_ptr();
-    a.v_out = v_out.data_ptr();
-    a.beta = beta;
-    a.one_minus_beta = 1.0 - beta;
-    a.inv_bias_correction = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));
+    for (const at::Tensor* t : {&var_in, &mean_out, &var_out})
+      TORCH_CHECK(t->scalar_type() == mean_in.scalar_type(), "bogc_step: mean and var (in and out) must share one dtype");
+    a.state_mean_in = mean_in.data_ptr();
+    a.state_var_in = var_in.data_ptr();
+    a.state_mean_out = mean_out.data_ptr();
+    a.state_var_out = var_out.data_ptr();
+    a.alpha = static_cast<acc_t>(alpha);
+    a.one_minus_alpha = static_cast<acc_t>(one_minus_alpha);
     stats = bogc_dispatch_m<Source::kEma>(a, plan);
   });
   return stats;
@@ -314,23 +314,20 @@ namespace {
 
 // The loops live outside AT_DISPATCH_*: a #pragma cannot stand inside a macro argument.
 template <typename scalar_t, typename acc_t>
-void ema_moments_impl(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                      const at::Tensor& v_out, const at::Tensor& var_out, int64_t step, double beta) {
+void ema_moments_impl(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in,
+                      const at::Tensor& mean_out, const at::Tensor& var_out, double alpha, double one_minus_alpha) {
   const scalar_t* gp = g.data_ptr<scalar_t>();
-  const acc_t* m0 = m_in.data_ptr<acc_t>();
-  const acc_t* v0 = v_in.data_ptr<acc_t>();
-  acc_t* m1 = m_out.data_ptr<acc_t>();
-  acc_t* v1 = v_out.data_ptr<acc_t>();
-  acc_t* var = var_out.data_ptr<acc_t>();
-  const double b = beta, omb = 1.0 - beta;
-  const double ibc = 1.0 / (1.0 - std::pow(beta, static_cast<double>(step)));
+  const acc_t* m0 = mean_in.data_ptr<acc_t>();
+  const acc_t* v0 = var_in.data_ptr<acc_t>();
+  acc_t* m1 = mean_out.data_ptr<acc_t>();
+  acc_t* v1 = var_out.data_ptr<acc_t>();
+  const acc_t al = static_cast<acc_t>(alpha), oma = static_cast<acc_t>(one_minus_alpha);
   at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t lo, int64_t hi) {
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
-      const math::EmaResult<acc_t> e = math::ema_update(static_cast<acc_t>(gp[i]), m0[i], v0[i], b, omb, ibc);
-      m1[i] = e.m;
-      v1[i] = e.v;
-      var[i] = e.var;
+      const math::EmaResult<acc_t> e = math::ema_update(static_cast<acc_t>(gp[i]), m0[i], v0[i], al, oma);
+      m1[i] = e.mean;
+      v1[i] = e.var;
     }
   });
 }
@@ -374,10 +371,11 @@ void ds_combine_impl(const at::Tensor& b_pos, const at::Tensor& b_neg, const at:
 
 }  // namespace
 
-void ema_moments(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                 const at::Tensor& v_out, const at::Tensor& var_out, int64_t step, double beta) {
+void ema_moments(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+                 const at::Tensor& var_out, double alpha, double one_minus_alpha) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mmgrad_ema_moments", [&] {
-    ema_moments_impl<scalar_t, at::opmath_type<scalar_t>>(g, m_in, v_in, m_out, v_out, var_out, step, beta);
+    ema_moments_impl<scalar_t, at::opmath_type<scalar_t>>(g, mean_in, var_in, mean_out, var_out, alpha,
+                                                          one_minus_alpha);
   });
 }
 

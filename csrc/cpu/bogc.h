@@ -15,17 +15,19 @@ struct BogcOptions {
 // Each returns the float64 statistics vector of StatsLayout (common.h). `out` receives the
 // calibrated gradient before norm matching in the compute dtype (float32 for fp32/bf16/fp16
 // gradients, float64 for float64): norm matching then rounds to a half dtype once.
-at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                     const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets, int64_t step,
-                     double beta, const BogcOptions& o);
+// The EMA state (mean_*, var_*) is SPEC §3.1's bias-corrected mean and variance, updated
+// with this step's weight alpha = (1-beta)/(1-beta^t) (mmgrad_math.h: ema_update).
+at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+                     const at::Tensor& var_out, const at::Tensor& out, const at::Tensor& group_offsets, double alpha,
+                     double one_minus_alpha, const BogcOptions& o);
 at::Tensor bogc_sample_step(const at::Tensor& samples, const at::Tensor& out, const at::Tensor& group_offsets,
                             const BogcOptions& o);
 at::Tensor bogc_from_moments(const at::Tensor& mu, const at::Tensor& var, const at::Tensor& out,
                              const at::Tensor& fused_u, const at::Tensor& fused_b_pos, const at::Tensor& fused_b_neg,
                              const BogcOptions& o);
 
-void ema_moments(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                 const at::Tensor& v_out, const at::Tensor& var_out, int64_t step, double beta);
+void ema_moments(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+                 const at::Tensor& var_out, double alpha, double one_minus_alpha);
 void opinions(const at::Tensor& mu, const at::Tensor& var, const at::Tensor& lam, const at::Tensor& b_pos,
               const at::Tensor& b_neg, const at::Tensor& u, double gamma, double eps);
 void ds_combine(const at::Tensor& b_pos, const at::Tensor& b_neg, const at::Tensor& u, const at::Tensor& out_b_pos,

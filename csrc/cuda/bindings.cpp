@@ -57,14 +57,13 @@ void for_each_group(const at::Tensor& group_offsets, const at::Tensor& partials,
       launch(grp, off[grp], off[grp + 1], partials.data_ptr<double>() + grp * blocks * width, blocks, width, stream);
 }
 
-// One BOGC step over every group. slot/ibc: 0-dim device tensors (sync-free) or undefined.
+// One BOGC step over every group (alpha, one_minus_alpha: the EMA's weight of this step).
 // partials: G x blocks x (6 + M + M*M) float64, zeroed by the caller.
-void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_in, const at::Tensor& m_out,
-                  const at::Tensor& v_out, const at::Tensor& out, const at::Tensor& group_offsets,
-                  const c10::optional<at::Tensor>& slot, const c10::optional<at::Tensor>& ibc_device, int64_t samples,
-                  double beta, double ibc, double gamma, double eps, int64_t confidence, int64_t weights,
+void bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
+                  const at::Tensor& var_out, const at::Tensor& out, const at::Tensor& group_offsets,
+                  int64_t samples, double alpha, double one_minus_alpha, double gamma, double eps, int64_t confidence, int64_t weights,
                   const at::Tensor& partials) {
-  require_cuda_contiguous({{"g", &g}, {"m_in", &m_in}, {"v_in", &v_in}, {"m_out", &m_out}, {"v_out", &v_out},
+  require_cuda_contiguous({{"g", &g}, {"mean_in", &mean_in}, {"var_in", &var_in}, {"mean_out", &mean_out}, {"var_out", &var_out},
                            {"out", &out}, {"partials", &partials}});
   const c10::cuda::CUDAGuard guard(g.device());
   TORCH_CHECK_VALUE(g.dim() == (samples > 0 ? 3 : 2), "g must be M x N (S x M x N for samples)");
@@ -73,8 +72,8 @@ void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_
   TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMaxObjectives, "M must be in [1, 64]");
   TORCH_CHECK_VALUE(out.numel() == n && out.scalar_type() == at::kFloat, "out must be a float32 vector of length N");
   if (samples == 0)
-    for (const at::Tensor* t : {&m_in, &v_in, &m_out, &v_out})
-      TORCH_CHECK_VALUE(t->numel() == g.numel() && t->scalar_type() == at::kFloat, "m and v must be float32 M x N");
+    for (const at::Tensor* t : {&mean_in, &var_in, &mean_out, &var_out})
+      TORCH_CHECK_VALUE(t->numel() == g.numel() && t->scalar_type() == at::kFloat, "mean and var must be float32 M x N");
   TORCH_CHECK_VALUE(partials.dim() == 3 && partials.size(0) == group_offsets.numel() - 1 &&
                         partials.size(2) == mmgrad::cuda::kScalarStats + m + m * m &&
                         partials.scalar_type() == at::kDouble,
@@ -82,16 +81,13 @@ void bogc_step(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& v_
   mmgrad::cuda::BogcStepArgs a{};
   a.n = n;
   a.samples = samples;
-  a.beta = beta;
-  a.one_minus_beta = 1.0 - beta;
-  a.inv_bias_correction = ibc;
-  a.slot = slot.has_value() ? slot->data_ptr<int64_t>() : nullptr;
-  a.inv_bias_correction_device = ibc_device.has_value() ? ibc_device->data_ptr<double>() : nullptr;
+  a.alpha = static_cast<float>(alpha);
+  a.one_minus_alpha = static_cast<float>(one_minus_alpha);
   a.prm = {static_cast<float>(gamma), static_cast<float>(eps), static_cast<int>(confidence), static_cast<int>(weights)};
   for_each_group(group_offsets, partials, [&](int64_t, int64_t lo, int64_t hi, double* part, int blocks, int64_t width,
                                                cudaStream_t stream) {
-    check(mmgrad::cuda::launch_bogc_step(dtype_of(g), g.data_ptr(), m_in.data_ptr<float>(), v_in.data_ptr<float>(),
-                                         m_out.data_ptr<float>(), v_out.data_ptr<float>(), out.data_ptr<float>(), lo, hi,
+    check(mmgrad::cuda::launch_bogc_step(dtype_of(g), g.data_ptr(), mean_in.data_ptr<float>(), var_in.data_ptr<float>(),
+                                         mean_out.data_ptr<float>(), var_out.data_ptr<float>(), out.data_ptr<float>(), lo, hi,
                                          m, a, part, blocks, kThreads, stream));
     if (m > 8)  // the runtime-M kernel leaves the Gram to the pairs kernel
       check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, lo, hi, m, width,

@@ -56,22 +56,22 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
 }
 
 
-// Objective k's mean and variance at coordinate d: the EMA update (writing the new
-// moments), or the sample mean and unbiased variance in the CPU kernel's order of
+// Objective k's variance at coordinate d (its mean into mu): the EMA update (writing the
+// new state), or the sample mean and unbiased variance in the CPU kernel's order of
 // operations (sum, times 1/S; squared deviations, times 1/(S-1)).
 template <typename scalar_t>
-__device__ __forceinline__ math::EmaResult<float> coordinate_moments(const scalar_t* __restrict__ g, const float* m_in,
-                                                                     const float* v_in, float* m_out, float* v_out,
-                                                                     int mm, int k, int64_t d, const BogcStepArgs& a,
-                                                                     double ibc, float& mu, double& nonfinite) {
+__device__ __forceinline__ float coordinate_moments(const scalar_t* __restrict__ g, const float* mean_in,
+                                                    const float* var_in, float* mean_out, float* var_out, int mm,
+                                                    int k, int64_t d, const BogcStepArgs& a, float& mu,
+                                                    double& nonfinite) {
   if (a.samples == 0) {
     const int64_t i = k * a.n + d;
     mu = to_float(g[i]);
     nonfinite += isfinite(mu) ? 0.0 : 1.0;
-    const math::EmaResult<float> e = math::ema_update(mu, m_in[i], v_in[i], a.beta, a.one_minus_beta, ibc);
-    m_out[i] = e.m;
-    v_out[i] = e.v;
-    return e;
+    const math::EmaResult<float> e = math::ema_update(mu, mean_in[i], var_in[i], a.alpha, a.one_minus_alpha);
+    mean_out[i] = e.mean;
+    var_out[i] = e.var;
+    return e.var;
   }
   float sum = 0.f, sq = 0.f;
   for (int64_t s = 0; s < a.samples; ++s) {
@@ -84,7 +84,7 @@ __device__ __forceinline__ math::EmaResult<float> coordinate_moments(const scala
     const float dev = to_float(g[(s * mm + k) * a.n + d]) - mu;
     sq += dev * dev;
   }
-  return {0.f, 0.f, sq * (1.f / static_cast<float>(a.samples - 1))};
+  return sq * (1.f / static_cast<float>(a.samples - 1));
 }
 
 // A block's running statistics of the BOGC step, and one coordinate's fold into them.
@@ -125,14 +125,15 @@ __device__ __forceinline__ void unpack4(float4 q, float* x) { x[0] = q.x, x[1] =
 // template constant (1-8); M = 0 is the runtime-M fallback (m_count <= kMaxObjectives;
 // per-objective values in local memory, and the Gram left to gram_pairs_kernel).
 // Vec = 4 (fp32 gradients, EMA, M <= 4, rows 16-byte aligned): g, m and v are read and
-// m, v and the output written as float4, four coordinates per thread and iteration.
+// the state and the output written as float4, four coordinates per thread and iteration.
 // The fold runs in float32 (mmgrad_math.h: extended-range products), as on the CPU.
 // Each block writes its partial statistics to partials[blockIdx.x * stride ...].
 template <typename scalar_t, int M, int Vec>
-// m_out, v_out may alias m_in, v_in (the calibrator's one slot, updated in place): each
-// coordinate's state is read once, then written, by one thread, so no __restrict__ on them.
-__global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* m_in,
-                                 const float* v_in, float* m_out, float* v_out,
+// mean_out, var_out may alias mean_in, var_in (the calibrator's one slot, updated in
+// place): each coordinate's state is read once, then written, by one thread, so no
+// __restrict__ on them.
+__global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* mean_in,
+                                 const float* var_in, float* mean_out, float* var_out,
                                  float* __restrict__ out, int64_t lo, int64_t hi, int m_count, BogcStepArgs a,
                                  double* __restrict__ partials) {
   static_assert(Vec == 1 || (Vec == 4 && sizeof(scalar_t) == 4 && M > 0), "float4 path: fp32 rows, M a constant");
@@ -140,15 +141,6 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* m_
   constexpr int kCap = M > 0 ? M : math::kMaxObjectives;
   constexpr int kPairs = M > 0 ? M * (M + 1) / 2 : 1;
   const int mm = M > 0 ? M : m_count;
-  double ibc = a.inv_bias_correction;
-  if (a.samples == 0 && a.slot != nullptr) {
-    const int64_t shift = *a.slot * mm * a.n;
-    m_in += shift;
-    v_in += shift;
-    m_out -= shift;
-    v_out -= shift;
-    ibc = *a.inv_bias_correction_device;
-  }
   BogcBlockStats<M, kCap, kPairs> st;
 
   if constexpr (Vec == 4) {
@@ -160,19 +152,19 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* m_
         const int64_t i = k * a.n + d0;
         float gv[4], mv[4], vv[4], mo[4], vo[4];
         unpack4(*reinterpret_cast<const float4*>(g + i), gv);
-        unpack4(*reinterpret_cast<const float4*>(m_in + i), mv);
-        unpack4(*reinterpret_cast<const float4*>(v_in + i), vv);
+        unpack4(*reinterpret_cast<const float4*>(mean_in + i), mv);
+        unpack4(*reinterpret_cast<const float4*>(var_in + i), vv);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           st.nonfinite += isfinite(gv[c]) ? 0.0 : 1.0;
-          const math::EmaResult<float> e = math::ema_update(gv[c], mv[c], vv[c], a.beta, a.one_minus_beta, ibc);
-          mo[c] = e.m;
-          vo[c] = e.v;
+          const math::EmaResult<float> e = math::ema_update(gv[c], mv[c], vv[c], a.alpha, a.one_minus_alpha);
+          mo[c] = e.mean;
+          vo[c] = e.var;
           mu[c][k] = gv[c];
           var[c][k] = e.var;
         }
-        *reinterpret_cast<float4*>(m_out + i) = make_float4(mo[0], mo[1], mo[2], mo[3]);
-        *reinterpret_cast<float4*>(v_out + i) = make_float4(vo[0], vo[1], vo[2], vo[3]);
+        *reinterpret_cast<float4*>(mean_out + i) = make_float4(mo[0], mo[1], mo[2], mo[3]);
+        *reinterpret_cast<float4*>(var_out + i) = make_float4(vo[0], vo[1], vo[2], vo[3]);
       }
       float res[4];
 #pragma unroll
@@ -184,7 +176,7 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* m_
       float mu[kCap], var[kCap];
 #pragma unroll
       for (int k = 0; k < mm; ++k)
-        var[k] = coordinate_moments(g, m_in, v_in, m_out, v_out, mm, k, d, a, ibc, mu[k], st.nonfinite).var;
+        var[k] = coordinate_moments(g, mean_in, var_in, mean_out, var_out, mm, k, d, a, mu[k], st.nonfinite);
       out[d] = st.add(mu, var, mm, a.prm);
     }
   }
@@ -379,17 +371,17 @@ MMGRAD_INSTANTIATE_M(__half)
 static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
-static cudaError_t launch_bogc_typed(const void* g, const float* m_in, const float* v_in, float* m_out, float* v_out,
+static cudaError_t launch_bogc_typed(const void* g, const float* mean_in, const float* var_in, float* mean_out, float* var_out,
                                      float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
                                      double* partials, int blocks, int threads, cudaStream_t stream) {
   const T* gt = static_cast<const T*>(g);
   if constexpr (sizeof(T) == 4) {
     const bool vec = a.samples == 0 && m <= 4 && a.n % 4 == 0 && lo % 4 == 0 && hi % 4 == 0 && aligned16(g) &&
-                     aligned16(m_in) && aligned16(v_in) && aligned16(m_out) && aligned16(v_out) && aligned16(out);
+                     aligned16(mean_in) && aligned16(var_in) && aligned16(mean_out) && aligned16(var_out) && aligned16(out);
     if (vec) {
 #define MMGRAD_CASE(MC) \
   case MC:              \
-    bogc_step_kernel<float, MC, 4><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
+    bogc_step_kernel<float, MC, 4><<<blocks, threads, 0, stream>>>(gt, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials); \
     break;
       switch (m) { MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) default: MMGRAD_CASE(4) }
 #undef MMGRAD_CASE
@@ -398,28 +390,28 @@ static cudaError_t launch_bogc_typed(const void* g, const float* m_in, const flo
   }
 #define MMGRAD_CASE(MC) \
   case MC:              \
-    bogc_step_kernel<T, MC, 1><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials); \
+    bogc_step_kernel<T, MC, 1><<<blocks, threads, 0, stream>>>(gt, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials); \
     break;
   switch (m) {
     MMGRAD_CASE(1) MMGRAD_CASE(2) MMGRAD_CASE(3) MMGRAD_CASE(4) MMGRAD_CASE(5) MMGRAD_CASE(6) MMGRAD_CASE(7)
     MMGRAD_CASE(8)
     default:
-      bogc_step_kernel<T, 0, 1><<<blocks, threads, 0, stream>>>(gt, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials);
+      bogc_step_kernel<T, 0, 1><<<blocks, threads, 0, stream>>>(gt, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials);
   }
 #undef MMGRAD_CASE
   return cudaGetLastError();
 }
 
-cudaError_t launch_bogc_step(DType dtype, const void* g, const float* m_in, const float* v_in, float* m_out,
-                             float* v_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
+cudaError_t launch_bogc_step(DType dtype, const void* g, const float* mean_in, const float* var_in, float* mean_out,
+                             float* var_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
                              double* partials, int blocks, int threads, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
-      return launch_bogc_typed<float>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+      return launch_bogc_typed<float>(g, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials, blocks, threads, stream);
     case DType::kBFloat16:
-      return launch_bogc_typed<__nv_bfloat16>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+      return launch_bogc_typed<__nv_bfloat16>(g, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials, blocks, threads, stream);
     default:
-      return launch_bogc_typed<__half>(g, m_in, v_in, m_out, v_out, out, lo, hi, m, a, partials, blocks, threads, stream);
+      return launch_bogc_typed<__half>(g, mean_in, var_in, mean_out, var_out, out, lo, hi, m, a, partials, blocks, threads, stream);
   }
 }
 

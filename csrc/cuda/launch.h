@@ -20,16 +20,12 @@ constexpr int kScalarStats = 6;
 struct BogcStepArgs {
   int64_t n;
   int64_t samples;  // S > 0: the sample estimator over g = S x M x N; 0: EMA
-  double beta, one_minus_beta, inv_bias_correction;
-  // Sync-free calibrator: the EMA slot to read (0 or 1) and 1/(1-beta^t) live on the
-  // device; slot 1 reads m_in + M*n and writes m_out - M*n. Null: slot 0, the value above.
-  const int64_t* slot;
-  const double* inv_bias_correction_device;
+  float alpha, one_minus_alpha;  // the EMA's weight of this step (mmgrad_math.h: ema_update)
   math::BogcParams<float> prm;
 };
 
-cudaError_t launch_bogc_step(DType dtype, const void* g, const float* m_in, const float* v_in, float* m_out,
-                             float* v_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
+cudaError_t launch_bogc_step(DType dtype, const void* g, const float* mean_in, const float* var_in, float* mean_out,
+                             float* var_out, float* out, int64_t lo, int64_t hi, int m, const BogcStepArgs& a,
                              double* partials, int blocks, int threads, cudaStream_t stream);
 cudaError_t launch_combine(DType dtype, const void* g, const double* alpha, void* out, int64_t n, int64_t lo,
                            int64_t hi, int m, bool with_gram, double* partials, int blocks, int threads,

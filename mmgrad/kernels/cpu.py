@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..backends import cpu_extension
-from ..reference.bogc import finish_output, raw_output
+from ..reference.bogc import ema_weights, finish_output, raw_output
 from ..reference.finite import all_finite as exact_all_finite
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights, moo_weights  # host solves, shared
 
@@ -68,7 +68,7 @@ def _check_state(name: str, t: Tensor, g: Tensor, like: Optional[Tensor] = None)
     want = state_dtypes(g) if like is None else (like.dtype,)
     if t.dtype not in want:
         raise TypeError(f"{name} must be {' or '.join(map(str, want))} (the state dtype{'s' if len(want) > 1 else ''} "
-                        f"for {g.dtype} gradients{', as m' if like is not None else ''}); got {t.dtype}")
+                        f"for {g.dtype} gradients{', as mean' if like is not None else ''}); got {t.dtype}")
     if t.shape != g.shape:
         raise ValueError(f"{name} must have the shape of g {tuple(g.shape)}; got {tuple(t.shape)}")
     return t
@@ -124,15 +124,16 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     return exact_all_finite(tensors)
 
 
-def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor, Tensor]:
+def ema_moments(g: Tensor, mean: Tensor, var: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor]:
     g = _kernel_input("g", g, 2)
-    m, v = _check_state("m", m, g), _check_state("v", v, g)
+    mean, var = _check_state("mean", mean, g), _check_state("var", var, g)
     step, beta = V.check_step(step), V.check_beta(beta)
-    if m.dtype != (torch.float64 if g.dtype == torch.float64 else torch.float32) or v.dtype != m.dtype:
-        raise TypeError(f"m and v must be in the compute dtype of g ({g.dtype}) for ema_moments; got {m.dtype}, {v.dtype}")
-    m_out, v_out, var = torch.empty_like(m), torch.empty_like(v), torch.empty_like(m)
-    _ext().ema_moments(g, m, v, m_out, v_out, var, step, beta)
-    return m_out, v_out, var
+    if mean.dtype != (torch.float64 if g.dtype == torch.float64 else torch.float32) or var.dtype != mean.dtype:
+        raise TypeError(f"mean and var must be in the compute dtype of g ({g.dtype}) for ema_moments; "
+                        f"got {mean.dtype}, {var.dtype}")
+    mean_out, var_out = torch.empty_like(mean), torch.empty_like(var)
+    _ext().ema_moments(g, mean, var, mean_out, var_out, *ema_weights(step, beta))
+    return mean_out, var_out
 
 
 def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -179,8 +180,8 @@ def bogc_from_moments(
 
 def bogc_step(
     g: Tensor,
-    m: Tensor,
-    v: Tensor,
+    mean: Tensor,
+    var: Tensor,
     step: int,
     *,
     beta: float = 0.9,
@@ -190,28 +191,30 @@ def bogc_step(
     weights: str = "belief",
     rescale: bool = True,
     group_offsets: Optional[Tensor] = None,
-    m_out: Optional[Tensor] = None,
-    v_out: Optional[Tensor] = None,
+    mean_out: Optional[Tensor] = None,
+    var_out: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
-    """Fused BOGC step: one read of g, m, v; writes m_out, v_out (may alias m, v) and out.
+    """Fused BOGC step: one read of g and the state; writes mean_out, var_out (may alias
+    mean, var) and out.
 
-    The state update goes to ``m_out``/``v_out`` so a caller can keep ``m``/``v`` intact
-    when the step turns out to hold non-finite gradients (``stats["nonfinite"] > 0``).
+    The state update goes to ``mean_out``/``var_out`` so a caller can keep ``mean``/``var``
+    intact when the step turns out to hold non-finite gradients (``stats["nonfinite"] > 0``).
     """
     g = _kernel_input("g", g, 2)
-    m = _check_state("m", m, g)
-    v = _check_state("v", v, g, like=m)
+    mean = _check_state("mean", mean, g)
+    var = _check_state("var", var, g, like=mean)
     step, beta = V.check_step(step), V.check_beta(beta)
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, g.shape[1])
-    m_out = torch.empty_like(m) if m_out is None else _check_state("m_out", m_out, g, like=m)
-    v_out = torch.empty_like(v) if v_out is None else _check_state("v_out", v_out, g, like=m)
+    mean_out = torch.empty_like(mean) if mean_out is None else _check_state("mean_out", mean_out, g, like=mean)
+    var_out = torch.empty_like(var) if var_out is None else _check_state("var_out", var_out, g, like=mean)
     out = _check_out(out, g, unrounded=True)
     raw = raw_output(out)
-    stats = _ext().bogc_step(g, m, v, m_out, v_out, raw, off, step, beta, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    stats = _ext().bogc_step(g, mean, var, mean_out, var_out, raw, off, *ema_weights(step, beta), gamma, eps,
+                             _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
-    return finish_output(out, raw, s, rescale), m_out, v_out, s
+    return finish_output(out, raw, s, rescale), mean_out, var_out, s
 
 
 def bogc_sample_step(

@@ -42,14 +42,13 @@ def _partials(off: Tensor, n: int, width: int, device: torch.device) -> Tensor:
     return torch.zeros(off.numel() - 1, blocks, width, dtype=torch.float64, device=device)
 
 
-def _launch_bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, commit, ibc_device, gamma, eps, confidence, weights):
-    # The CUDA kernel reads its state slot from the device (slot 0 here: m_in -> m_out);
-    # the commit-gated step of sync_free=True is the triton backend's (README, "Backends").
+def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit, gamma, eps, confidence, weights):
+    # the commit-gated step of sync_free=True is the triton backend's (README, "Backends")
     if commit is not None:
         raise ValueError("backend='cuda' has no commit-gated BOGC step; sync_free=True needs backend='triton'")
     mm, n = g.shape[-2], g.shape[-1]
     parts = _partials(off, n, 6 + mm + mm * mm, g.device)
-    _ext().bogc_step(g, m_in, v_in, m_out, v_out, raw, off, None, ibc_device, samples, beta, ibc, gamma, eps,
+    _ext().bogc_step(g, mean_in, var_in, mean_out, var_out, raw, off, samples, *alpha, gamma, eps,
                      _CONFIDENCE[confidence], _WEIGHTS[weights], parts)
     return parts
 

@@ -4,8 +4,9 @@ Both backends take the same arguments, give the same errors and return the same
 statistics; they differ only in how a kernel is launched. ``GpuOps`` holds that
 common part and calls a backend's three launchers:
 
-* ``bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, commit, ibc_device,
-  gamma, eps, confidence, weights) -> partials`` (``G x blocks x [6 | M | M*M]``);
+* ``bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit,
+  gamma, eps, confidence, weights) -> partials`` (``alpha``: ``(alpha, 1 - alpha)`` of
+  ``reference.bogc.ema_weights``, floats or 0-dim device tensors); (``G x blocks x [6 | M | M*M]``);
 * ``combine(g, alpha, out, off, with_gram) -> partials`` (``G x blocks x [M*M | 1]``;
   ``alpha``/``out`` None for the Gram alone);
 * ``moo(grams, method, normalize, losses, magnitude) -> weights`` (``G x M``).
@@ -21,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from .. import _validation as V
-from ..reference.bogc import finish_output, raw_output
+from ..reference.bogc import ema_weights, finish_output, raw_output
 from ..reference.moo import MOO_METHODS
 from .cpu import stats_from_block_partials
 
@@ -64,41 +65,42 @@ class GpuOps:
         return t
 
     def _bogc(self, g: Tensor, states: Tuple[Tensor, Tensor, Tensor, Tensor], out: Tensor, group_offsets: Any,
-              samples: int, beta: float, ibc: float, commit: Optional[Tensor], ibc_device: Optional[Tensor],
+              samples: int, alpha: Tuple[Any, Any], commit: Optional[Tensor],
               gamma: float, eps: float, confidence: str, weights: str, rescale: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
         gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
         off = V.check_group_offsets(group_offsets, g.shape[-1])
         out = torch.empty(g.shape[-1], dtype=g.dtype, device=g.device) if out is None else out
         raw = raw_output(out)
-        parts = self.launch_bogc(g, *states, raw, off, samples, beta, ibc, commit, ibc_device, gamma, eps, confidence, weights)
+        parts = self.launch_bogc(g, *states, raw, off, samples, alpha, commit, gamma, eps, confidence, weights)
         st = stats_from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
         return finish_output(out, raw, st, rescale), st
 
     # ----------------------------------------------------------- the functions
-    def bogc_step(self, g, m, v, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
-                  rescale=True, group_offsets=None, m_out=None, v_out=None, out=None):
+    def bogc_step(self, g, mean, var, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
+                  rescale=True, group_offsets=None, mean_out=None, var_out=None, out=None):
         g = self.check("g", g, 2)
-        m, v = self._state("m", m, 2), self._state("v", v, 2)
-        V.check_same_shape(("g", "m", "v"), (g, m, v))
+        mean, var = self._state("mean", mean, 2), self._state("var", var, 2)
+        V.check_same_shape(("g", "mean", "var"), (g, mean, var))
         step, beta = V.check_step(step), V.check_beta(beta)
-        m_out = torch.empty_like(m) if m_out is None else self._state("m_out", m_out, 2)
-        v_out = torch.empty_like(v) if v_out is None else self._state("v_out", v_out, 2)
-        res, st = self._bogc(g, (m, v, m_out, v_out), out, group_offsets, 0, beta, 1.0 / (1.0 - beta**step), None, None,
+        mean_out = torch.empty_like(mean) if mean_out is None else self._state("mean_out", mean_out, 2)
+        var_out = torch.empty_like(var) if var_out is None else self._state("var_out", var_out, 2)
+        res, st = self._bogc(g, (mean, var, mean_out, var_out), out, group_offsets, 0, ema_weights(step, beta), None,
                              gamma, eps, confidence, weights, rescale)
-        return res, m_out, v_out, st
+        return res, mean_out, var_out, st
 
-    def bogc_step_gated(self, g, m, v, commit, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
+    def bogc_step_gated(self, g, mean, var, commit, step, *, beta=0.9, gamma=1.0, eps=1e-8, confidence="belief",
                         weights="belief", rescale=True, group_offsets=None, out=None):
-        """``bogc_step`` updating one slot of state ``m``, ``v`` in place where ``commit``
-        (0-dim device tensor) is non-zero, with ``step`` a 0-dim device tensor too: no host
-        synchronisation. The sync-free calibrator commits only a finite step (SPEC §7)."""
+        """``bogc_step`` updating one slot of state ``mean``, ``var`` in place where
+        ``commit`` (0-dim device tensor) is non-zero, with ``step`` a 0-dim device tensor
+        too: no host synchronisation. The sync-free calibrator commits only a finite step
+        (SPEC §7)."""
         g = self.check("g", g, 2)
-        m, v = self._state("m", m, 2), self._state("v", v, 2)
-        V.check_same_shape(("g", "m", "v"), (g, m, v))
+        mean, var = self._state("mean", mean, 2), self._state("var", var, 2)
+        V.check_same_shape(("g", "mean", "var"), (g, mean, var))
         beta = V.check_beta(beta)
-        ibc = 1.0 / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=g.device), step.to(torch.float64)))
-        return self._bogc(g, (m, v, m, v), out, group_offsets, 0, beta, 1.0, commit.reshape(()).to(torch.int64),
-                          ibc.reshape(()), gamma, eps, confidence, weights, rescale)
+        alpha = tuple(a.reshape(()) for a in ema_weights(step.to(g.device), beta))
+        return self._bogc(g, (mean, var, mean, var), out, group_offsets, 0, alpha, commit.reshape(()).to(torch.int64),
+                          gamma, eps, confidence, weights, rescale)
 
     def bogc_sample_step(self, samples, *, gamma=1.0, eps=1e-8, confidence="belief", weights="belief",
                          rescale=True, group_offsets=None, out=None):
@@ -106,7 +108,7 @@ class GpuOps:
         if samples.shape[0] < 2:
             raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
         unused = torch.empty(0, dtype=torch.float32, device=samples.device)
-        return self._bogc(samples, (unused,) * 4, out, group_offsets, samples.shape[0], 0.0, 1.0, None, None,
+        return self._bogc(samples, (unused,) * 4, out, group_offsets, samples.shape[0], (1.0, 0.0), None,
                           gamma, eps, confidence, weights, rescale)
 
     def combine_and_gram(self, g, alpha, *, group_offsets=None, out=None, with_gram=True, _with_out=True):

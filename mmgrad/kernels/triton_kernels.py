@@ -65,23 +65,21 @@ SAMPLE_MAX_OBJECTIVES = 4
 
 
 @triton.jit
-def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, beta, omb, ibc,
+def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma,
              M: tl.constexpr, SOURCE: tl.constexpr, STORE: tl.constexpr):
-    """Objective k's mean and variance on a block (SPEC §3.1). SOURCE 0: EMA (state written
-    when STORE, where store_mask; the update in float64 as the C++ kernels do, the state
-    in its own dtype: float32 or bfloat16); 1: S samples (S x M x N)."""
+    """Objective k's mean and variance on a block (SPEC §3.1). SOURCE 0: EMA (state
+    ``mean, var`` written when STORE, where store_mask; mmgrad_math.h: ema_update, in
+    float32, the state in its own dtype: float32 or bfloat16); 1: S samples (S x M x N)."""
     if SOURCE == 0:
         g = tl.load(g_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float32)
-        gw = g.to(tl.float64)
-        mw = beta * tl.load(m_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float64) + omb * gw
-        vw = beta * tl.load(v_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float64) + omb * (gw * gw)
+        mean = tl.load(m_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float32)
+        d = g - mean
+        ad = alpha * d
+        # (1-alpha)*alpha*d first: on step 1 (alpha = 1) it is 0 even where d*d overflows
+        var = oma * tl.load(v_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float32) + (oma * ad) * d
         if STORE:
-            # through float32, as the C++ kernels round (and float64 -> bf16 is not a Triton cast)
-            tl.store(mo_ptr + k * n + offs, mw.to(tl.float32).to(mo_ptr.dtype.element_ty), mask=store_mask)
-            tl.store(vo_ptr + k * n + offs, vw.to(tl.float32).to(vo_ptr.dtype.element_ty), mask=store_mask)
-        m_hat = mw * ibc
-        d = vw * ibc - m_hat * m_hat
-        var = tl.where(d > 0.0, d, 0.0).to(tl.float32)
+            tl.store(mo_ptr + k * n + offs, (mean + ad).to(mo_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(vo_ptr + k * n + offs, var.to(vo_ptr.dtype.element_ty), mask=store_mask)
         mu = g
     else:
         total = tl.zeros(offs.shape, dtype=tl.float32)
@@ -116,7 +114,7 @@ def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
 
 @triton.jit
 def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, hi, S,
-                 commit_ptr, ibc_ptr, beta, omb, gamma, eps,
+                 commit_ptr, alpha_ptr, gamma, eps,
                  M: tl.constexpr, SOURCE: tl.constexpr, CONFIDENCE: tl.constexpr, WEIGHTS: tl.constexpr,
                  BLOCK: tl.constexpr):
     # 64-bit offsets: row * n and program * BLOCK pass 2**31 on large buffers although
@@ -126,14 +124,16 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hi
     if SOURCE == 0:
-        # The commit flag and the bias correction come from the device, so the sync-free
+        # The commit flag and the EMA's weight come from the device, so the sync-free
         # calibrator updates its one slot of EMA state in place only when the step is
         # finite, without the host knowing which it is (SPEC §7).
         store_mask = mask & ((offs * 0 + tl.load(commit_ptr)) != 0)  # a block of flags: the interpreter masks no scalars
-        ibc = tl.load(ibc_ptr)
+        alpha = tl.load(alpha_ptr).to(tl.float32)
+        oma = tl.load(alpha_ptr + 1).to(tl.float32)
     else:
         store_mask = mask
-        ibc = 1.0
+        alpha = 1.0
+        oma = 0.0
     bp = tl.zeros([BLOCK], dtype=tl.float64)  # the fold in float64, as mmgrad_math.h
     bn = tl.zeros([BLOCK], dtype=tl.float64)
     uu = tl.full([BLOCK], 1.0, tl.float64)
@@ -143,7 +143,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     total = tl.zeros([BLOCK], dtype=tl.float64)
     nonfinite = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(M):  # SPEC §3.5: the fold (mmgrad_math.h: fold_objective)
-        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, beta, omb, ibc, M, SOURCE, False)
+        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
         # counted on mu, as the reference does (a non-finite sample makes its mean non-finite)
         nonfinite += tl.where((mu == mu) & (tl.abs(mu) < float("inf")), 0.0, 1.0)
         lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
@@ -169,8 +169,8 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     weighted_mu = tl.zeros([BLOCK], dtype=tl.float32)
     row = part_ptr + pid * (SCALARS_C + M + M * M)
     for k in tl.static_range(M):  # shares w_k / sum(w) (one division each) and the direction
-        # the state is written on this last read of it, so m_out may alias m (one slot, in place)
-        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, beta, omb, ibc, M, SOURCE, True)
+        # the state is written on this last read of it, so it may be updated in place (one slot)
+        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, True)
         lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
         share = tl.where(w_sum > 0.0, w / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
         weighted_mu += share * mu
@@ -182,7 +182,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
                 elif SOURCE == 0:  # the EMA's mu is the gradient itself
                     other = tl.load(g_ptr + j * n + offs, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    other, _v = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, j, n, S, offs, mask, store_mask, beta, omb, ibc, M, SOURCE, False)
+                    other, _v = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, j, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
                 kk = tl.sum(tl.where(mask, mu.to(tl.float64) * other.to(tl.float64), 0.0), axis=0)
                 tl.store(row + SCALARS_C + M + k * M + j, kk)
                 tl.store(row + SCALARS_C + M + j * M + k, kk)
@@ -249,18 +249,20 @@ def _rows(off: Tensor) -> int:
     return max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def _launch_bogc(g, m_in, v_in, m_out, v_out, raw, off, samples, beta, ibc, commit, ibc_device, gamma, eps, confidence, weights):
+def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit, gamma, eps, confidence, weights):
     mm, n = g.shape[-2], g.shape[-1]
     source = 1 if samples else 0
-    if source == 0 and commit is None:  # the host-driven step: always commit, the host's bias correction
+    # the kernel reads the commit flag and (alpha, 1 - alpha) from the device: the
+    # host-driven step always commits
+    if commit is None:
         commit = torch.ones((), dtype=torch.int64, device=g.device)
-        ibc_device = torch.tensor(ibc, dtype=torch.float64, device=g.device)
+    alpha = torch.stack([torch.as_tensor(a, dtype=torch.float64, device=g.device).reshape(()) for a in alpha])
     parts = torch.zeros(off.numel() - 1, _rows(off), SCALARS + mm + mm * mm, dtype=torch.float64, device=g.device)
     bounds = off.tolist()
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
-            _launch(_BOGC_KERNEL, (a, b), g, m_in, v_in, m_out, v_out, raw, parts[i], n, a, b, max(samples, 1),
-                    commit, ibc_device, beta, 1.0 - beta, gamma, eps,
+            _launch(_BOGC_KERNEL, (a, b), g, mean_in, var_in, mean_out, var_out, raw, parts[i], n, a, b, max(samples, 1),
+                    commit, alpha, gamma, eps,
                     M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
     return parts
 

@@ -3,7 +3,8 @@
 Each segment's rows go through the backend's fused step with its own ``|R|`` objectives
 (an unreached objective is a vacuous opinion, so leaving it out changes nothing); the
 norm matching of §3.7 then scales the whole output once, from the summed norms. The EMA
-state is one slot of ``m, v`` per reached row (SPEC §7), updated in place: the step
+state is one slot of ``mean, var`` per reached row (SPEC §7; the bias-corrected mean and
+the variance, ``reference.bogc.ema_moments``), updated in place: the step
 reads G once first to know it is finite (host mode), or gates every state write on the
 device flag (sync-free mode).
 """
@@ -16,10 +17,12 @@ import torch
 
 from .. import _validation as V
 from ..collect import GRADS
-from ..reference.bogc import match_norm_
+from ..reference.bogc import match_norm_, state_from_moments
 from ._base import Method, StepContext, StepResult, all_ranks_ok, all_reduce_sum, decide, locate_nonfinite
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+#: the layout buffers of the EMA state, one slot: the bias-corrected mean and the variance
+STATE = ("mean", "var")
 
 
 class BOGC(Method):
@@ -36,8 +39,8 @@ class BOGC(Method):
             raise TypeError("state_dtype: float64 parameters keep float64 EMA state; bfloat16 state is for "
                             "float32/bfloat16/float16 parameters")
         if not self.takes_samples:
-            layout.add_buffer("m", self.state_dtype)
-            layout.add_buffer("v", self.state_dtype)
+            for name in STATE:
+                layout.add_buffer(name, self.state_dtype)
 
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:
@@ -52,7 +55,7 @@ class BOGC(Method):
         segments = lay.reached
         ok = torch.ones((), dtype=torch.bool, device=lay.device)
         if not self.takes_samples:
-            # one read of G before any state is written: a non-finite step leaves m, v intact
+            # one read of G before any state is written: a non-finite step leaves the state intact
             ok = all_ranks_ok(ctx, ctx.ops.all_finite([seg.buffers[GRADS] for seg in segments]).to(lay.device))
             if decide(ctx, ok) is False:
                 return StepResult(False, lambda: locate_nonfinite(lay))
@@ -73,12 +76,12 @@ class BOGC(Method):
             if self.takes_samples:
                 _, st = ctx.ops.bogc_sample_step(g, group_offsets=off, out=raw, **kw)
             elif ctx.sync_free:
-                _, st = ctx.ops.bogc_step_gated(g, seg.buffers["m"], seg.buffers["v"], ok, ctx.steps + 1,
+                _, st = ctx.ops.bogc_step_gated(g, seg.buffers["mean"], seg.buffers["var"], ok, ctx.steps + 1,
                                                 beta=o["beta"], group_offsets=off, out=raw, **kw)
             else:
-                mv = seg.buffers["m"], seg.buffers["v"]
-                _, _, _, st = ctx.ops.bogc_step(g, *mv, ctx.steps + 1, beta=o["beta"], group_offsets=off,
-                                                m_out=mv[0], v_out=mv[1], out=raw, **kw)
+                mean, var = seg.buffers["mean"], seg.buffers["var"]
+                _, _, _, st = ctx.ops.bogc_step(g, mean, var, ctx.steps + 1, beta=o["beta"], group_offsets=off,
+                                                mean_out=mean, var_out=var, out=raw, **kw)
             st = {k: t.to(lay.device) if isinstance(t, torch.Tensor) else t for k, t in st.items()}
             lay.scatter_gram(seg, st["gram"], grams)
             rows = torch.tensor(seg.rows, device=lay.device)
@@ -109,12 +112,16 @@ class BOGC(Method):
     def state_dict(self) -> Dict[str, Any]:
         if self.takes_samples:
             return {}
-        return {"m": [t.clone() for t in self.layout.buffers("m")], "v": [t.clone() for t in self.layout.buffers("v")]}
+        return {name: [t.clone() for t in self.layout.buffers(name)] for name in STATE}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.takes_samples:
             return
-        for name in ("m", "v"):
+        if "mean" not in state and "m" in state:  # mmgrad <= 0.2 saved SPEC's raw moments m, v
+            steps, beta = int(state["step_count"]), self.options["beta"]
+            pairs = [state_from_moments(m, v, steps, beta) for m, v in zip(state["m"], state["v"])]
+            state = {"mean": [p[0] for p in pairs], "var": [p[1] for p in pairs]}
+        for name in STATE:
             mine, saved = self.layout.buffers(name), state[name]
             if len(saved) != len(mine) or any(a.shape != b.shape for a, b in zip(mine, saved)):
                 raise ValueError(f"state {name!r} does not match this calibrator's layout (segments {[tuple(t.shape) for t in mine]})")
@@ -124,4 +131,4 @@ class BOGC(Method):
     def state_bytes(self) -> int:
         if self.takes_samples:
             return 0
-        return sum(t.numel() * t.element_size() for name in ("m", "v") for t in self.layout.buffers(name))
+        return sum(t.numel() * t.element_size() for name in STATE for t in self.layout.buffers(name))

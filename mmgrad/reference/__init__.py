@@ -11,8 +11,10 @@ from .bogc import (
     bogc_step,
     ds_combine,
     ema_moments,
+    ema_weights,
     opinions,
     sample_moments,
+    state_from_moments,
 )
 from .finite import all_finite
 from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights,
@@ -28,6 +30,7 @@ __all__ = [
     "combine_and_gram",
     "ds_combine",
     "ema_moments",
+    "ema_weights",
     "gram",
     "mgda_weights",
     "mimo_weights",
@@ -36,4 +39,5 @@ __all__ = [
     "ogm_coefficients",
     "opinions",
     "sample_moments",
+    "state_from_moments",
 ]

@@ -27,34 +27,62 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def ema_moments(g: Tensor, m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """EMA estimator of SPEC §3.1: returns the updated ``(m, v)`` and the variance.
+def ema_weights(step, beta: float):
+    """The EMA's weight of update ``step`` (1 on the first): ``(alpha, 1 - alpha)`` with
+    ``alpha = (1-beta)/(1-beta**step)``, each formed without cancellation, in float64.
 
-    ``step`` is the count of updates including this one (1 on the first step); the
-    variance is ``max(v/(1-beta**step) - (m/(1-beta**step))**2, 0)``. Inputs are not
-    modified.
+    ``step`` is an int (Python floats back) or a device tensor (tensors back, no host
+    synchronisation). Every backend takes its weights from here.
+
+    >>> ema_weights(1, 0.9)
+    (1.0, 0.0)
+    """
+    if isinstance(step, torch.Tensor):
+        step = step.to(torch.float64)
+    bias = 1.0 - beta**step
+    # 1 - alpha as beta(1 - beta^(t-1))/(1 - beta^t): 1 - alpha itself cancels when beta is small
+    return (1.0 - beta) / bias, beta * (1.0 - beta ** (step - 1)) / bias
+
+
+def ema_moments(g: Tensor, mean: Tensor, var: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor]:
+    """EMA estimator of SPEC §3.1: returns the updated state ``(mean, var)``.
+
+    The state is the bias-corrected mean and the variance themselves, not SPEC's ``m, v``
+    (README, Spec note 3): with ``alpha, 1 - alpha = ema_weights(step, beta)`` and
+    ``d = g - mean``, ``mean' = mean + alpha d`` and ``var' = (1 - alpha)(var + alpha d^2)``,
+    which is SPEC's ``v/(1-beta**step) - (m/(1-beta**step))**2`` for ``mean, var`` formed
+    from ``m, v`` the same way (``state_from_moments``), summed from non-negative terms
+    only. ``step`` counts updates including this one. Inputs are not modified.
 
     >>> g = torch.tensor([[1.0, -2.0]]); z = torch.zeros(1, 2)
-    >>> m, v, var = ema_moments(g, z, z, step=1, beta=0.9)
-    >>> var
-    tensor([[0., 0.]])
+    >>> mean, var = ema_moments(g, z, z, step=1, beta=0.9)
+    >>> mean, var
+    (tensor([[ 1., -2.]]), tensor([[0., 0.]]))
     """
     V.check_float_tensor("g", g, dim=2)
-    V.check_float_tensor("m", m, dim=2)
-    V.check_float_tensor("v", v, dim=2)
-    V.check_same_shape(("g", "m", "v"), (g, m, v))
+    V.check_float_tensor("mean", mean, dim=2)
+    V.check_float_tensor("var", var, dim=2)
+    V.check_same_shape(("g", "mean", "var"), (g, mean, var))
     step, beta = V.check_step(step), V.check_beta(beta)
-    dt = _compute_dtype(g, m, v)
-    # In float64 whatever the dtype, as the kernels do: v_hat - m_hat^2 cancels when
-    # sigma^2 << m^2, so the variance is formed from the unrounded moments.
-    g, m, v = g.double(), m.double(), v.double()
-    m = beta * m + (1.0 - beta) * g
-    v = beta * v + (1.0 - beta) * (g * g)
-    inv_bc = 1.0 / (1.0 - beta**step)
-    m_hat = m * inv_bc
-    var = torch.clamp_min(v * inv_bc - m_hat * m_hat, 0.0)
-    m, v, var = m.to(dt), v.to(dt), var.to(dt)
-    return m, v, var
+    dt = _compute_dtype(g, mean, var)
+    alpha, one_minus_alpha = ema_weights(step, beta)
+    g, mean, var = g.to(dt), mean.to(dt), var.to(dt)
+    d = g - mean
+    ad = alpha * d
+    # as mmgrad_math.h: (1-alpha)*alpha*d first, so step 1 gives 0 even where d*d overflows
+    return mean + ad, one_minus_alpha * var + (one_minus_alpha * ad) * d
+
+
+def state_from_moments(m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor]:
+    """SPEC §3.1's raw moments ``m, v`` after ``step`` updates as ``ema_moments``' state:
+    ``mean = m/(1-beta**step)``, ``var = max(v/(1-beta**step) - mean**2, 0)``, in float64
+    (how checkpoints of mmgrad 0.2 and earlier load). ``step = 0``: zero state."""
+    m, v = m.double(), v.double()
+    if step == 0:
+        return torch.zeros_like(m), torch.zeros_like(v)
+    bias = 1.0 - beta**step
+    mean = m / bias
+    return mean, torch.clamp_min(v / bias - mean * mean, 0.0)
 
 
 def sample_moments(samples: Tensor) -> Tuple[Tensor, Tensor]:
@@ -204,8 +232,8 @@ def _bogc_core(mu, var, gamma, eps, confidence, weights):
 
 def bogc_step(
     g: Tensor,
-    m: Tensor,
-    v: Tensor,
+    mean: Tensor,
+    var: Tensor,
     step: int,
     *,
     beta: float = 0.9,
@@ -215,21 +243,23 @@ def bogc_step(
     weights: str = "belief",
     rescale: bool = True,
     group_offsets: Tensor | None = None,
-    m_out: Tensor | None = None,
-    v_out: Tensor | None = None,
+    mean_out: Tensor | None = None,
+    var_out: Tensor | None = None,
     out: Tensor | None = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
     """One BOGC step with the EMA estimator: what the fused kernel computes in one pass.
 
-    Returns ``(out, m_new, v_new, stats)``; ``stats`` holds ``gram`` (G x M x M,
-    float64, one per parameter group), ``sum_sq`` (||sum_m g_m||^2), ``out_sq``
-    (||out||^2 before rescaling), ``nonfinite`` (count of non-finite entries of g),
-    ``uncertainty`` (mean fused u), ``conflict`` and ``weights``. Given ``m_out``,
-    ``v_out``, ``out``, the results are written there (the inputs stay untouched).
+    ``mean, var`` is the EMA state (``ema_moments``). Returns ``(out, mean_new, var_new,
+    stats)``; ``stats`` holds ``gram`` (G x M x M, float64, one per parameter group),
+    ``sum_sq`` (||sum_m g_m||^2), ``out_sq`` (||out||^2 before rescaling), ``nonfinite``
+    (count of non-finite entries of g), ``uncertainty`` (mean fused u), ``conflict`` and
+    ``weights``. Given ``mean_out``, ``var_out``, ``out``, the results are written there
+    (the inputs stay untouched); the step uses the variance before it is rounded into
+    ``var_out``.
     """
-    m_new, v_new, var = ema_moments(g, m, v, step, beta)
-    res, stats = _calibrate(g, var, gamma, eps, confidence, weights, rescale, group_offsets)
-    return _into(out, res, g.dtype), _into(m_out, m_new), _into(v_out, v_new), stats
+    mean_new, var_new = ema_moments(g, mean, var, step, beta)
+    res, stats = _calibrate(g, var_new, gamma, eps, confidence, weights, rescale, group_offsets)
+    return _into(out, res, g.dtype), _into(mean_out, mean_new), _into(var_out, var_new), stats
 
 
 def bogc_sample_step(

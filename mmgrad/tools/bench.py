@@ -122,8 +122,8 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu") -> Case:
     if method == "bogc":
         st = torch.randn(m, n, generator=gen)
         vst = st * st + 1.0
-        m_out, v_out = torch.empty_like(st), torch.empty_like(vst)
-        fused = lambda: ops.bogc_step(g, st, vst, 5, m_out=m_out, v_out=v_out, out=out, backend=backend)
+        mean_out, var_out = torch.empty_like(st), torch.empty_like(vst)
+        fused = lambda: ops.bogc_step(g, st, vst, 5, mean_out=mean_out, var_out=var_out, out=out, backend=backend)
         return Case(nbytes, fused, _REFERENCES[method], (g, st, vst))
     if method in ("mgda", "mmpareto"):
         solve = mgda_weights if method == "mgda" else mmpareto_weights

@@ -93,8 +93,8 @@ def dense_step(cal: FusedCalibrator, method: str, options: dict) -> Callable[[],
     n, off = cal.num_elements, cal.group_offsets
     out = torch.empty(n)
     if method == "bogc":
-        state = torch.zeros(2, 2, M, n)  # m, v x two slots
-        return lambda: ops.bogc_step(grads, state[0, 0], state[1, 0], 1, m_out=state[0, 1], v_out=state[1, 1],
+        state = torch.zeros(2, 2, M, n)  # mean, var x two slots
+        return lambda: ops.bogc_step(grads, state[0, 0], state[1, 0], 1, mean_out=state[0, 1], var_out=state[1, 1],
                                      group_offsets=off, out=out)
     if method == "mimo":
         alpha = torch.full((off.numel() - 1, M), 1.0 / M, dtype=torch.float64)

@@ -96,7 +96,7 @@ def _fused_step(method: str, backend: str, m: int, n: int, device: torch.device)
     out = torch.empty(n, device=device)
     if method == "bogc":
         mom, sq = torch.zeros(m, n, device=device), torch.zeros(m, n, device=device)
-        return lambda: ops.bogc_step(g, mom, sq, 5, m_out=mom, v_out=sq, out=out, backend=backend)
+        return lambda: ops.bogc_step(g, mom, sq, 5, mean_out=mom, var_out=sq, out=out, backend=backend)
     if method in ("mgda", "mmpareto"):
         return lambda: ops.combine(g, ops.moo_weights(ops.gram(g, group_offsets=torch.tensor([0, n]), backend=backend),
                                                       method, backend=backend)[0], out=out, backend=backend)

@@ -70,8 +70,8 @@ class Case:
     """Inputs for one comparison; ``g`` in the tested dtype, state in float32/64."""
 
     g: Tensor          # M x N gradients
-    m: Tensor          # M x N EMA state (first moment)
-    v: Tensor          # M x N EMA state (second moment), v >= m^2
+    mean: Tensor       # M x N EMA state: the bias-corrected mean ...
+    var: Tensor        # ... and the variance, >= 0
     samples: Tensor    # S x M x N
     group_offsets: Tensor
     step: int
@@ -82,11 +82,11 @@ def random_case(m: int, n: int, dtype: torch.dtype, generator: torch.Generator, 
     gen = generator
     scale = torch.exp(torch.randn(m, 1, generator=gen, dtype=torch.float64))  # objectives of unequal size
     g = torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
-    mstate = torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
-    vstate = mstate**2 + torch.rand(m, n, generator=gen, dtype=torch.float64) * scale**2
+    mean = torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
+    var = torch.rand(m, n, generator=gen, dtype=torch.float64) * scale**2
     # An objective that does not reach some coordinates: g = 0 and zero state there.
     unreached = torch.rand(m, n, generator=gen) < 0.1
-    g[unreached], mstate[unreached], vstate[unreached] = 0.0, 0.0, 0.0
+    g[unreached], mean[unreached], var[unreached] = 0.0, 0.0, 0.0
     if m >= 2 and n >= 2:  # confident, exactly opposite objectives on one coordinate
         g[0, 1], g[1, 1] = 3.0, -3.0
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -96,8 +96,8 @@ def random_case(m: int, n: int, dtype: torch.dtype, generator: torch.Generator, 
     offsets = torch.tensor(sorted(set([0, *cuts, n])), dtype=torch.int64)
     return Case(
         g=g.to(dtype),
-        m=mstate.to(state_dtype),
-        v=vstate.to(state_dtype),
+        mean=mean.to(state_dtype),
+        var=var.to(state_dtype),
         samples=s.to(dtype),
         group_offsets=offsets,
         step=int(torch.randint(1, 50, (1,), generator=gen)),
@@ -113,9 +113,9 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
     c, b, errs = case, backend, {}
     ref = reference
     mu = c.g if c.g.dtype == torch.float64 else c.g.float()  # the pure functions compute in float32/64
-    m1, v1, var = ops.ema_moments(c.g, c.m, c.v, c.step, 0.9, backend=b)
-    rm1, rv1, rvar = ref.ema_moments(_f64(c.g), _f64(c.m), _f64(c.v), c.step, 0.9)
-    errs["ema_moments"] = max(rel_err(m1, rm1), rel_err(v1, rv1), rel_err(var, rvar))
+    mean, var = ops.ema_moments(c.g, c.mean, c.var, c.step, 0.9, backend=b)
+    rmean, rvar = ref.ema_moments(_f64(c.g), _f64(c.mean), _f64(c.var), c.step, 0.9)
+    errs["ema_moments"] = max(rel_err(mean, rmean), rel_err(var, rvar))
     var_in = rvar.to(mu.dtype)
     lam, bp, bn, u = ops.opinions(mu, var_in, 1.0, 1e-8, backend=b)
     rl, rbp, rbn, ru = ref.opinions(_f64(mu), _f64(var_in), 1.0, 1e-8)
@@ -135,8 +135,8 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
             worst = max(worst, rel_err(out, rout, floor), rel_err(d["uncertainty"], rd["uncertainty"], 1.0),
                         rel_err(d["weights"], rd["weights"], 1.0))
     errs["bogc_from_moments"] = worst
-    out, _, _, st = ops.bogc_step(c.g, c.m, c.v, c.step, group_offsets=c.group_offsets, backend=b)
-    rout, _, _, rst = ref.bogc_step(_f64(c.g), _f64(c.m), _f64(c.v), c.step, group_offsets=c.group_offsets)
+    out, _, _, st = ops.bogc_step(c.g, c.mean, c.var, c.step, group_offsets=c.group_offsets, backend=b)
+    rout, _, _, rst = ref.bogc_step(_f64(c.g), _f64(c.mean), _f64(c.var), c.step, group_offsets=c.group_offsets)
     # the steps by the same backward-stable bound (seed 790576208: M = 11, N = 1, a sample
     # step's near-tie gave 1.8e-4 relative to its output, with either fold)
     errs["bogc_step"] = max(rel_err(out, rout, stable_floor(c.g)), rel_err(st["gram"], rst["gram"]))
