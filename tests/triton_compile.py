@@ -41,14 +41,16 @@ GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def configs() -> List[Tuple[int, int]]:
-    """(BLOCK, num_warps) of the kernels' autotune configs."""
+    """(BLOCK, compile options) of the kernels' autotune configs: num_warps, and maxnreg
+    where the config sets it (it changes ptxas's register budget, so the check must too)."""
     from mmgrad.kernels import triton_kernels as T
 
-    return [(c.kwargs["BLOCK"], c.num_warps) for c in T._CONFIGS]
+    return [(c.kwargs["BLOCK"], {"num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})})
+            for c in T._CONFIGS]
 
 
-def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], int]]:
-    """(kernel, signature, constexprs, num_warps) for every build of the check.
+def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], Dict[str, int]]]:
+    """(kernel, signature, constexprs, compile options) for every build of the check.
 
     The backend launches the BOGC kernel with M = |R| of a segment (any objective count),
     the combination kernel likewise, and the solver with M <= 16. Built: every autotune
@@ -62,56 +64,57 @@ def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], int]
     from mmgrad.kernels import triton_kernels as T
 
     specs = []
-    heavy = max(configs(), key=lambda c: c[0] / c[1])
+    heavy = max(configs(), key=lambda c: c[0] / c[1]["num_warps"])
 
-    def bogc(m, g="fp32", state="fp32", source=0, conf=0, weights=0, block=256, warps=4, index="i32"):
+    def bogc(m, g="fp32", state="fp32", source=0, conf=0, weights=0, block=256, options=None, index="i32"):
         sig = {"g_ptr": f"*{g}", "m_ptr": f"*{state}", "v_ptr": f"*{state}", "mo_ptr": f"*{state}", "vo_ptr": f"*{state}",
                "out_ptr": "*fp32" if g != "fp32" else f"*{g}", "part_ptr": "*fp64", "n": index, "lo": index,
                "hi": index, "S": "i32", "commit_ptr": "*i64", "alpha_ptr": "*fp64",
                "gamma": "fp32", "eps": "fp32", "M": "constexpr", "SOURCE": "constexpr", "CONFIDENCE": "constexpr",
                "WEIGHTS": "constexpr", "BLOCK": "constexpr"}
-        specs.append(("_bogc_kernel", sig, {"M": m, "SOURCE": source, "CONFIDENCE": conf, "WEIGHTS": weights, "BLOCK": block}, warps))
+        specs.append(("_bogc_kernel", sig, {"M": m, "SOURCE": source, "CONFIDENCE": conf, "WEIGHTS": weights, "BLOCK": block}, options))
 
-    def combine(m, g="fp32", with_out=True, with_gram=False, block=256, warps=4, index="i32"):
+    def combine(m, g="fp32", with_out=True, with_gram=False, block=256, options=None, index="i32"):
         sig = {"g_ptr": f"*{g}", "alpha_ptr": "*fp64", "out_ptr": f"*{g}", "part_ptr": "*fp64", "n": index, "lo": index,
                "hi": index, "M": "constexpr", "WITH_OUT": "constexpr", "WITH_GRAM": "constexpr", "BLOCK": "constexpr"}
-        specs.append(("_combine_gram_kernel", sig, {"M": m, "WITH_OUT": with_out, "WITH_GRAM": with_gram, "BLOCK": block}, warps))
+        specs.append(("_combine_gram_kernel", sig, {"M": m, "WITH_OUT": with_out, "WITH_GRAM": with_gram, "BLOCK": block}, options))
 
     for m in range(1, T.MAX_OBJECTIVES + 1):
-        for block, warps in configs():
-            bogc(m, block=block, warps=warps)
-            combine(m, with_gram=True, block=block, warps=warps)
+        for block, options in configs():
+            bogc(m, block=block, options=options)
+            combine(m, with_gram=True, block=block, options=options)
             if m <= T.SAMPLE_MAX_OBJECTIVES:
-                bogc(m, source=1, block=block, warps=warps)
+                bogc(m, source=1, block=block, options=options)
     for g in GRAD_DTYPES:  # every dtype x flag combination at M = 4 ...
         for state in ("fp32", "bf16"):
             for conf in (0, 1, 2):
                 for weights in (0, 1):
-                    bogc(4, g=g, state=state, conf=conf, weights=weights, block=heavy[0], warps=heavy[1])
-        bogc(4, g=g, source=1, block=heavy[0], warps=heavy[1])
+                    bogc(4, g=g, state=state, conf=conf, weights=weights, block=heavy[0], options=heavy[1])
+        bogc(4, g=g, source=1, block=heavy[0], options=heavy[1])
         for with_out, with_gram in ((True, False), (True, True), (False, True)):
-            combine(4, g=g, with_out=with_out, with_gram=with_gram, block=heavy[0], warps=heavy[1])
-    top, big = T.MAX_OBJECTIVES, dict(block=heavy[0], warps=heavy[1])  # ... and each one alone at the largest M
+            combine(4, g=g, with_out=with_out, with_gram=with_gram, block=heavy[0], options=heavy[1])
+    top, big = T.MAX_OBJECTIVES, dict(block=heavy[0], options=heavy[1])  # ... and each one alone at the largest M
     for kw in ({"g": "bf16"}, {"g": "fp16"}, {"state": "bf16"}, {"conf": 1}, {"conf": 2}, {"weights": 1}):
         bogc(top, **kw, **big)
     for g in ("bf16", "fp16"):
         combine(top, g=g, with_gram=True, **big)
-    bogc(2, index="i64", block=heavy[0], warps=heavy[1])
-    combine(2, with_gram=True, index="i64", block=heavy[0], warps=heavy[1])
+    bogc(2, index="i64", block=heavy[0], options=heavy[1])
+    combine(2, with_gram=True, index="i64", block=heavy[0], options=heavy[1])
     for m in (2, 3, 4, 8, 16):
         mb = max(2, 1 << (m - 1).bit_length())
         for method, normalize in ((0, 0), (0, 1), (0, 2), (1, 0)):
             sig = {"k_ptr": "*fp64", "loss_ptr": "*fp64", "w_ptr": "*fp64", "magnitude": "fp32", "TOL": "fp32",
                    "M": "constexpr", "MB": "constexpr", "METHOD": "constexpr", "NORMALIZE": "constexpr", "ITERS": "constexpr"}
             specs.append(("_moo_weights_kernel", sig, {"M": m, "MB": mb, "METHOD": method, "NORMALIZE": normalize,
-                                                        "ITERS": T.MOO_ITERATIONS}, T.moo_warps(mb)))
+                                                        "ITERS": T.MOO_ITERATIONS}, {"num_warps": T.moo_warps(mb)}))
     return specs
 
 
-def _name(kernel: str, constexprs: Dict[str, object], sig: Dict[str, str], warps: int, arch: int) -> str:
+def _name(kernel: str, constexprs: Dict[str, object], sig: Dict[str, str], options: Dict[str, int], arch: int) -> str:
     types = ",".join(v.lstrip("*") for v in sig.values() if v != "constexpr")
     flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
-    return f"{kernel}[{flags},warps={warps}]({types})@sm_{arch}"
+    opts = ",".join(f"{k.replace('num_', '')}={v}" for k, v in options.items())
+    return f"{kernel}[{flags},{opts}]({types})@sm_{arch}"
 
 
 def ptxas_candidates() -> List[str]:
@@ -157,11 +160,11 @@ def _build(job: Tuple[str, Dict[str, str], Dict[str, object], int, int]) -> dict
 
     from mmgrad.kernels import triton_kernels as T
 
-    kernel, sig, constexprs, warps, arch = job
-    row = {"name": _name(kernel, constexprs, sig, warps, arch), "kernel": kernel, "arch": f"sm_{arch}"}
+    kernel, sig, constexprs, options, arch = job
+    row = {"name": _name(kernel, constexprs, sig, options, arch), "kernel": kernel, "arch": f"sm_{arch}"}
     try:
         compiled = triton.compile(ASTSource(getattr(T, kernel), sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                                  target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # noqa: BLE001 - reported, and the test fails on it
         return {**row, "error": f"{type(err).__name__}: {err}"[:2000]}
     row.update(_ptxas(compiled.asm["ptx"]))

@@ -53,7 +53,9 @@ _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 # bytes at 2 per thread, and 16 warps cap a thread at 128 registers, which M = 8 exceeds
 # (tests/triton_compile.py builds every config at every M for sm_80 and sm_90 and fails on
 # any spill). A list, so that a config found spill-free later can join the autotuning.
-_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 8),)]
+# maxnreg: left to itself, ptxas 13 aims at 80 registers here (3 blocks of 256 threads
+# per SM) and spilled 4-8 bytes at M = 8; 128 (2 blocks) spills nowhere (make triton-check)
+_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, maxnreg=r) for b, w, r in ((256, 8, 128),)]
 # the smallest block: the partials buffers hold one row per program of it
 _MIN_BLOCK = 4096 if INTERPRET else min(c.kwargs["BLOCK"] for c in _CONFIGS)
 #: The BOGC and combination kernels unroll over M (the Gram is M*M): at M = 16 one build
@@ -100,16 +102,32 @@ def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
     lam = tl.where((mu != 0.0) | (var != 0.0), 1.0 / (var + eps), 0.0)
     e = gamma * ((lam * mu) * mu)  # not mu^2: it overflows float32
     e = tl.where(e < 1e30, e, 1e30)  # kEvidenceMax; an overflow to inf clamps too
-    strength = e + 2.0
-    b = e / strength
+    inv_strength = 1.0 / (e + 2.0)  # one division for b and u, as mmgrad_math.h
+    b = e * inv_strength
     b_pos = tl.where(mu > 0.0, b, 0.0)
     b_neg = tl.where(mu < 0.0, b, 0.0)
-    u = 2.0 / strength
+    u = 2.0 * inv_strength
     if WEIGHTS == 0:
         w = b_pos + b_neg
     else:
         w = lam
     return lam, b_pos, b_neg, u, w
+
+
+@triton.jit
+def _wide_mul(mant, exp, x):
+    """(mant * 2^exp) * x for mant in [1, 2), x in [2^-100, 1], as a mantissa in [1, 2) and
+    an int exponent (mmgrad_math.h: wide_mul): the product of opinions' u cannot flush."""
+    bits = (mant * x).to(tl.uint32, bitcast=True)
+    e = (bits >> 23).to(tl.int32) - 127
+    return ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True), exp + e
+
+
+@triton.jit
+def _pow2(k):
+    """2^k for int k <= 0; 0 below float32's normal range (mmgrad_math.h: pow2)."""
+    biased = tl.maximum(k + 127, 0).to(tl.uint32)
+    return tl.where(k <= -127, 0.0, (biased << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -134,44 +152,61 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
         store_mask = mask
         alpha = 1.0
         oma = 0.0
-    bp = tl.zeros([BLOCK], dtype=tl.float64)  # the fold in float64, as mmgrad_math.h
-    bn = tl.zeros([BLOCK], dtype=tl.float64)
-    uu = tl.full([BLOCK], 1.0, tl.float64)
-    kept = tl.full([BLOCK], 1.0, tl.float64)
+    # The fold in float32 (README, Spec note 12; mmgrad_math.h: fold_objective): each
+    # opinion supports one sign, so it is the positive and the negative objectives'
+    # products U+-, each a mantissa and an exponent, and their beliefs B+- = 1 - U+-.
+    bp = tl.zeros([BLOCK], dtype=tl.float32)
+    bn = tl.zeros([BLOCK], dtype=tl.float32)
+    mp = tl.full([BLOCK], 1.0, tl.float32)
+    mn = tl.full([BLOCK], 1.0, tl.float32)
+    ep = tl.zeros([BLOCK], dtype=tl.int32)
+    en = tl.zeros([BLOCK], dtype=tl.int32)
     w_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(M):  # SPEC §3.5: the fold (mmgrad_math.h: fold_objective)
+        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
+        lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
+        w_sum += w
+        u_pos = tl.where(mu > 0.0, u, 1.0)
+        u_neg = tl.where(mu < 0.0, u, 1.0)
+        bp = b_pos + bp * u_pos
+        bn = b_neg + bn * u_neg
+        mp, ep = _wide_mul(mp, ep, u_pos)
+        mn, en = _wide_mul(mn, en, u_neg)
+    # the fused opinion, one division (mmgrad_math.h: fused_opinion): lo, hi the smaller
+    # and larger of U+-, all divided by 2^exp(hi); its statistics are stored at once, so
+    # that only the confidence stays live through the second pass (fewer registers)
+    pos_lo = (ep < en) | ((ep == en) & (mp <= mn))
+    b_lo = tl.where(pos_lo, bp, bn)
+    b_hi = tl.where(pos_lo, bn, bp)
+    hi_exp = tl.where(pos_lo, en, ep)
+    a_lo = tl.where(pos_lo, mp, mn) * _pow2(tl.where(pos_lo, ep, en) - hi_exp)
+    c_hi = tl.where(pos_lo, mn, mp)
+    inv = 1.0 / (c_hi + a_lo * b_hi)
+    f_lo = (b_lo * c_hi) * inv
+    f_hi = (b_hi * a_lo) * inv
+    if CONFIDENCE == 0:
+        scale = tl.abs(f_lo - f_hi)
+    elif CONFIDENCE == 1:
+        scale = f_lo + f_hi  # = 1 - u, without cancellation when u ~ 1
+    else:
+        scale = tl.full([BLOCK], 1.0, tl.float32)
+    row = part_ptr + pid * (SCALARS_C + M + M * M)
+    fused_u = ((a_lo * c_hi) * _pow2(hi_exp)) * inv
+    tl.store(row + 3, tl.sum(tl.where(mask, fused_u, 0.0).to(tl.float64), axis=0))
+    tl.store(row + 4, tl.sum(tl.where(mask, bp * bn, 0.0).to(tl.float64), axis=0))  # the conflict mass
+    tl.store(row + 5, tl.sum(tl.where(mask & (w_sum > 0.0), 1.0, 0.0).to(tl.float64), axis=0))
+    weighted_mu = tl.zeros([BLOCK], dtype=tl.float32)
     n_reach = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float64)
     nonfinite = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in tl.static_range(M):  # SPEC §3.5: the fold (mmgrad_math.h: fold_objective)
-        mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
-        # counted on mu, as the reference does (a non-finite sample makes its mean non-finite)
-        nonfinite += tl.where((mu == mu) & (tl.abs(mu) < float("inf")), 0.0, 1.0)
-        lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
-        b_pos = b_pos.to(tl.float64)
-        b_neg = b_neg.to(tl.float64)
-        u = u.to(tl.float64)
-        n_reach += tl.where(lam > 0.0, 1.0, 0.0)
-        w_sum += w
-        total += mu.to(tl.float64)
-        if k == 0:
-            bp, bn, uu = b_pos, b_neg, u
-        else:
-            p = bp * b_pos + bp * u + b_pos * uu
-            q = bn * b_neg + bn * u + b_neg * uu
-            r = uu * u
-            s = p + q + r
-            conflict_all = s == 0.0
-            inv = tl.where(conflict_all, 0.0, 1.0 / tl.where(conflict_all, 1.0, s))
-            bp = p * inv
-            bn = q * inv
-            uu = tl.where(conflict_all, 1.0, uu * (u * inv))  # not r * inv: r underflows float32
-            kept = kept * s
-    weighted_mu = tl.zeros([BLOCK], dtype=tl.float32)
-    row = part_ptr + pid * (SCALARS_C + M + M * M)
     for k in tl.static_range(M):  # shares w_k / sum(w) (one division each) and the direction
         # the state is written on this last read of it, so it may be updated in place (one slot)
         mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, True)
+        # counted on mu, as the reference does (a non-finite sample makes its mean non-finite)
+        nonfinite += tl.where((mu == mu) & (tl.abs(mu) < float("inf")), 0.0, 1.0)
         lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
+        n_reach += tl.where(lam > 0.0, 1.0, 0.0)
+        total += mu.to(tl.float64)
         share = tl.where(w_sum > 0.0, w / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
         weighted_mu += share * mu
         tl.store(row + SCALARS_C + k, tl.sum(tl.where(mask, share, 0.0).to(tl.float64), axis=0))
@@ -186,21 +221,12 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
                 kk = tl.sum(tl.where(mask, mu.to(tl.float64) * other.to(tl.float64), 0.0), axis=0)
                 tl.store(row + SCALARS_C + M + k * M + j, kk)
                 tl.store(row + SCALARS_C + M + j * M + k, kk)
-    if CONFIDENCE == 0:
-        scale = tl.abs(bp - bn).to(tl.float32)
-    elif CONFIDENCE == 1:
-        scale = (bp + bn).to(tl.float32)  # = 1 - u, without cancellation when u ~ 1
-    else:
-        scale = tl.full([BLOCK], 1.0, tl.float32)
     res = scale * (n_reach * weighted_mu)
     tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
     res64 = res.to(tl.float64)
     tl.store(row + 0, tl.sum(tl.where(mask, total * total, 0.0), axis=0))
     tl.store(row + 1, tl.sum(tl.where(mask, res64 * res64, 0.0), axis=0))
     tl.store(row + 2, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
-    tl.store(row + 3, tl.sum(tl.where(mask, uu, 0.0), axis=0))
-    tl.store(row + 4, tl.sum(tl.where(mask, 1.0 - kept, 0.0), axis=0))
-    tl.store(row + 5, tl.sum(tl.where(mask & (w_sum > 0.0), 1.0, 0.0).to(tl.float64), axis=0))
 
 
 @triton.jit
