@@ -431,11 +431,13 @@ def test_a_checkpoint_of_mmgrad_0_2_loads(gen, steps):
 
 # ------------------------------------------------------------------ bf16 state
 # Over 8 training steps of a 3-view LateFusion, bf16 EMA state against the float64 oracle
-# with float64 state, ||out - oracle|| / ||oracle|| per run, 200 seeds (README, "Spec
-# notes" 23): median 0.7 %, 95th percentile 4.6 %, worst 33 %. Tested on 12 fresh seeds:
-# the median within 3 % (P ~ 1e-6 of a false alarm at that distribution), every run
-# within 60 %, and float32 state within 2e-4 in every run.
-BF16_MEDIAN_BOUND, BF16_RUN_BOUND = 0.03, 0.6
+# with float64 state, ||out - oracle|| / ||oracle|| per run (README, "Spec notes" 23):
+# with the state as mean and variance (Spec note 3), cpu over 200 seeds median 0.14 %,
+# 95th percentile 0.31 %, worst 0.67 %; triton (interpreter) over 40 seeds median 0.34 %,
+# worst 1.1 %; float32 state at most 2.2e-7 on any backend. (With SPEC's m, v it was
+# median 0.7 %, worst 33 %, under bounds of 3 % and 60 %.) Tested on 12 fresh seeds: the
+# median within 1 %, every run within 5 %, float32 state within 2e-6.
+BF16_MEDIAN_BOUND, BF16_RUN_BOUND, FLOAT32_RUN_BOUND = 0.01, 0.05, 2e-6
 
 
 def _drift(backend, seed, state_dtype):
@@ -465,7 +467,7 @@ def test_bf16_state_drift_stays_within_its_bound_of_the_float64_oracle(gen, back
     bf16 = sorted(_drift(backend, s, torch.bfloat16) for s in seeds)
     assert (bf16[5] + bf16[6]) / 2 <= BF16_MEDIAN_BOUND, bf16
     assert bf16[-1] <= BF16_RUN_BOUND, bf16
-    assert max(_drift(backend, s, torch.float32) for s in seeds[:3]) <= 2e-4
+    assert max(_drift(backend, s, torch.float32) for s in seeds[:3]) <= FLOAT32_RUN_BOUND
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
