@@ -41,7 +41,7 @@ def main() -> int:
     parts = torch.zeros(1, 1, 6 + 2 + 4, dtype=torch.float64)
     checks += [
         ("bogc_step on CPU tensors", lambda: expect((ValueError,), "g must be a CUDA tensor", lambda: ext.bogc_step(
-            g, z, z, z, z, torch.zeros(8), off, None, None, 0, 0.9, 1.0, 1.0, 1e-8, 0, 0, parts))),
+            g, z, z, z, z, torch.zeros(8), off, 0, 1.0, 0.0, 1.0, 1e-8, 0, 0, parts))),
         ("combine_and_gram on CPU tensors", lambda: expect((ValueError,), "g must be a CUDA tensor", lambda: ext.combine_and_gram(
             g, torch.ones(1, 2, dtype=torch.float64), torch.zeros(8), off, True, torch.zeros(1, 1, 5, dtype=torch.float64)))),
         ("moo_weights on CPU tensors", lambda: expect((ValueError,), "grams must be a CUDA tensor", lambda: ext.moo_weights(
