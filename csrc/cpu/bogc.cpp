@@ -33,48 +33,67 @@ struct BogcArgs {
   BogcParams<acc_t> prm{};
 };
 
-// The EMA update of one chunk's M rows (mu holds the gradients), state in state_t: the
-// update in acc_t (mmgrad_math.h), the state rounded once to its own dtype; the step
-// uses the unrounded variance.
+// The fold's running state over a chunk, one scratch row per field (structure of arrays).
+template <typename acc_t>
+struct FoldRows {
+  acc_t *b_pos, *b_neg, *mant_pos, *mant_neg, *w_sum, *n_reach;
+  int32_t *exp_pos, *exp_neg;
+};
+
+// Objective k joins the fold at coordinate t (mmgrad_math.h: fold_objective); its raw
+// weight goes to share[t].
+template <typename acc_t>
+inline __attribute__((always_inline)) void fold_at(const FoldRows<acc_t>& f, int64_t t, acc_t mu, acc_t var,
+                                                   const BogcParams<acc_t>& prm, acc_t* share) {
+  const math::FoldStep<acc_t> r = math::fold_objective(
+      math::FoldState<acc_t>{f.b_pos[t], f.b_neg[t], {f.mant_pos[t], f.exp_pos[t]}, {f.mant_neg[t], f.exp_neg[t]},
+                             f.w_sum[t], f.n_reach[t]},
+      mu, var, prm);
+  share[t] = r.weight;
+  f.b_pos[t] = r.state.b_pos;
+  f.b_neg[t] = r.state.b_neg;
+  f.mant_pos[t] = r.state.u_pos.mant;
+  f.exp_pos[t] = r.state.u_pos.exp;
+  f.mant_neg[t] = r.state.u_neg.mant;
+  f.exp_neg[t] = r.state.u_neg.exp;
+  f.w_sum[t] = r.state.w_sum;
+  f.n_reach[t] = r.state.n_reach;
+}
+
+// Objective k of one chunk with the EMA estimator, in one loop that streams its gradient
+// and state from memory: the EMA update (in acc_t; the state, in state_t, rounded once;
+// the step uses the unrounded variance) and the fold. One loop rather than a loading
+// phase and a compute phase, so the memory traffic overlaps the element math.
 template <typename state_t, typename scalar_t, typename acc_t>
-void ema_rows(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, const acc_t* mu, acc_t* var) {
+void ema_fold_row(const BogcArgs<scalar_t, acc_t>& a, int k, int64_t lo, int64_t len, const FoldRows<acc_t>& f,
+                  acc_t* mu, acc_t* share) {
   using IO = StateIO<state_t, acc_t>;
   using storage = typename IO::storage;
-  for (int k = 0; k < a.M; ++k) {
-    const int64_t base = k * a.N + lo;
-    const acc_t* mk = mu + k * kChunk;
-    acc_t* vk = var + k * kChunk;
-    const storage* mean_in = static_cast<const storage*>(a.state_mean_in) + base;
-    const storage* var_in = static_cast<const storage*>(a.state_var_in) + base;
-    storage* mean_out = static_cast<storage*>(a.state_mean_out) + base;
-    storage* var_out = static_cast<storage*>(a.state_var_out) + base;
-    const acc_t alpha = a.alpha, oma = a.one_minus_alpha;
+  const int64_t base = k * a.N + lo;
+  const scalar_t* g = a.g + base;
+  const storage* mean_in = static_cast<const storage*>(a.state_mean_in) + base;
+  const storage* var_in = static_cast<const storage*>(a.state_var_in) + base;
+  storage* mean_out = static_cast<storage*>(a.state_mean_out) + base;
+  storage* var_out = static_cast<storage*>(a.state_var_out) + base;
+  const acc_t alpha = a.alpha, oma = a.one_minus_alpha;
+  const BogcParams<acc_t> prm = a.prm;
 #pragma omp simd
-    for (int64_t t = 0; t < len; ++t) {
-      const math::EmaResult<acc_t> e = math::ema_update(mk[t], IO::load(mean_in[t]), IO::load(var_in[t]), alpha, oma);
-      mean_out[t] = IO::store(e.mean);
-      var_out[t] = IO::store(e.var);
-      vk[t] = e.var;
-    }
+  for (int64_t t = 0; t < len; ++t) {
+    const acc_t x = static_cast<acc_t>(g[t]);
+    const math::EmaResult<acc_t> e = math::ema_update(x, IO::load(mean_in[t]), IO::load(var_in[t]), alpha, oma);
+    mean_out[t] = IO::store(e.mean);
+    var_out[t] = IO::store(e.var);
+    mu[t] = x;
+    fold_at(f, t, x, e.var, prm, share);
   }
 }
 
-// Fill mu/var scratch (M x kChunk each) for one chunk; returns its non-finite count.
+// Fill mu/var scratch (M x kChunk each) for one chunk of the sample estimator or of given
+// moments; returns its non-finite count. (The EMA's rows stream through ema_fold_row.)
 template <Source src, typename scalar_t, typename acc_t>
 double chunk_moments(const BogcArgs<scalar_t, acc_t>& a, int64_t lo, int64_t len, acc_t* mu, acc_t* var,
                      acc_t* scratch) {
   const int M = a.M;
-  if (src == Source::kEma) {
-    const double bad = load_rows(M, a.g + lo, a.N, len, mu);
-    if constexpr (std::is_same_v<acc_t, float>) {  // bf16 state: float32/half gradients only
-      if (a.bf16_state) {
-        ema_rows<c10::BFloat16>(a, lo, len, mu, var);
-        return bad;
-      }
-    }
-    ema_rows<acc_t>(a, lo, len, mu, var);
-    return bad;
-  }
   if (src == Source::kMoments) {
     const double bad = load_rows(M, a.g + lo, a.N, len, mu);
     for (int k = 0; k < M; ++k) std::copy(a.var_in + k * a.N + lo, a.var_in + k * a.N + lo + len, var + k * kChunk);
@@ -135,9 +154,7 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
     acc_t *sc_scale = mn + kChunk, *sc_inv = sc_scale + kChunk, *total = sc_inv + kChunk;
     int32_t* ep = reinterpret_cast<int32_t*>(total + kChunk);
     int32_t* en = reinterpret_cast<int32_t*>(total + 2 * kChunk);
-    st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, load);
     const BogcParams<acc_t> prm = a.prm;
-
     const math::FoldState<acc_t> start = math::fold_start<acc_t>();
     std::fill(bp, bp + len, start.b_pos);
     std::fill(bn, bn + len, start.b_neg);
@@ -147,23 +164,28 @@ at::Tensor bogc_pass(const BogcArgs<scalar_t, acc_t>& a, const ChunkPlan& plan) 
     std::fill(en, en + len, start.u_neg.exp);
     std::fill(w_sum, w_sum + len, start.w_sum);
     std::fill(n_reach, n_reach + len, start.n_reach);
-    for (int k = 0; k < M; ++k) {
-      const acc_t *mk = mu + k * kChunk, *vk = var + k * kChunk;
-      acc_t* sk = share + k * kChunk;
+    const FoldRows<acc_t> fold{bp, bn, mp, mn, w_sum, n_reach, ep, en};
+    if constexpr (src == Source::kEma) {
+      int64_t bad = 0;
+      for (int k = 0; k < M; ++k) {
+        acc_t *mk = mu + k * kChunk, *sk = share + k * kChunk;
+        bool bf16 = false;
+        if constexpr (std::is_same_v<acc_t, float>) bf16 = a.bf16_state;  // float32/half gradients only
+        if (bf16)
+          ema_fold_row<c10::BFloat16>(a, k, lo, len, fold, mk, sk);
+        else
+          ema_fold_row<acc_t>(a, k, lo, len, fold, mk, sk);
+#pragma omp simd reduction(+ : bad)
+        for (int64_t t = 0; t < len; ++t) bad += (mk[t] - mk[t] == mk[t] - mk[t]) ? 0 : 1;  // inf or NaN
+      }
+      st[L.nonfinite()] += static_cast<double>(bad);
+    } else {
+      st[L.nonfinite()] += chunk_moments<src>(a, lo, len, mu, var, load);
+      for (int k = 0; k < M; ++k) {
+        const acc_t *mk = mu + k * kChunk, *vk = var + k * kChunk;
+        acc_t* sk = share + k * kChunk;
 #pragma omp simd
-      for (int64_t t = 0; t < len; ++t) {
-        const math::FoldStep<acc_t> r = math::fold_objective(
-            math::FoldState<acc_t>{bp[t], bn[t], {mp[t], ep[t]}, {mn[t], en[t]}, w_sum[t], n_reach[t]}, mk[t], vk[t],
-            prm);
-        sk[t] = r.weight;
-        bp[t] = r.state.b_pos;
-        bn[t] = r.state.b_neg;
-        mp[t] = r.state.u_pos.mant;
-        ep[t] = r.state.u_pos.exp;
-        mn[t] = r.state.u_neg.mant;
-        en[t] = r.state.u_neg.exp;
-        w_sum[t] = r.state.w_sum;
-        n_reach[t] = r.state.n_reach;
+        for (int64_t t = 0; t < len; ++t) fold_at(fold, t, mk[t], vk[t], prm, sk);
       }
     }
 #pragma omp simd
