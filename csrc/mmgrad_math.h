@@ -335,16 +335,27 @@ MMGRAD_UNROLL
 
 
 // ------------------------------------------------------------------------------------
-// SPEC §4: MGDA / MMPareto weights from one group's M x M Gram matrix (M <= 16), in a
-// fixed budget of iterations and without host help, so a GPU can solve them in one block
-// with no synchronisation. The same algorithm as mmgrad/kernels/triton_kernels.py's
-// solver (Triton cannot include this header): pairwise Frank-Wolfe with exact line
-// search, each round ending with a conjugate-gradient polish on the support's face.
-// The CPU extension binds it too (moo_weights_device), so the CPU tests cover it.
+// SPEC §4: MGDA / MMPareto weights from one group's M x M Gram matrix (M <= 16), without
+// host help, so a GPU solves them in one block with no synchronisation.
+//
+// The min-norm problem  min a^T K a  over the simplex is a convex QP. It is solved by the
+// Mizuno-Todd-Ye predictor-corrector interior-point method (docs/solver.md has the proof
+// of the bound below): with s = K a - lambda 1 and mu = a^T s / n over the n objectives
+// that reach the group, every iterate keeps 1^T a = 1 and a, s > 0; the duality gap
+// a^T K a - min_i (K a)_i is at most n mu, and each iteration multiplies mu by at most
+// (1 - t + t^2/4)(1 + 1/(8n)) with t = 0.59/sqrt(n) (0.86 at n = 16), whatever K is:
+// singular, rank-deficient, with gradient norms spread over many decades. Each iteration is two Newton solves of
+// (K + diag(s/a)), a symmetric positive definite matrix even where K is singular, by
+// Gauss-Jordan elimination without pivoting. The same algorithm, step for step, as
+// mmgrad/kernels/triton_kernels.py's solver (Triton cannot include this header). The CPU
+// extension binds it too (moo_weights_device), so the CPU tests cover it.
 constexpr int kMooMaxObjectives = 16;
-constexpr int kMooIterations = 256;  // per round
-constexpr int kMooRounds = 3;
-constexpr double kMooGapTol = 1e-7;  // SPEC §4's certificate, relative to max_m K_mm
+constexpr double kMooGapTol = 1e-7;             // SPEC §4's certificate, relative to max_m K_mm
+constexpr double kMooGapTarget = kMooGapTol / 8;  // where the solver stops: margin for the caller's rounding
+constexpr int kMooIterations = 150;  // the proof's bound at n = 16 is 149 (docs/solver.md); typical runs take 8-25
+constexpr int kMooBisections = 30;   // the predictor's step length, to 2^-30
+constexpr double kMooCentral = 0.25;  // the corrector returns into ||a s - mu|| <= 0.25 mu ...
+constexpr double kMooWide = 0.5;      // ... from the predictor's ||a s - mu|| <= 0.5 mu
 enum MooMethod : int { kMooMgda = 0, kMooMmpareto = 1 };
 enum MooNormalize : int { kNormalizeNone = 0, kNormalizeL2 = 1, kNormalizeLoss = 2 };
 
@@ -367,83 +378,147 @@ MMGRAD_HD MooVector moo_matvec(const double* K, const MooVector& x, int m) {
   return y;
 }
 
-// Pairwise Frank-Wolfe from a (on the simplex over `act`), until the duality gap
-// a^T K a - min_{i active} (K a)_i <= kMooGapTol or kMooIterations.
-MMGRAD_HD_CALL MooVector moo_pairwise_fw(const double* K, MooVector a, const bool* act, int m) {
-  for (int it = 0; it < kMooIterations; ++it) {
-    const MooVector g = moo_matvec(K, a, m);
-    int s = -1, v = -1;
-    for (int i = 0; i < m; ++i) {
-      if (act[i] && (s < 0 || g.v[i] < g.v[s])) s = i;
-      if (a.v[i] > 0 && (v < 0 || g.v[i] > g.v[v])) v = i;
+// a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap (Frank-Wolfe's certificate).
+MMGRAD_HD double moo_gap(const double* K, const MooVector& a, const bool* act, int m) {
+  const MooVector g = moo_matvec(K, a, m);
+  double lowest = 0;
+  bool any = false;
+  for (int i = 0; i < m; ++i)
+    if (act[i] && (!any || g.v[i] < lowest)) {
+      lowest = g.v[i];
+      any = true;
     }
-    if (s < 0 || v < 0 || moo_dot(a, g, m) - g.v[s] <= kMooGapTol) break;
-    // direction e_s - e_v: d^T K d = K_ss + K_vv - 2 K_sv, g^T d = g_s - g_v
-    const double dkd = K[s * m + s] + K[v * m + v] - 2 * K[s * m + v];
-    double t = dkd > 0 ? -(g.v[s] - g.v[v]) / dkd : 0.0;
-    t = t < 0 ? 0.0 : (t > a.v[v] ? a.v[v] : t);
-    a.v[s] += t;
-    a.v[v] -= t;
+  return moo_dot(a, g, m) - lowest;
+}
+
+// A Newton step towards a_i s_i = target on the simplex: (K + diag(s/a)) da - dl 1 = target/a - s,
+// 1^T da = 0. Solved as u = H^-1 r, v = H^-1 1, dl = -1^T u / 1^T v, da = u + dl v.
+struct MooStep {
+  MooVector da, ds;  // ds = K da - dl 1
+  double dl;
+};
+MMGRAD_HD_CALL MooStep moo_newton(const double* K, const bool* act, int m, const MooVector& a, const MooVector& s,
+                                  double target) {
+  double h[kMooMaxObjectives * kMooMaxObjectives];
+  MooVector u, v;
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < m; ++j) h[i * m + j] = act[i] && act[j] ? K[i * m + j] : 0.0;
+    h[i * m + i] += act[i] ? s.v[i] / a.v[i] : 1.0;  // an objective outside the group: da_i = 0
+    u.v[i] = act[i] ? target / a.v[i] - s.v[i] : 0.0;
+    v.v[i] = act[i] ? 1.0 : 0.0;
   }
-  double sum = 0;
+  for (int k = 0; k < m; ++k) {  // Gauss-Jordan; positive pivots, as H is SPD
+    const double inv = 1.0 / h[k * m + k];
+    for (int j = 0; j < m; ++j) h[k * m + j] *= inv;
+    u.v[k] *= inv;
+    v.v[k] *= inv;
+    for (int i = 0; i < m; ++i) {
+      if (i == k) continue;
+      const double f = h[i * m + k];
+      for (int j = 0; j < m; ++j) h[i * m + j] -= f * h[k * m + j];
+      u.v[i] -= f * u.v[k];
+      v.v[i] -= f * v.v[k];
+    }
+  }
+  double su = 0, sv = 0;
+  for (int i = 0; i < m; ++i) {
+    su += u.v[i];
+    sv += v.v[i];
+  }
+  MooStep step;
+  step.dl = -su / sv;
+  for (int i = 0; i < m; ++i) step.da.v[i] = u.v[i] + step.dl * v.v[i];
+  step.ds = moo_matvec(K, step.da, m);
+  for (int i = 0; i < m; ++i) step.ds.v[i] = act[i] ? step.ds.v[i] - step.dl : 0.0;
+  return step;
+}
+
+// Whether a + t da, s + t ds stays positive and inside ||a s - mu|| <= kMooWide mu.
+MMGRAD_HD bool moo_in_wide(const MooVector& a, const MooVector& s, const MooStep& st, double t, const bool* act, int m,
+                           int n) {
+  double p[kMooMaxObjectives], mu = 0;
+  bool positive = true;
+  for (int i = 0; i < m; ++i) {
+    const double ai = a.v[i] + t * st.da.v[i], si = s.v[i] + t * st.ds.v[i];
+    positive = positive && (!act[i] || (ai > 0 && si > 0));
+    p[i] = act[i] ? ai * si : 0.0;
+    mu += p[i];
+  }
+  mu /= n;
+  double dev = 0;
+  for (int i = 0; i < m; ++i) dev += act[i] ? (p[i] - mu) * (p[i] - mu) : 0.0;
+  return positive && dev <= kMooWide * kMooWide * mu * mu;
+}
+
+// The predictor's step: 1 if it stays in the wide neighbourhood, else bisection; every
+// t <= 0.59/sqrt(n) stays there, so the result is at least that (docs/solver.md).
+MMGRAD_HD_CALL double moo_predictor_length(const MooVector& a, const MooVector& s, const MooStep& st, const bool* act,
+                                           int m, int n) {
+  if (moo_in_wide(a, s, st, 1.0, act, m, n)) return 1.0;
+  double lo = 0, hi = 1;
+  for (int b = 0; b < kMooBisections; ++b) {
+    const double mid = 0.5 * (lo + hi);
+    if (moo_in_wide(a, s, st, mid, act, m, n)) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// s = K a - lambda 1 over the active objectives.
+MMGRAD_HD MooVector moo_slack(const double* K, const MooVector& a, double lambda, const bool* act, int m) {
+  MooVector s = moo_matvec(K, a, m);
+  for (int i = 0; i < m; ++i) s.v[i] = act[i] ? s.v[i] - lambda : 0.0;
+  return s;
+}
+
+// argmin_{a in simplex over act} a^T K a for K already scaled so that max K_mm = 1.
+MMGRAD_HD_CALL MooVector moo_min_norm(const double* K, const bool* act, int m) {
+  int n = 0, first = -1, second = -1;
+  for (int i = 0; i < m; ++i)
+    if (act[i]) {
+      second = first < 0 ? second : (second < 0 ? i : second);
+      first = first < 0 ? i : first;
+      ++n;
+    }
+  MooVector a;
+  for (int i = 0; i < m; ++i) a.v[i] = act[i] ? 1.0 / n : 0.0;
+  if (n == 2) {  // the closed form of two objectives, as the host's
+    const double kii = K[first * m + first], kij = K[first * m + second], kjj = K[second * m + second];
+    const double denom = kii + kjj - 2 * kij;
+    double t = denom > 0 ? (kjj - kij) / denom : 0.5;
+    t = t < 0 ? 0.0 : (t > 1 ? 1.0 : t);
+    a.v[first] = t;
+    a.v[second] = 1.0 - t;
+    return a;
+  }
+  // Start on the central path's neighbourhood: a uniform, lambda below min (K a) by
+  // 8 sqrt(n), so that |a_i s_i - mu| <= 2/n <= kMooCentral mu (|K_ij| <= 1).
+  MooVector g = moo_matvec(K, a, m);
+  double lambda = 0;
+  bool any = false;
+  for (int i = 0; i < m; ++i)
+    if (act[i] && (!any || g.v[i] < lambda)) {
+      lambda = g.v[i];
+      any = true;
+    }
+  lambda -= 8.0 * sqrt(static_cast<double>(n));
+  for (int it = 0; it < kMooIterations && moo_gap(K, a, act, m) > kMooGapTarget; ++it) {
+    MooVector s = moo_slack(K, a, lambda, act, m);
+    const MooStep pred = moo_newton(K, act, m, a, s, 0.0);
+    const double t = moo_predictor_length(a, s, pred, act, m, n);
+    for (int i = 0; i < m; ++i) a.v[i] += t * pred.da.v[i];
+    lambda += t * pred.dl;
+    s = moo_slack(K, a, lambda, act, m);
+    const MooStep corr = moo_newton(K, act, m, a, s, moo_dot(a, s, m) / n);
+    for (int i = 0; i < m; ++i) a.v[i] += corr.da.v[i];
+    lambda += corr.dl;
+  }
+  double sum = 0;  // 1^T a = 1 holds to rounding
   for (int i = 0; i < m; ++i) {
     a.v[i] = act[i] && a.v[i] > 0 ? a.v[i] : 0.0;
     sum += a.v[i];
   }
-  for (int i = 0; i < m; ++i) a.v[i] /= (sum > 1e-300 ? sum : 1e-300);
-  return a;
-}
-
-// min x^T K x on the affine hull of a's support by conjugate gradients (exact in
-// <= |support| steps); kept if it stays on the simplex and does not raise the objective.
-MMGRAD_HD_CALL MooVector moo_face_polish(const double* K, const MooVector& a, int m) {
-  int n_face = 0;
-  for (int i = 0; i < m; ++i) n_face += a.v[i] > 0 ? 1 : 0;
-  const double inv_face = 1.0 / (n_face > 0 ? n_face : 1);
-  auto project = [&](MooVector y) {  // onto {sum = 0} within the face
-    double mean = 0;
-    for (int i = 0; i < m; ++i) mean += a.v[i] > 0 ? y.v[i] : 0.0;
-    mean *= inv_face;
-    for (int i = 0; i < m; ++i) y.v[i] = a.v[i] > 0 ? y.v[i] - mean : 0.0;
-    return y;
-  };
-  MooVector x = a, r = moo_matvec(K, a, m);
-  for (int i = 0; i < m; ++i) r.v[i] = -r.v[i];
-  r = project(r);
-  MooVector p = r;
-  double rs = moo_dot(r, r, m);
-  for (int step = 0; step < m; ++step) {
-    const MooVector kp_raw = moo_matvec(K, p, m);
-    const double pkp = moo_dot(p, kp_raw, m);
-    const double alpha = pkp > 1e-300 ? rs / pkp : 0.0;
-    const MooVector kp = project(kp_raw);
-    for (int i = 0; i < m; ++i) {
-      x.v[i] += alpha * p.v[i];
-      r.v[i] -= alpha * kp.v[i];
-    }
-    const double rs_new = moo_dot(r, r, m);
-    const double beta = rs > 1e-300 ? rs_new / rs : 0.0;
-    for (int i = 0; i < m; ++i) p.v[i] = r.v[i] + beta * p.v[i];
-    rs = rs_new;
-  }
-  bool feasible = true;
-  for (int i = 0; i < m; ++i) feasible = feasible && (a.v[i] <= 0 || x.v[i] >= 0);
-  const double f_a = moo_dot(a, moo_matvec(K, a, m), m), f_x = moo_dot(x, moo_matvec(K, x, m), m);
-  if (!(feasible && f_x <= f_a)) return a;
-  for (int i = 0; i < m; ++i) x.v[i] = a.v[i] > 0 ? x.v[i] : 0.0;
-  return x;
-}
-
-// argmin_{a in simplex over act} a^T K a for K already scaled so that max K_mm = 1.
-MMGRAD_HD MooVector moo_min_norm(const double* K, const bool* act, int m) {
-  int n_act = 0;
-  for (int i = 0; i < m; ++i) n_act += act[i] ? 1 : 0;
-  MooVector a;
-  for (int i = 0; i < m; ++i) a.v[i] = act[i] ? 1.0 / n_act : 0.0;
-  for (int round = 0; round < kMooRounds; ++round) a = moo_face_polish(K, moo_pairwise_fw(K, a, act, m), m);
-  double sum = 0;  // the polish drifts off sum 1 by rounding
-  for (int i = 0; i < m; ++i) sum += a.v[i];
-  for (int i = 0; i < m; ++i) a.v[i] /= (sum > 1e-300 ? sum : 1e-300);
+  for (int i = 0; i < m; ++i) a.v[i] /= sum;
   return a;
 }
 

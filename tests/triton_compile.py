@@ -103,10 +103,12 @@ def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], Dict
     for m in (2, 3, 4, 8, 16):
         mb = max(2, 1 << (m - 1).bit_length())
         for method, normalize in ((0, 0), (0, 1), (0, 2), (1, 0)):
-            sig = {"k_ptr": "*fp64", "loss_ptr": "*fp64", "w_ptr": "*fp64", "magnitude": "fp32", "TOL": "fp32",
-                   "M": "constexpr", "MB": "constexpr", "METHOD": "constexpr", "NORMALIZE": "constexpr", "ITERS": "constexpr"}
+            sig = {"k_ptr": "*fp64", "loss_ptr": "*fp64", "w_ptr": "*fp64", "magnitude": "fp32", "TARGET": "fp32",
+                   "M": "constexpr", "MB": "constexpr", "METHOD": "constexpr", "NORMALIZE": "constexpr", "ITERS": "constexpr",
+                   "BISECTIONS": "constexpr"}
             specs.append(("_moo_weights_kernel", sig, {"M": m, "MB": mb, "METHOD": method, "NORMALIZE": normalize,
-                                                        "ITERS": T.MOO_ITERATIONS}, {"num_warps": T.moo_warps(mb)}))
+                                                        "ITERS": T.MOO_ITERATIONS, "BISECTIONS": T.MOO_BISECTIONS},
+                          {"num_warps": T.moo_warps(mb), "maxnreg": T.MOO_MAXNREG}))
     return specs
 
 

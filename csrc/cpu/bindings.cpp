@@ -61,9 +61,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     require_cpu_contiguous({{"g", &g}});
     return mmgrad::cpu::gram(g, group_offsets);
   });
-  // The GPU backends' fixed-iteration MOO solver (mmgrad_math.h), compiled for the CPU so
-  // that the tests can hold it against the reference; the cpu backend solves with Wolfe.
+  // The GPU backends' MOO solver (mmgrad_math.h's interior-point method), compiled for the
+  // CPU so that the tests can hold it against the reference; the cpu backend solves with Wolfe.
   mod.attr("MOO_MAX_OBJECTIVES") = mmgrad::math::kMooMaxObjectives;
+  // the solver's constants, which the Triton mirror must share (tests/test_device_solver.py)
+  mod.attr("MOO_ITERATIONS") = mmgrad::math::kMooIterations;
+  mod.attr("MOO_BISECTIONS") = mmgrad::math::kMooBisections;
+  mod.attr("MOO_GAP_TARGET") = mmgrad::math::kMooGapTarget;
   mod.def("moo_weights_device", [](const at::Tensor& grams, int64_t method, int64_t normalize, const at::Tensor& losses,
                                    double magnitude) {
     require_cpu_contiguous({{"grams", &grams}, {"losses", &losses}});

@@ -141,8 +141,8 @@ class GpuOps:
     def moo_weights(self, grams, method, *, normalize="none", losses=None, magnitude=1.5):
         """The reference's ``moo_weights`` as one launch, with no host synchronisation.
 
-        The device solver (README, "Spec notes" 17) is pairwise Frank-Wolfe with a face
-        polish, stopping at SPEC §4's certificate or after a fixed budget. Inputs are not
+        The device solver (docs/solver.md) is a predictor-corrector interior-point method
+        that meets SPEC §4's certificate within a proven iteration bound. Inputs are not
         checked for finiteness (that would synchronise): a non-finite Gram gives
         non-finite weights, which the sync-free step counts as a non-finite step.
         """

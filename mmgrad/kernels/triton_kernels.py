@@ -306,84 +306,118 @@ def _launch_combine(g, alpha, out, off, with_gram):
 
 
 # ---------------------------------------------------------------- the M x M solve, on the device
-#: Fixed iteration count of the device solver (it stops updating at the duality-gap
-#: certificate of SPEC §4 before that on well-conditioned Gram matrices).
-MOO_ITERATIONS = 256  # per round; three rounds
+#: The solver of csrc/mmgrad_math.h, step for step (its comments and docs/solver.md argue
+#: the bound): the Mizuno-Todd-Ye predictor-corrector interior-point method, stopped at
+#: MOO_GAP_TARGET or after MOO_ITERATIONS (the proof's bound at M = 16).
+MOO_ITERATIONS = 150
+MOO_BISECTIONS = 30
 MOO_GAP_TOL = MGDA_GAP_TOL  # SPEC §4's certificate, relative to max_m K_mm
+MOO_GAP_TARGET = MOO_GAP_TOL / 8  # where the solver stops: margin for the caller's rounding
+_MOO_WIDE = tl.constexpr(0.5)  # the predictor's neighbourhood ||a s - mu|| <= 0.5 mu (the corrector's is 0.25)
 
 
 @triton.jit
-def _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS: tl.constexpr):
-    """min a^T K a on the simplex (over the active objectives) by pairwise Frank-Wolfe with
-    exact line search: move weight from the worst support vertex to the best vertex.
-    Linear convergence on polytopes, no projection; at most ITERS iterations, stopping
-    at the duality-gap certificate a^T K a - min_i (K a)_i <= TOL."""
-    TOL = tl.cast(TOL, tl.float64)  # a float argument is fp32 on the GPU; the gap is fp64
-    gap = TOL + 1.0
+def _moo_gap(K, a, act):
+    """a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap."""
+    g = tl.sum(K * a[None, :], axis=1)
+    return tl.sum(a * g, axis=0) - tl.min(tl.where(act, g, float("inf")), axis=0)
+
+
+@triton.jit
+def _moo_newton(K, act, idx, a, s, target, M: tl.constexpr):
+    """A Newton step towards a_i s_i = target on the simplex: u = H^-1 (target/a - s),
+    v = H^-1 1 with H = K + diag(s/a) (SPD), by Gauss-Jordan; da = u + dl v, 1^T da = 0."""
+    a_safe = tl.where(act, a, 1.0)
+    eye = idx[:, None] == idx[None, :]
+    h = tl.where(act[:, None] & act[None, :], K, 0.0)
+    h = h + tl.where(eye, tl.where(act, s / a_safe, 1.0)[:, None], 0.0)  # outside the group: da_i = 0
+    u = tl.where(act, target / a_safe - s, 0.0)
+    v = tl.where(act, 1.0, 0.0).to(tl.float64)
+    for k in tl.static_range(M):
+        at_k = idx == k
+        row = tl.sum(tl.where(at_k[:, None], h, 0.0), axis=0)
+        col = tl.where(at_k, 0.0, tl.sum(tl.where(at_k[None, :], h, 0.0), axis=1))
+        inv = 1.0 / tl.sum(tl.where(at_k, row, 0.0), axis=0)
+        row = row * inv
+        u_k = tl.sum(tl.where(at_k, u, 0.0), axis=0) * inv
+        v_k = tl.sum(tl.where(at_k, v, 0.0), axis=0) * inv
+        h = tl.where(at_k[:, None], row[None, :], h - col[:, None] * row[None, :])
+        u = tl.where(at_k, u_k, u - col * u_k)
+        v = tl.where(at_k, v_k, v - col * v_k)
+    dl = -tl.sum(u, axis=0) / tl.sum(v, axis=0)
+    da = u + dl * v
+    ds = tl.where(act, tl.sum(K * da[None, :], axis=1) - dl, 0.0)
+    return da, dl, ds
+
+
+@triton.jit
+def _moo_in_wide(a, s, da, ds, t, act, n):
+    """Whether a + t da, s + t ds stay positive and inside ||a s - mu|| <= 0.5 mu."""
+    at = a + t * da
+    st = s + t * ds
+    bad = tl.sum(tl.where(act & ((at <= 0.0) | (st <= 0.0)), 1.0, 0.0), axis=0)
+    p = tl.where(act, at * st, 0.0)
+    mu = tl.sum(p, axis=0) / n
+    dev = tl.sum(tl.where(act, (p - mu) * (p - mu), 0.0), axis=0)
+    return (bad == 0.0) & (dev <= _MOO_WIDE * _MOO_WIDE * mu * mu)
+
+
+@triton.jit
+def _moo_predictor_length(a, s, da, ds, act, n, BISECTIONS: tl.constexpr):
+    """1 if the full predictor step stays in the wide neighbourhood, else bisection."""
+    lo = n * 0.0  # float64 scalars
+    hi = lo + 1.0
+    for _ in range(BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        inside = _moo_in_wide(a, s, da, ds, mid, act, n)
+        lo = tl.where(inside, mid, lo)
+        hi = tl.where(inside, hi, mid)
+    return tl.where(_moo_in_wide(a, s, da, ds, hi * 0.0 + 1.0, act, n), hi * 0.0 + 1.0, lo)
+
+
+@triton.jit
+def _min_norm_weights(K, act, idx, TARGET, M: tl.constexpr, MB: tl.constexpr, ITERS: tl.constexpr,
+                      BISECTIONS: tl.constexpr):
+    """argmin_{a in simplex over act} a^T K a, K scaled to max K_mm = 1 (mmgrad_math.h's moo_min_norm)."""
+    TARGET = tl.cast(TARGET, tl.float64)  # a float argument is fp32 on the GPU; the gap is fp64
+    n = tl.sum(act.to(tl.float64), axis=0)
+    a = tl.where(act, 1.0 / tl.maximum(n, 1.0), 0.0)
+    # two objectives: the closed form, as the host's
+    first = tl.min(tl.where(act, idx, MB), axis=0)
+    second = tl.min(tl.where(act & (idx != first), idx, MB), axis=0)
+    row_i = tl.sum(tl.where((idx == first)[:, None], K, 0.0), axis=0)
+    row_j = tl.sum(tl.where((idx == second)[:, None], K, 0.0), axis=0)
+    kii = tl.sum(tl.where(idx == first, row_i, 0.0), axis=0)
+    kij = tl.sum(tl.where(idx == second, row_i, 0.0), axis=0)
+    kjj = tl.sum(tl.where(idx == second, row_j, 0.0), axis=0)
+    denom = kii + kjj - 2.0 * kij
+    t2 = tl.where(denom > 0.0, (kjj - kij) / tl.where(denom > 0.0, denom, 1.0), 0.5)
+    t2 = tl.minimum(tl.maximum(t2, 0.0), 1.0)
+    pair = tl.where(idx == first, t2, tl.where(idx == second, 1.0 - t2, 0.0))
+    # the central path's neighbourhood: lambda below min (K a) by 8 sqrt(n)
+    lam = tl.min(tl.where(act, tl.sum(K * a[None, :], axis=1), float("inf")), axis=0) - 8.0 * tl.sqrt(n)
+    gap = tl.where(n == 2.0, 0.0, _moo_gap(K, a, act))
     it = 0
-    while (it < ITERS) & (gap > TOL):
+    while (it < ITERS) & (gap > TARGET):
         it += 1
-        g = tl.sum(K * a[None, :], axis=1)
-        f = tl.sum(a * g, axis=0)
-        g_act = tl.where(act, g, float("inf"))
-        s = tl.argmin(g_act, axis=0)
-        v = tl.argmax(tl.where(a > 0.0, g, -float("inf")), axis=0)
-        gap = f - tl.min(g_act, axis=0)
-        d = tl.where(idx == s, 1.0, 0.0).to(tl.float64) - tl.where(idx == v, 1.0, 0.0).to(tl.float64)
-        kd = tl.sum(K * d[None, :], axis=1)
-        dkd = tl.sum(d * kd, axis=0)
-        gd = tl.sum(g * d, axis=0)
-        a_v = tl.sum(tl.where(idx == v, a, 0.0), axis=0)
-        t = tl.where(dkd > 0.0, -gd / tl.where(dkd > 0.0, dkd, 1.0), 0.0)
-        t = tl.minimum(tl.maximum(t, 0.0), a_v)
-        t = tl.where(gap > TOL, t, 0.0)
-        a = a + t * d
-    a = tl.where(act, tl.maximum(a, 0.0), 0.0)
-    return a / tl.maximum(tl.sum(a, axis=0), 1e-300)
+        s = tl.where(act, tl.sum(K * a[None, :], axis=1) - lam, 0.0)
+        da, dl, ds = _moo_newton(K, act, idx, a, s, lam * 0.0, M)
+        t = _moo_predictor_length(a, s, da, ds, act, n, BISECTIONS)
+        a = a + t * da
+        lam = lam + t * dl
+        s = tl.where(act, tl.sum(K * a[None, :], axis=1) - lam, 0.0)
+        da, dl, ds = _moo_newton(K, act, idx, a, s, tl.sum(a * s, axis=0) / n, M)
+        a = a + da
+        lam = lam + dl
+        gap = _moo_gap(K, a, act)
+    a = tl.where(act & (a > 0.0), a, 0.0)
+    return tl.where(n == 2.0, pair, a / tl.maximum(tl.sum(a, axis=0), 1e-300))  # 1^T a = 1 to rounding
 
 
 @triton.jit
-def _face_polish(K, a, MB: tl.constexpr):
-    """Wolfe's face step without a linear solve: conjugate gradients for min x^T K x on the
-    affine hull of a's support (sum x = 1), exact in <= |support| steps. Frank-Wolfe
-    finds the face fast and then zig-zags inside it; this lands on the face's minimiser.
-    Kept only if it stays on the simplex and does not raise the objective."""
-    face = a > 0.0
-    n_face = tl.maximum(tl.sum(face.to(tl.float64), axis=0), 1.0)
-    x = a
-    r = -tl.sum(K * x[None, :], axis=1)
-    r = tl.where(face, r - tl.sum(tl.where(face, r, 0.0), axis=0) / n_face, 0.0)
-    p = r
-    rs = tl.sum(r * r, axis=0)
-    for _ in tl.static_range(MB):
-        kp = tl.sum(K * p[None, :], axis=1)
-        pkp = tl.sum(p * kp, axis=0)
-        step = tl.where(pkp > 1e-300, rs / tl.where(pkp > 1e-300, pkp, 1.0), 0.0)
-        x = x + step * p
-        kp = tl.where(face, kp - tl.sum(tl.where(face, kp, 0.0), axis=0) / n_face, 0.0)
-        r = r - step * kp
-        rs_new = tl.sum(r * r, axis=0)
-        p = r + tl.where(rs > 1e-300, rs_new / tl.where(rs > 1e-300, rs, 1.0), 0.0) * p
-        rs = rs_new
-    f_a = tl.sum(a * tl.sum(K * a[None, :], axis=1), axis=0)
-    f_x = tl.sum(x * tl.sum(K * x[None, :], axis=1), axis=0)
-    keep = (tl.min(tl.where(face, x, 1.0), axis=0) >= 0.0) & (f_x <= f_a)
-    return tl.where(keep, tl.where(face, x, 0.0), a)
-
-
-@triton.jit
-def _min_norm_weights(K, a, act, idx, TOL, ITERS: tl.constexpr, MB: tl.constexpr):
-    """Frank-Wolfe rounds, each ending with a face polish (SPEC §4's certificate as the stop)."""
-    for _ in tl.static_range(3):
-        a = _pairwise_frank_wolfe(K, a, act, idx, TOL, ITERS)
-        a = _face_polish(K, a, MB)
-    return a / tl.maximum(tl.sum(a, axis=0), 1e-300)  # the polish drifts off sum 1 by rounding
-
-
-@triton.jit
-def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
+def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TARGET,
                         M: tl.constexpr, MB: tl.constexpr, METHOD: tl.constexpr, NORMALIZE: tl.constexpr,
-                        ITERS: tl.constexpr):
+                        ITERS: tl.constexpr, BISECTIONS: tl.constexpr):
     """One program per parameter group: its Gram matrix in registers, the weights out."""
     grp = tl.program_id(0)
     idx = tl.arange(0, MB)
@@ -406,7 +440,7 @@ def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
         kn = K / (s[:, None] * s[None, :])
         top = tl.max(tl.where(act, tl.sum(tl.where(eye, kn, 0.0), axis=1), 0.0), axis=0)
         kn = kn / tl.where(top > 0.0, top, 1.0)  # scale-free, so TOL is relative to max K_mm
-        a = _min_norm_weights(kn, uniform, act, idx, TOL, ITERS, MB)
+        a = _min_norm_weights(kn, act, idx, TARGET, M, MB, ITERS, BISECTIONS)
         even = tl.full([MB], 1.0, tl.float64) / M  # K = 0: uniform, in float64
         w = tl.where(n_act > 0.0, a, tl.where(valid, even, 0.0))
     else:  # mmpareto: uniform if every pair agrees, else MGDA; then the magnitude rule
@@ -414,7 +448,7 @@ def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TOL,
         pair = act[:, None] & act[None, :]
         disagree = tl.sum(tl.sum(tl.where(pair & (K / (d[:, None] * d[None, :]) <= 0.0), 1.0, 0.0), axis=1), axis=0)
         top = tl.max(tl.where(act, diag, 0.0), axis=0)
-        a = _min_norm_weights(K / tl.where(top > 0.0, top, 1.0), uniform, act, idx, TOL, ITERS, MB)
+        a = _min_norm_weights(K / tl.where(top > 0.0, top, 1.0), act, idx, TARGET, M, MB, ITERS, BISECTIONS)
         alpha = tl.where(disagree > 0.0, a, uniform)
         c = n_act * alpha
         c_sq = tl.sum(c * tl.sum(K * c[None, :], axis=1), axis=0)
@@ -429,12 +463,18 @@ def moo_warps(mb: int) -> int:
     return 16 if mb >= 16 else 4
 
 
+#: Registers per thread for the solver: left to itself ptxas aims at 64-80 and spills its
+#: Newton matrix; 128 fits 16 warps in one SM's register file (make triton-check).
+MOO_MAXNREG = 128
+
+
 def _launch_moo(grams, method, normalize, losses, magnitude):
     groups, mm = grams.shape[0], grams.shape[1]
     w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
     mb = max(2, triton.next_power_of_2(mm))
-    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TOL, M=mm, MB=mb, METHOD=method,
-                                   NORMALIZE=normalize, ITERS=MOO_ITERATIONS, num_warps=moo_warps(mb))
+    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TARGET, M=mm, MB=mb, METHOD=method,
+                                   NORMALIZE=normalize, ITERS=MOO_ITERATIONS, BISECTIONS=MOO_BISECTIONS,
+                                   num_warps=moo_warps(mb), maxnreg=MOO_MAXNREG)
     return w
 
 
