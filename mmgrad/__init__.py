@@ -10,8 +10,8 @@ True
 """
 
 from . import ops, reference
+from ._version import __version__
 from .backends import backends
 from .calibrator import FusedCalibrator, NonFiniteGradientError
 
-__version__ = "0.1.0"
 __all__ = ["FusedCalibrator", "NonFiniteGradientError", "backends", "ops", "reference", "__version__"]

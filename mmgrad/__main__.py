@@ -1,16 +1,54 @@
-"""Command line: ``python -m mmgrad {verify,selftest,demo,bench,backends}``."""
+"""Command line: ``python -m mmgrad {backends,build,verify,selftest,demo,bench}`` and ``--version``."""
 
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
+COMMANDS = {
+    "backends": "which kernel backends run here, and why a missing one is missing",
+    "build": "compile the C++ (and, on a GPU, CUDA) kernels now instead of on first use [--verbose]",
+    "verify": "every backend against the float64 reference on random inputs",
+    "selftest": "a short check of every method on every backend, for a new install or GPU",
+    "demo": "train on the UCI multiple-features digits with each method",
+    "bench": "kernel timings against memcpy and the reference",
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m mmgrad COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:9s} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "  --version  print mmgrad's version"]
+    return "\n".join(lines)
+
+
+def build(argv: Sequence[str]) -> int:
+    import torch
+
+    from . import _jit
+    from .backends import backends
+
+    verbose = "--verbose" in argv
+    kinds = ["cpu"] + (["cuda"] if torch.version.cuda is not None and torch.cuda.is_available() else [])
+    for kind in kinds:
+        _jit.build(kind, verbose=verbose)
+    for info in backends().values():
+        print(info)
+    return 0
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("verify", "selftest", "demo", "bench", "backends")
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m mmgrad {{{','.join(commands)}}} [options]   (--help after a command for its options)")
+    if argv[:1] == ["--version"]:
+        from ._version import __version__
+
+        print(f"mmgrad {__version__}")
+        return 0
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "verify":
@@ -21,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tools.demo import main as run
     elif cmd == "bench":
         from .tools.bench import main as run
+    elif cmd == "build":
+        run = build
     else:
         from .backends import backends
 

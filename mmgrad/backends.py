@@ -30,16 +30,36 @@ _cpu_ext = None
 _cpu_error: Optional[str] = None
 
 
+def _load(module: str, kind: str, compile_why_not: str = ""):
+    """The prebuilt extension (an install that saw torch, or ``make build``), else the one
+    compiled on first use against this torch (mmgrad._jit). Raises ImportError with both reasons."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as prebuilt:  # not built at install, or built against another torch
+        if compile_why_not:
+            raise ImportError(f"{module} is not prebuilt ({prebuilt}), and {compile_why_not}") from None
+        if os.environ.get("MMGRAD_NO_JIT") == "1":
+            raise ImportError(f"{module} is not built ({prebuilt}) and MMGRAD_NO_JIT=1") from None
+        from . import _jit
+
+        try:
+            return _jit.build(kind)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the backend unavailable, with the reason
+            reason = str(exc).strip().splitlines()
+            raise ImportError(f"{module} is not prebuilt, and compiling it failed: {reason[-1] if reason else type(exc).__name__}") from None
+
+
 def cpu_extension():
-    """The compiled ``mmgrad._C`` module, or None (warned once) when it is missing."""
+    """The compiled C++/OpenMP kernels (``mmgrad._C``), or None (warned once) when they cannot be had."""
     global _cpu_ext, _cpu_error
     if _cpu_ext is None and _cpu_error is None:
         try:
-            _cpu_ext = importlib.import_module("mmgrad._C")
-        except ImportError as exc:  # not built, or built against another torch
-            _cpu_error = f"the C++ extension mmgrad._C did not load ({exc}); reinstall with `make install`"
+            _cpu_ext = _load("mmgrad._C", "cpu")
+        except ImportError as exc:
+            _cpu_error = f"{exc}; `python -m mmgrad build --verbose` shows the compiler's output"
             if os.environ.get("MMGRAD_QUIET") != "1":
-                warnings.warn(f"mmgrad: {_cpu_error}; falling back to the reference backend", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"mmgrad: the cpu backend is unavailable: {_cpu_error}; CPU tensors run on the reference "
+                              "backend (pure PyTorch, slower)", RuntimeWarning, stacklevel=3)
     return _cpu_ext
 
 
@@ -48,24 +68,27 @@ _cuda_error: Optional[str] = None
 
 
 def cuda_extension():
-    """The compiled ``mmgrad._C_cuda`` module, or None (built only where torch has CUDA)."""
+    """The compiled CUDA kernels (``mmgrad._C_cuda``), or None. Only where torch has CUDA; compiled
+    on first use only where a device is visible (minutes of nvcc for nothing otherwise)."""
     global _cuda_ext, _cuda_error
     if _cuda_ext is None and _cuda_error is None:
         if torch.version.cuda is None:
-            _cuda_error = "torch has no CUDA here, so setup.py built no CUDA extension (the kernels are compile-checked by `make cuda-check`)"
+            _cuda_error = "torch has no CUDA here (the kernels are compile-checked by `make cuda-check`)"
         else:
+            no_device = "" if torch.cuda.is_available() else "no CUDA device is visible to compile it for"
             try:
-                _cuda_ext = importlib.import_module("mmgrad._C_cuda")
+                _cuda_ext = _load("mmgrad._C_cuda", "cuda", no_device)
             except ImportError as exc:
-                _cuda_error = f"the CUDA extension mmgrad._C_cuda did not load ({exc}); reinstall with `make install` on a CUDA torch"
+                _cuda_error = str(exc)
     return _cuda_ext
 
 
 def _cuda_info() -> BackendInfo:
-    ext_ok = cuda_extension() is not None
-    if ext_ok and torch.cuda.is_available():
-        return BackendInfo("cuda", True, ("cuda",), "CUDA C++ kernels (csrc/cuda) on CUDA tensors")
-    return BackendInfo("cuda", False, (), _cuda_error if not ext_ok else "mmgrad._C_cuda loads, but no CUDA device is visible")
+    if cuda_extension() is None:
+        return BackendInfo("cuda", False, (), _cuda_error or "")
+    if not torch.cuda.is_available():
+        return BackendInfo("cuda", False, (), "mmgrad._C_cuda loads, but no CUDA device is visible")
+    return BackendInfo("cuda", True, ("cuda",), "CUDA C++ kernels (csrc/cuda) on CUDA tensors")
 
 
 def _triton_info() -> BackendInfo:
