@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test demo bench bench-pytest verify cuda-check triton-check cuda-build clean
+.PHONY: install build test demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,6 +65,11 @@ build/.cuda-build-stamp: $(CUDA_STAMP) $(CSRC) $(shell find csrc/cuda -name '*.c
 	touch $@
 
 cuda-build: build/.cuda-build-stamp
+
+# What a user's `pip install` does, from a clean clone and from its wheel, in a fresh venv
+# with torch 2.13.0, and without a compiler (tests/install_check.sh); not part of `make test`.
+install-check:
+	bash tests/install_check.sh
 
 demo: build
 	$(PY) -m mmgrad demo

@@ -378,9 +378,8 @@ MMGRAD_HD MooVector moo_matvec(const double* K, const MooVector& x, int m) {
   return y;
 }
 
-// a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap (Frank-Wolfe's certificate).
-MMGRAD_HD double moo_gap(const double* K, const MooVector& a, const bool* act, int m) {
-  const MooVector g = moo_matvec(K, a, m);
+// min_{i active} g_i (some objective is active wherever this is called).
+MMGRAD_HD double moo_active_min(const MooVector& g, const bool* act, int m) {
   double lowest = 0;
   bool any = false;
   for (int i = 0; i < m; ++i)
@@ -388,7 +387,13 @@ MMGRAD_HD double moo_gap(const double* K, const MooVector& a, const bool* act, i
       lowest = g.v[i];
       any = true;
     }
-  return moo_dot(a, g, m) - lowest;
+  return lowest;
+}
+
+// a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap (Frank-Wolfe's certificate).
+MMGRAD_HD double moo_gap(const double* K, const MooVector& a, const bool* act, int m) {
+  const MooVector g = moo_matvec(K, a, m);
+  return moo_dot(a, g, m) - moo_active_min(g, act, m);
 }
 
 // A Newton step towards a_i s_i = target on the simplex: (K + diag(s/a)) da - dl 1 = target/a - s,
@@ -493,15 +498,7 @@ MMGRAD_HD_CALL MooVector moo_min_norm(const double* K, const bool* act, int m) {
   }
   // Start on the central path's neighbourhood: a uniform, lambda below min (K a) by
   // 8 sqrt(n), so that |a_i s_i - mu| <= 2/n <= kMooCentral mu (|K_ij| <= 1).
-  MooVector g = moo_matvec(K, a, m);
-  double lambda = 0;
-  bool any = false;
-  for (int i = 0; i < m; ++i)
-    if (act[i] && (!any || g.v[i] < lambda)) {
-      lambda = g.v[i];
-      any = true;
-    }
-  lambda -= 8.0 * sqrt(static_cast<double>(n));
+  double lambda = moo_active_min(moo_matvec(K, a, m), act, m) - 8.0 * sqrt(static_cast<double>(n));
   for (int it = 0; it < kMooIterations && moo_gap(K, a, act, m) > kMooGapTarget; ++it) {
     MooVector s = moo_slack(K, a, lambda, act, m);
     const MooStep pred = moo_newton(K, act, m, a, s, 0.0);

@@ -3,7 +3,7 @@
 # has its own torch (2.13.0, CPU), with no flags:
 #   1. `pip install <clean clone>`: pip's isolated build must not pull a second torch; the
 #      cpu kernels compile on first use;
-#   2. `pip install <wheel>` built from the clone (the cache from 1 is reused);
+#   2. `pip install <wheel>` built from the clone (the compiled kernels cached by 1 load at once);
 #   3. the wheel where no compiler is found (CXX=false): one warning, the reference backend.
 # Each imports mmgrad from outside the checkout, lists the backends and trains three steps
 # (tests/install_smoke.py). Prints the time of each step.

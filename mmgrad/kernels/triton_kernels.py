@@ -84,14 +84,20 @@ def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mas
             tl.store(vo_ptr + k * n + offs, var.to(vo_ptr.dtype.element_ty), mask=store_mask)
         mu = g
     else:
+        # while, not range(S): Triton 3.6's interpreter cannot index with a runtime scalar
+        # under numpy >= 2.4 (int() of a 1-element array); the compiled loop is the same
         total = tl.zeros(offs.shape, dtype=tl.float32)
-        for s in range(S):
+        s = 0
+        while s < S:
             total += tl.load(g_ptr + (s * M + k) * n + offs, mask=mask, other=0.0).to(tl.float32)
+            s += 1
         mu = total * (1.0 / S)
         sq = tl.zeros(offs.shape, dtype=tl.float32)
-        for s in range(S):
+        s = 0
+        while s < S:
             dev = tl.load(g_ptr + (s * M + k) * n + offs, mask=mask, other=0.0).to(tl.float32) - mu
             sq += dev * dev
+            s += 1
         var = sq * (1.0 / (S - 1))
     return mu, var
 
