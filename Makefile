@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
+.PHONY: install build test gpu-proofs matrix-check device-check demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,8 +32,29 @@ build/.ext-stamp: $(CSRC) setup.py | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 
-test: build cuda-check triton-check cuda-build
-	MMGRAD_QUIET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+# The contributor's loop: the whole suite but the GPU compile proofs (`make gpu-proofs`).
+test: build
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" $(PYTEST_ARGS)
+
+# The GPU code proven without a GPU (CI runs it after `make test`): nvcc and Triton AOT
+# builds without spills, the CUDA extension against CUDA torch, and the oldest Triton.
+gpu-proofs: build cuda-check triton-check cuda-build matrix-check
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m gpu_proof $(PYTEST_ARGS)
+
+# The oldest supported pair: Triton 3.6.0 (torch 2.11's, the GPU image's) beside torch
+# 2.13.0, the oldest CPU torch here. Every Triton test in the interpreter, and every
+# kernel AOT-compiled without spills, against the in-place extension of `make build`.
+OLD_VENV  := build/venv-triton36
+OLD_STAMP := $(OLD_VENV)/.mmgrad-deps
+$(OLD_STAMP):
+	python3 -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy tqdm pytest hypothesis scipy
+	touch $@
+
+matrix-check: build $(OLD_STAMP)
+	MMGRAD_QUIET=1 PYTHONPATH=$(CURDIR) $(OLD_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_triton.py tests/test_triton_sync_free.py tests/test_device_solver.py tests/test_versions.py
+	$(OLD_VENV)/bin/python tests/triton_compile.py
 
 # Compile every .cu with nvcc (sm_80, sm_90), print registers/smem/spills; cached in build/cuda.
 cuda-check: $(STAMP)
@@ -65,6 +86,13 @@ build/.cuda-build-stamp: $(CUDA_STAMP) $(CSRC) $(shell find csrc/cuda -name '*.c
 	touch $@
 
 cuda-build: build/.cuda-build-stamp
+
+# On a lent GPU, in a bare checkout with the GPU image's python3 (README, "The first GPU
+# run"): builds, tests, sanitizes and benchmarks every GPU path within its own 450 s budget;
+# report.json and device-check.log land in OUT. CI rehearses it (tests/test_device_check.py).
+OUT ?= build/device-check
+device-check:
+	python3 tests/device_check.py $(OUT)
 
 # What a user's `pip install` does, from a clean clone and from its wheel, in a fresh venv
 # with torch 2.13.0, and without a compiler (tests/install_check.sh); not part of `make test`.

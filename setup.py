@@ -84,7 +84,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **cmdclass},
     python_requires=">=3.10",
-    install_requires=["torch>=2.3", "numpy", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "matplotlib"],
         "demo": ["matplotlib"],

@@ -12,6 +12,20 @@ from typing import Dict, Optional
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: The oldest Triton the kernels are tested on (torch 2.11's; make matrix-check).
+TRITON_MIN = (3, 6)
+
+
+def triton_too_old() -> Optional[str]:
+    """Why the installed Triton cannot run mmgrad's kernels, or None (read from its metadata, not imported)."""
+    from importlib.metadata import version
+
+    found = version("triton")
+    parts = tuple(int(p) for p in found.split("+")[0].split(".")[:2] if p.isdigit())
+    if parts < TRITON_MIN:
+        want = ".".join(map(str, TRITON_MIN))
+        return f"triton {found} is older than {want}, the oldest mmgrad supports (pip install -U 'triton>={want}')"
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ def _triton_info() -> BackendInfo:
     # importing it here would fix the mode before a test (or user) sets it.
     if importlib.util.find_spec("triton") is None:
         return BackendInfo("triton", False, (), "triton is not installed (pip install triton)")
+    if triton_too_old():
+        return BackendInfo("triton", False, (), triton_too_old())
     if os.environ.get("TRITON_INTERPRET") == "1":
         return BackendInfo("triton", True, ("cpu",), "Triton kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1: for tests, slow)")
     if torch.cuda.is_available():

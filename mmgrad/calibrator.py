@@ -39,6 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _validation as V
+from ._version import __version__
 from .collect import BACKWARD_MODES, GRADS, GradientCollector, graph_reach
 from .distributed import GradientAverager, resolve_group, union_reach
 from .fsdp import FSDPGradients, fsdp_sharding
@@ -501,7 +502,8 @@ class FusedCalibrator:
         (``"shard": {"rank", "world"}``): save one file per rank, as FSDP2's
         ``model.state_dict()`` is per rank, and resume with the same world size."""
         return {
-            "format": 3,
+            "format": 3,  # the layout of this dict; "version" names the mmgrad that wrote it
+            "version": __version__,
             "shard": None if self._shard_of is None else dict(self._shard_of),
             "method": self.method,
             "num_objectives": self.num_objectives,

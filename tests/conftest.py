@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton's interpreter for the whole suite, set before any test module imports Triton (which
+# reads it when a kernel is defined): the triton backend then runs on CPU tensors in every
+# module, whatever the collection order. An explicit value wins: make device-check runs
+# tests/test_gpu.py with TRITON_INTERPRET=0, on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import mmgrad
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mmgrad  # noqa: E402
 
 
 @pytest.fixture

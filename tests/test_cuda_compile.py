@@ -6,7 +6,7 @@ import pytest
 
 from cuda_compile import ARCHS, check_binding, compile_all, nvcc
 
-pytestmark = pytest.mark.skipif(nvcc() is None, reason="nvcc is not installed on this machine")
+pytestmark = [pytest.mark.gpu_proof, pytest.mark.skipif(nvcc() is None, reason="nvcc is not installed on this machine")]
 
 
 def test_every_kernel_compiles_for_every_arch_without_spills():

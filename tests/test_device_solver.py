@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import mmgrad  # noqa: E402
-from mmgrad import ops  # noqa: E402
-from mmgrad import reference as R  # noqa: E402
-from mmgrad.backends import cpu_extension  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from mmgrad.reference.moo import MGDA_GAP_TOL, MOO_METHODS, min_norm_solve  # noqa: E402
+import mmgrad
+from mmgrad import ops
+from mmgrad import reference as R
+from mmgrad.backends import cpu_extension
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mmgrad.reference.moo import MGDA_GAP_TOL, MOO_METHODS, min_norm_solve
 
 NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
 

@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import os
 
-# The triton backend joins the fuzzing on CPU tensors through Triton's interpreter; set
-# here so that the list of backends does not depend on which test module imported first.
-os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import mmgrad  # noqa: E402
-from mmgrad import ops  # noqa: E402
-from mmgrad import reference as R  # noqa: E402
-from mmgrad.verify import TOLERANCE, rel_err, stable_floor  # noqa: E402
+import mmgrad
+from mmgrad import ops
+from mmgrad import reference as R
+from mmgrad.verify import TOLERANCE, rel_err, stable_floor
 
 EXAMPLES = int(os.environ.get("MMGRAD_FUZZ_EXAMPLES", "500"))
 # The interpreter runs a Triton example in ~0.1 s: fewer examples, same strategy.

@@ -4,19 +4,16 @@ backend against the dense computation, the GE noise reproducible and resumed exa
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import mmgrad
+from mmgrad import reference as R
+from mmgrad.models import LateFusion
+from mmgrad.verify import rel_err
 
-import mmgrad  # noqa: E402
-from mmgrad import reference as R  # noqa: E402
-from mmgrad.models import LateFusion  # noqa: E402
-from mmgrad.verify import rel_err  # noqa: E402
-
-from test_layout import BACKENDS, dense_grads, written  # noqa: E402
+from test_layout import BACKENDS, dense_grads, written
 
 DIMS = {"a": 5, "b": 4, "c": 3}
 

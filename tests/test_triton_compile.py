@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
+pytestmark = pytest.mark.gpu_proof
 
 from triton_compile import ARCHS, compile_all, offset_types, specialisations  # noqa: E402
 

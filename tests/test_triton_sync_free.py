@@ -8,21 +8,18 @@ depends on data (``nonzero``) while the calibrator and the optimizer step.
 
 from __future__ import annotations
 
-import os
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-import mmgrad  # noqa: E402
-from mmgrad import ops  # noqa: E402
+import mmgrad
+from mmgrad import ops
 
-from toy_model import TwoView, batch  # noqa: E402
+from toy_model import TwoView, batch
 
 
 class NoHostReads(TorchDispatchMode):

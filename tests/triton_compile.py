@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -26,8 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "mmgrad" / "kernels" / "triton_kernels.py"
@@ -40,13 +39,14 @@ _ADDPTR = re.compile(r"tt\.addptr [^:]+: (.+?), (tensor<[^>]*x(i\d+)>|(i\d+)) lo
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
 
-def configs() -> List[Tuple[int, int]]:
-    """(BLOCK, compile options) of the kernels' autotune configs: num_warps, and maxnreg
-    where the config sets it (it changes ptxas's register budget, so the check must too)."""
+def configs(cfgs=None) -> List[Tuple[int, int]]:
+    """(BLOCK, compile options) of the kernels' autotune configs (the combination's, or
+    ``cfgs``): num_warps, and maxnreg where the config sets it (it changes ptxas's
+    register budget, so the check must too)."""
     from mmgrad.kernels import triton_kernels as T
 
     return [(c.kwargs["BLOCK"], {"num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})})
-            for c in T._CONFIGS]
+            for c in (T._CONFIGS if cfgs is None else cfgs)]
 
 
 def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], Dict[str, int]]]:
@@ -67,6 +67,8 @@ def specialisations() -> List[Tuple[str, Dict[str, str], Dict[str, object], Dict
     heavy = max(configs(), key=lambda c: c[0] / c[1]["num_warps"])
 
     def bogc(m, g="fp32", state="fp32", source=0, conf=0, weights=0, block=256, options=None, index="i32"):
+        if options is not None and T.bogc_configs(m) is not T._CONFIGS:  # the launch's configs at this M
+            block, options = configs(T.bogc_configs(m))[0]
         sig = {"g_ptr": f"*{g}", "m_ptr": f"*{state}", "v_ptr": f"*{state}", "mo_ptr": f"*{state}", "vo_ptr": f"*{state}",
                "out_ptr": "*fp32" if g != "fp32" else f"*{g}", "part_ptr": "*fp64", "n": index, "lo": index,
                "hi": index, "S": "i32", "commit_ptr": "*i64", "alpha_ptr": "*fp64",
@@ -155,6 +157,11 @@ def _ptxas(ptx: str) -> Dict[str, int]:
             "spill_loads": spill_ld, "ptxas": Path(tool).name}
 
 
+def _compile_mode() -> None:
+    os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly
+
+
 def _build(job: Tuple[str, Dict[str, str], Dict[str, object], int, int]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -205,7 +212,10 @@ def compile_all(workers: int = 2) -> List[dict]:
     jobs = [(k, sig, c, w, arch) for k, sig, c, w in specialisations() for arch in ARCHS]
     # the slow builds first, so the two workers finish together
     jobs.sort(key=lambda j: -(j[2].get("M", 1) ** 2))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # fresh processes (spawn): one that forked from a test run would inherit kernels that
+    # Triton's interpreter had defined; the workers compile, and set so before importing Triton
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_compile_mode) as pool:
         rows = list(pool.map(_build, jobs))
     rows.sort(key=lambda r: r["name"])
     CACHE.mkdir(parents=True, exist_ok=True)

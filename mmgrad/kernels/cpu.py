@@ -15,6 +15,7 @@ from ..backends import cpu_extension
 from ..reference.bogc import ema_weights, finish_output, raw_output
 from ..reference.finite import all_finite as exact_all_finite
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights, moo_weights  # host solves, shared
+from . import library  # noqa: F401 - registers the torch.library operators
 
 Tensor = torch.Tensor
 
@@ -39,11 +40,17 @@ _CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
 _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 
 
-def _ext():
+def _extension():
     ext = cpu_extension()
     if ext is None:
         raise RuntimeError("the cpu backend needs the compiled extension mmgrad._C; see mmgrad.backends()")
     return ext
+
+
+def _kernels():
+    """The C++ kernels, as the torch.library operators of ``library.py`` (torch.compile traces them)."""
+    _extension()
+    return torch.ops.mmgrad
 
 
 def _kernel_input(name: str, t: object, dim: int) -> Tensor:
@@ -52,8 +59,8 @@ def _kernel_input(name: str, t: object, dim: int) -> Tensor:
         raise ValueError(f"{name} must be a CPU tensor for backend='cpu'; got one on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous for backend='cpu' (call .contiguous() on it)")
-    if dim >= 2 and t.shape[-2] > _ext().MAX_OBJECTIVES:
-        raise ValueError(f"{name} has M={t.shape[-2]} objectives; the kernels take at most {_ext().MAX_OBJECTIVES}")
+    if dim >= 2 and t.shape[-2] > _extension().MAX_OBJECTIVES:
+        raise ValueError(f"{name} has M={t.shape[-2]} objectives; the kernels take at most {_extension().MAX_OBJECTIVES}")
     return t
 
 
@@ -132,7 +139,7 @@ def ema_moments(g: Tensor, mean: Tensor, var: Tensor, step: int, beta: float) ->
         raise TypeError(f"mean and var must be in the compute dtype of g ({g.dtype}) for ema_moments; "
                         f"got {mean.dtype}, {var.dtype}")
     mean_out, var_out = torch.empty_like(mean), torch.empty_like(var)
-    _ext().ema_moments(g, mean, var, mean_out, var_out, *ema_weights(step, beta))
+    _kernels().ema_moments(g, mean, var, mean_out, var_out, step, beta)
     return mean_out, var_out
 
 
@@ -142,7 +149,7 @@ def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor,
     gamma, eps = V.check_bogc_options(gamma, eps, "belief", "belief")
     mu, var = _float_pair(mu, var)
     lam, b_pos, b_neg, u = (torch.empty_like(mu) for _ in range(4))
-    _ext().opinions(mu, var, lam, b_pos, b_neg, u, gamma, eps)
+    _kernels().opinions(mu, var, lam, b_pos, b_neg, u, gamma, eps)
     return lam, b_pos, b_neg, u
 
 
@@ -154,7 +161,7 @@ def ds_combine(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor,
         raise ValueError("b_pos must hold at least one opinion (M >= 1)")
     b_pos, b_neg, u = _float_pair(b_pos, b_neg, u)
     outs = tuple(torch.empty(b_pos.shape[1], dtype=b_pos.dtype) for _ in range(3))
-    _ext().ds_combine(b_pos, b_neg, u, *outs)
+    _kernels().ds_combine(b_pos, b_neg, u, *outs)
     return outs
 
 
@@ -173,7 +180,7 @@ def bogc_from_moments(
     mu, var = _float_pair(mu, var)
     n = mu.shape[1]
     out, fu, fbp, fbn = (torch.empty(n, dtype=mu.dtype) for _ in range(4))
-    stats = _ext().bogc_from_moments(mu, var, out, fu, fbp, fbn, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    stats = _kernels().bogc_from_moments(mu, var, out, fu, fbp, fbn, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, mu.shape[0], 1, n)
     return out, {"uncertainty": fu, "belief_pos": fbp, "belief_neg": fbn, "weights": s["weights"], "conflict": s["conflict"]}
 
@@ -211,7 +218,7 @@ def bogc_step(
     var_out = torch.empty_like(var) if var_out is None else _check_state("var_out", var_out, g, like=mean)
     out = _check_out(out, g, unrounded=True)
     raw = raw_output(out)
-    stats = _ext().bogc_step(g, mean, var, mean_out, var_out, raw, off, *ema_weights(step, beta), gamma, eps,
+    stats = _kernels().bogc_step(g, mean, var, mean_out, var_out, raw, off, step, beta, gamma, eps,
                              _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
     return finish_output(out, raw, s, rescale), mean_out, var_out, s
@@ -235,7 +242,7 @@ def bogc_sample_step(
     off = V.check_group_offsets(group_offsets, samples.shape[2])
     out = _check_out(out, samples[0], unrounded=True)
     raw = raw_output(out)
-    stats = _ext().bogc_sample_step(samples, raw, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+    stats = _kernels().bogc_sample_step(samples, raw, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
     s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
     return finish_output(out, raw, s, rescale), s
 
@@ -257,7 +264,7 @@ def gram(g: Tensor, *, group_offsets: Optional[Tensor] = None) -> Tensor:
     g = _kernel_input("g", g, 2)
     off = V.check_group_offsets(group_offsets, g.shape[1])
     m, groups = g.shape[0], off.numel() - 1
-    k = _ext().gram(g, off)[: groups * m * m].view(groups, m, m)
+    k = _kernels().gram(g, off)[: groups * m * m].view(groups, m, m)
     return k[0] if group_offsets is None else k
 
 
@@ -285,7 +292,7 @@ def combine_and_gram(
         raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
     a = alpha.detach().to("cpu", torch.float64).reshape(groups, m).contiguous()
     out = _check_out(out, g)
-    stats = _ext().combine(g, a, off, out, with_gram)
+    stats = _kernels().combine(g, a, off, out, with_gram)
     res = {"nonfinite": stats[-1].to(torch.int64)}
     if with_gram:
         res["gram"] = stats[: groups * m * m].view(groups, m, m)

@@ -26,10 +26,16 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from .. import _validation as V
+from ..backends import triton_too_old
+
+if triton_too_old():  # fail here, with the fix, never deep inside a kernel
+    raise ImportError(f"mmgrad's Triton kernels: {triton_too_old()}")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.finite import all_finite  # noqa: F401
 from ..reference.moo import MGDA_GAP_TOL, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
@@ -56,6 +62,17 @@ _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 # maxnreg: left to itself, ptxas 13 aims at 80 registers here (3 blocks of 256 threads
 # per SM) and spilled 4-8 bytes at M = 8; 128 (2 blocks) spills nowhere (make triton-check)
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, maxnreg=r) for b, w, r in ((256, 8, 128),)]
+# Triton before 3.9 (3.6 is torch 2.11's) needs ~200 registers for the BOGC kernel from
+# M = 7 on, and spilled 84-192 bytes at 128: those builds get 255, one block per SM.
+_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])
+BOGC_WIDE_FROM_M = 7 if _TRITON < (3, 9) else 1 << 30
+_WIDE_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, maxnreg=255) for c in _CONFIGS]
+
+
+def bogc_configs(m: int) -> list:
+    """The BOGC kernel's autotune configs at M objectives."""
+    return _WIDE_CONFIGS if m >= BOGC_WIDE_FROM_M else _CONFIGS
+
 # the smallest block: the partials buffers hold one row per program of it
 _MIN_BLOCK = 4096 if INTERPRET else min(c.kwargs["BLOCK"] for c in _CONFIGS)
 #: The BOGC and combination kernels unroll over M (the Gram is M*M): at M = 16 one build
@@ -264,6 +281,7 @@ def _combine_gram_kernel(g_ptr, alpha_ptr, out_ptr, part_ptr, n, lo, hi,
 
 SCALARS_C = tl.constexpr(SCALARS)
 _BOGC_KERNEL = _bogc_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "SOURCE"])(_bogc_kernel)
+_BOGC_KERNEL_WIDE = _bogc_kernel if INTERPRET else triton.autotune(_WIDE_CONFIGS, key=["M", "SOURCE"])(_bogc_kernel)
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
 
 
@@ -293,7 +311,7 @@ def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha
     bounds = off.tolist()
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
-            _launch(_BOGC_KERNEL, (a, b), g, mean_in, var_in, mean_out, var_out, raw, parts[i], n, a, b, max(samples, 1),
+            _launch(_BOGC_KERNEL_WIDE if mm >= BOGC_WIDE_FROM_M else _BOGC_KERNEL, (a, b), g, mean_in, var_in, mean_out, var_out, raw, parts[i], n, a, b, max(samples, 1),
                     commit, alpha, gamma, eps,
                     M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
     return parts
@@ -339,7 +357,7 @@ def _moo_newton(K, act, idx, a, s, target, M: tl.constexpr):
     h = h + tl.where(eye, tl.where(act, s / a_safe, 1.0)[:, None], 0.0)  # outside the group: da_i = 0
     u = tl.where(act, target / a_safe - s, 0.0)
     v = tl.where(act, 1.0, 0.0).to(tl.float64)
-    for k in tl.static_range(M):
+    for k in range(M):  # a loop, not unrolled: Triton 3.6 spilled the unrolled elimination at M = 16
         at_k = idx == k
         row = tl.sum(tl.where(at_k[:, None], h, 0.0), axis=0)
         col = tl.where(at_k, 0.0, tl.sum(tl.where(at_k[None, :], h, 0.0), axis=1))

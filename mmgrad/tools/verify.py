@@ -45,6 +45,14 @@ def norm_sq_floor(out_sq: Tensor, mu: Tensor) -> float:
     return 2.0 * float(out_sq) ** 0.5 * mu.shape[-2] * float(per)
 
 
+def combine_floor(g: Tensor, alpha: Tensor, group_offsets: Tensor) -> float:
+    """The backward-stable error scale of ``combine``: a coordinate's sum of M terms can
+    cancel to nothing (one coordinate at N = 1), so its bound is eps * M * sum_m |alpha_m g_m|;
+    for ``rel_err(..., floor)``."""
+    g64 = g.detach().to("cpu", torch.float64).abs()
+    return float(reference.combine(g64, alpha.detach().to("cpu", torch.float64).abs(), group_offsets=group_offsets).max())
+
+
 def rel_err(x: Tensor, ref: Tensor, floor: float = 0.0) -> float:
     """``max|x - ref| / max(max|ref|, floor)`` in float64 (0 when both are all zeros).
 
@@ -75,6 +83,7 @@ class Case:
     samples: Tensor    # S x M x N
     group_offsets: Tensor
     step: int
+    alpha: Tensor      # G x M float64 combination weights, one row per group
 
 
 def random_case(m: int, n: int, dtype: torch.dtype, generator: torch.Generator, *, samples: int = 3) -> Case:
@@ -101,6 +110,7 @@ def random_case(m: int, n: int, dtype: torch.dtype, generator: torch.Generator, 
         samples=s.to(dtype),
         group_offsets=offsets,
         step=int(torch.randint(1, 50, (1,), generator=gen)),
+        alpha=torch.rand(offsets.numel() - 1, m, generator=gen, dtype=torch.float64),
     )
 
 
@@ -146,10 +156,10 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
     k = ops.gram(c.g, group_offsets=c.group_offsets, backend=b)
     rk = ref.gram(_f64(c.g), group_offsets=c.group_offsets)
     errs["gram"] = rel_err(k, rk)
-    alpha = torch.rand(c.group_offsets.numel() - 1, c.g.shape[0], dtype=torch.float64)
     errs["combine"] = rel_err(
-        ops.combine(c.g, alpha, group_offsets=c.group_offsets, backend=b),
-        ref.combine(_f64(c.g), alpha, group_offsets=c.group_offsets),
+        ops.combine(c.g, c.alpha, group_offsets=c.group_offsets, backend=b),
+        ref.combine(_f64(c.g), c.alpha, group_offsets=c.group_offsets),
+        combine_floor(c.g, c.alpha, c.group_offsets),
     )
     return errs
 

@@ -1,0 +1,94 @@
+"""The GPU backends on CUDA tensors, against the float64 reference: what the interpreter
+tests check on CPU tensors, checked where the kernels really run. Skipped without a CUDA
+device. ``make device-check`` runs this module in a process of its own, so that no test
+module that sets ``TRITON_INTERPRET=1`` for the interpreter tests has imported Triton
+first (``pytest -m gpu tests/test_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mmgrad
+from mmgrad import ops
+from mmgrad import reference as R
+from mmgrad.tools.verify import TOLERANCE, compare_all, random_case
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+GPU_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request):
+    info = mmgrad.backends()[request.param]
+    if not info.available:
+        pytest.skip(f"{request.param}: {info.reason}")
+    return request.param
+
+
+def on_cuda(case):
+    import dataclasses
+
+    moved = {f.name: getattr(case, f.name).cuda() for f in dataclasses.fields(case)
+             if isinstance(getattr(case, f.name), torch.Tensor) and f.name != "group_offsets"}
+    return dataclasses.replace(case, **moved)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("m,n", ((1, 1), (2, 7), (3, 1025), (8, 70001), (4, (1 << 20) + 3)))
+def test_every_function_matches_the_reference_on_cuda(gen, backend, dtype, m, n):
+    errors = compare_all(backend, on_cuda(random_case(m, n, dtype, gen)))
+    bad = {fn: e for fn, e in errors.items() if not e <= TOLERANCE[dtype]}
+    assert not bad, f"{backend} {dtype} M={m} N={n}: {bad} above {TOLERANCE[dtype]}"
+
+
+@pytest.mark.parametrize("m", (3, 8, 16))
+def test_the_device_solver_meets_the_certificate_on_cuda(gen, backend, m):
+    g = torch.randn(4, m, max(1, m // 2), generator=gen, dtype=torch.float64)
+    g = g * torch.exp(3 * torch.randn(4, m, 1, generator=gen, dtype=torch.float64))  # spread norms, rank-deficient
+    k = g @ g.transpose(1, 2)
+    w = ops.moo_weights(k.cuda(), "mgda", backend=backend).cpu()
+    for kk, a in zip(k, w):
+        ka = kk @ a
+        assert float(a @ ka - ka.min()) <= R.moo.MGDA_GAP_TOL * float(kk.diagonal().max())
+        assert math.isclose(float(a.sum()), 1.0, rel_tol=1e-12) and bool((a >= 0).all())
+
+
+@pytest.mark.parametrize("method", ("bogc", "mgda", "mmpareto", "mimo", "ogm", "sum", "mean"))
+@pytest.mark.parametrize("sync_free", (False, True))
+def test_calibrated_training_on_cuda_matches_the_reference_on_cpu(backend, method, sync_free):
+    """Five SGD steps of a two-encoder model: the GPU backend on CUDA against the reference
+    backend on CPU, same data, same start."""
+    if sync_free and backend != "triton":
+        pytest.skip("sync_free=True runs on the triton backend")
+    finals = []
+    for device, b in (("cpu", "reference"), ("cuda", backend)):
+        torch.manual_seed(0)
+        enc_a, enc_b, head = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8), torch.nn.Linear(16, 3)
+        params = [p.to(device) for p in (*enc_a.parameters(), *enc_b.parameters(), *head.parameters())]
+        params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        wa, ba, wb, bb, wh, bh = params
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        kw = {"sync_free": True, "skip_nonfinite": True} if sync_free else {}
+        kw.update({"noise": False} if method == "ogm" else {})  # GE noise: one generator, not per device
+        if sync_free:
+            opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+        cal = mmgrad.FusedCalibrator([{"params": [wa, ba]}, {"params": [wb, bb]}], 3, method=method, backend=b,
+                                     **kw).attach(opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            xa, xb = torch.randn(32, 6, generator=gen).to(device), torch.randn(32, 5, generator=gen).to(device)
+            y = torch.randint(0, 3, (32,), generator=gen).to(device)
+            za, zb = torch.tanh(xa @ wa.T + ba), torch.tanh(xb @ wb.T + bb)
+            ce = torch.nn.functional.cross_entropy
+            logits = torch.cat([za, zb], 1) @ wh.T + bh
+            cal.backward([ce(logits, y), ce(za @ wh[:, :8].T + bh, y), ce(zb @ wh[:, 8:].T + bh, y)])
+            opt.step()
+            opt.zero_grad()
+        finals.append(torch.cat([p.detach().cpu().reshape(-1) for p in params]))
+        cal.detach()
+    err = float((finals[0] - finals[1]).abs().max() / finals[0].abs().max())
+    assert err <= 1e-4, f"{method} on {backend} (sync_free={sync_free}): parameters {err:.2e} from the reference"
