@@ -117,6 +117,40 @@ def test_checkpoint_resumes_the_noise_exactly(gen):
     assert all(torch.equal(a, b) for a, b in zip(_run(resumed, model, data, 2), tail))
 
 
+def test_the_noise_is_a_function_of_seed_step_parameter_and_element():
+    from mmgrad.methods._ogm import ge_noise
+
+    a = ge_noise(5, 7, 2, 0, 200_000, "cpu")
+    assert torch.equal(a, ge_noise(5, 7, 2, 0, 200_000, "cpu"))
+    assert torch.equal(a[1000:1300], ge_noise(5, 7, 2, 1000, 300, "cpu"))  # a rank's slice: the same draws
+    assert torch.equal(ge_noise(5, torch.tensor(7), 2, 0, 50, "cpu"), a[:50])  # a device step count: the same
+    for other in (ge_noise(6, 7, 2, 0, 200_000, "cpu"), ge_noise(5, 8, 2, 0, 200_000, "cpu"),
+                  ge_noise(5, 7, 3, 0, 200_000, "cpu")):
+        assert abs(float(torch.corrcoef(torch.stack([a, other]))[0, 1])) < 0.01  # independent streams
+    # standard normal: mean, spread and tails of 200,000 draws
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1) < 0.01
+    assert abs(float((a.abs() > 1.96).float().mean()) - 0.05) < 0.003
+
+
+def test_a_skipped_step_leaves_the_next_steps_noise_as_it_was(gen):
+    """The noise of committed step t is fixed by t: a step skipped for a non-finite
+    gradient in between draws nothing that the next committed step then lacks."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    outs = []
+    for poison in (False, True):
+        model = _model()
+        cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11, skip_nonfinite=True)
+        data = torch.Generator().manual_seed(seed)
+        if poison:
+            losses = _losses(model, data)
+            cal.backward([losses[0] * float("nan"), *losses[1:]])
+            assert cal.step() is False
+            data = torch.Generator().manual_seed(seed)
+        outs.append(_run(cal, model, data, 2))
+        del cal
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_ogm_misuse_is_named():
     model = _model()
     groups = model.param_groups()

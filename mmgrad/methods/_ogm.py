@@ -6,9 +6,14 @@ Each parameter group is one view's encoder and names that view's objective
 step, the dominant views' encoders get the fused gradient scaled down by
 ``k_v = 1 - tanh(alpha * rho_v)`` (``mmgrad.reference.ogm_coefficients``), through the
 backend's fused combination: group v's gradient is ``k_v g_fused + unimodal g_v``. GE
-then adds Gaussian noise of the modulated gradient's standard deviation over the group,
-drawn per parameter, in parameter order, from a generator seeded by ``seed`` whose state
-the checkpoint carries, so a resumed run draws the same noise.
+then adds Gaussian noise of the modulated gradient's standard deviation over the group.
+
+The noise is counter-based: the value at element i of parameter p on committed step t is
+a function of ``(seed, t, p, i)`` alone (``ge_noise``). So a skipped step draws nothing
+that a later step would miss: the sync-free step, which cannot know on the host whether
+it commits, adds the same noise as the host-driven one, a resumed run adds the same noise
+as an uninterrupted one from the step count alone, and a rank holding a slice of a
+parameter computes just that slice.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ class OGM(Method):
     def __init__(self, options: Dict[str, Any], layout) -> None:
         super().__init__(options, layout)
         self.objectives = self._group_objectives(options["group_objectives"], layout.num_groups, layout.num_objectives)
-        self.generator = torch.Generator(device=layout.device).manual_seed(options["seed"])
 
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:
@@ -82,9 +86,7 @@ class OGM(Method):
 
     def _add_noise(self, ctx: StepContext) -> Tensor:
         """GE: N(0, sigma_g^2) on group g's output, sigma_g its (unbiased) standard deviation
-        over the group's coordinates; drawn per parameter in parameter order, so the draws
-        do not depend on the layout (sharded, each rank draws the whole parameter's noise
-        and keeps its rows: the same draws as one process)."""
+        over the group's coordinates; each element's draw from ``ge_noise``."""
         lay = self.layout
         views = lay.out_views
         sums = torch.zeros(lay.num_groups, 3, dtype=torch.float64, device=lay.device)  # n, sum, sum of squares
@@ -93,17 +95,48 @@ class OGM(Method):
             sums[g] += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=lay.device), x.sum(), (x * x).sum()])
         n, s1, s2 = all_reduce_sum(ctx, [sums])[0].unbind(1)
         sigma = torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n) / torch.clamp_min(n - 1, 1.0), 0.0))
+        step = ctx.steps + 1  # the step being taken: a skipped one leaves it to the next
         for i, g in enumerate(lay.group_of):
             shape = lay.params[i].shape
-            noise = torch.randn(shape, generator=self.generator, device=lay.device, dtype=torch.float32)
-            if lay.shards is not None:
-                start, stop = lay.shards[i]
-                noise = noise.reshape(shape[0] if len(shape) else 1, -1)[start:stop].reshape(views[i].shape)
-            views[i].add_((noise * sigma[g].to(torch.float32)).to(views[i].dtype))
+            first = 0
+            if lay.shards is not None:  # this rank's rows of dim 0
+                first = lay.shards[i][0] * (lay.params[i].numel() // max(shape[0] if len(shape) else 1, 1))
+            noise = ge_noise(self.options["seed"], step, i, first, views[i].numel(), lay.device)
+            views[i].add_((noise * sigma[g].to(torch.float32)).to(views[i].dtype).reshape(views[i].shape))
         return sigma
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+    # No state: the noise is a function of (seed, step count), and the checkpoint has the
+    # step count. Checkpoints of earlier versions carry a "generator" state, ignored.
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+
+_M32 = 0xFFFFFFFF
+
+
+def _pcg(x: Tensor) -> Tensor:
+    """PCG's RXS-M-XS permutation of 32-bit values held in int64 (no product exceeds 2^62)."""
+    x = (x * 747796405 + 2891336453) & _M32
+    x = (((x >> ((x >> 28) + 4)) ^ x) * 277803737) & _M32
+    return (x >> 22) ^ x
+
+
+def ge_noise(seed: int, step, param: int, first: int, count: int, device) -> Tensor:
+    """Standard normal draws for elements ``first .. first + count - 1`` of parameter
+    ``param`` on step ``step`` (an int, or a 0-dim device tensor: no host read), float32.
+
+    Two 32-bit hashes of (seed, step, param, element) make a Box-Muller pair; the tails
+    reach 6.7 sigma, plenty for GE's regulariser.
+
+    >>> a = ge_noise(0, 3, 1, 0, 100_000, "cpu")
+    >>> torch.equal(a[10:20], ge_noise(0, 3, 1, 10, 10, "cpu")), round(float(a.std()), 1)
+    (True, 1.0)
+    """
+    step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    key = _pcg(torch.full((), seed & _M32, dtype=torch.int64, device=device))
+    key = _pcg(key ^ (step & _M32))
+    key = _pcg(key ^ (param & _M32))
+    idx = torch.arange(first, first + count, dtype=torch.int64, device=device) & _M32
+    h1 = _pcg(key ^ idx)
+    h2 = _pcg(h1 ^ 0x9E3779B9)
+    u1 = (h1.to(torch.float64) + 1.0) / 4294967296.0  # (0, 1]
+    u2 = h2.to(torch.float64) / 4294967296.0
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(torch.float32)

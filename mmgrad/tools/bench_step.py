@@ -35,7 +35,7 @@ M = len(UCI_DIMS) + 1
 # (label, method, options): mgda also lagged (the Gram of this step's read serves the next)
 CASES = (("bogc", "bogc", {}), ("bogc bf16", "bogc", {"state_dtype": torch.bfloat16}), ("mgda", "mgda", {}),
          ("mgda lagged", "mgda", {"lagged": True}), ("mmpareto", "mmpareto", {}), ("mimo", "mimo", {}), ("sum", "sum", {}))
-# issue #12's targets: extra memory over plain training, calibration time over a plain step
+# the targets: extra memory over plain training, calibration time over a plain step
 MEMORY_TARGETS = {"bogc": 1.5, "bogc bf16": 1.0, "mgda": 0.6, "mgda lagged": 0.6, "mmpareto": 0.6, "mimo": 0.6}
 TIME_TARGETS = {"bogc": 0.40, "bogc bf16": 0.40, "mgda": 0.15, "mgda lagged": 0.15, "mmpareto": 0.15, "mimo": 0.10}
 

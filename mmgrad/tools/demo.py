@@ -35,7 +35,7 @@ import torch
 
 # task -> (data set, views, its split fractions); each configuration is fixed here, before any
 # comparison. The 5 % split (100 training digits): the strong view no longer saturates,
-# so how much the weak views are trained can show in fused accuracy (issue #16).
+# so how much the weak views are trained can show in fused accuracy.
 UCI_SPLIT = (0.6, 0.2, 0.2)
 TASKS = {"UCI, 4 views (fac fou zer mor)": ("uci", ("fac", "fou", "zer", "mor"), UCI_SPLIT),
          "UCI, all 6 views": ("uci", ("fac", "fou", "kar", "mor", "pix", "zer"), UCI_SPLIT),
