@@ -170,8 +170,11 @@ def test_backward_modes_fill_the_same_buffer(gen, mode):
     assert torch.equal(cal.layout.dense('grads')[1][cal.group_offsets[1]:], torch.zeros_like(cal.layout.dense('grads')[1][cal.group_offsets[1]:]))
 
 
-@pytest.mark.parametrize("method, options", [("bogc", {}), ("bogc", {"estimator": "sample"}), ("mgda", {"lagged": True}), ("mmpareto", {})])
-def test_state_dict_round_trip_resumes_identically(gen, method, options):
+@pytest.mark.parametrize("method, options, hidden", [
+    ("bogc", {}, 8), ("bogc", {"estimator": "sample"}, 8), ("mgda", {"lagged": True}, 8), ("mmpareto", {}, 8),
+    # segments of 40+ chunks of 512: several blocks of the reductions
+    ("bogc", {}, 3000), ("mgda", {"lagged": True}, 3000)])
+def test_state_dict_round_trip_resumes_identically(gen, method, options, hidden):
     torch.manual_seed(4)
     data = [batch(gen) if method != "bogc" or not options else [batch(gen, 8) for _ in range(2)] for _ in range(10)]
 
@@ -182,7 +185,7 @@ def test_state_dict_round_trip_resumes_identically(gen, method, options):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         return opt, mmgrad.FusedCalibrator(model.groups(), 3, method=method, **options).attach(opt)
 
-    model = TwoView()
+    model = TwoView(hidden=hidden)
     opt, cal = make(model)
     for d in data[:5]:
         cal.backward(losses(model, d))
@@ -193,7 +196,7 @@ def test_state_dict_round_trip_resumes_identically(gen, method, options):
         cal.backward(losses(model, d))
         opt.step()
         opt.zero_grad()
-    model2 = TwoView()
+    model2 = TwoView(hidden=hidden)
     opt2, cal2 = make(model2)
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])

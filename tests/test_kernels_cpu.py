@@ -154,3 +154,24 @@ def test_subnormal_weight_sums_kernel(weights):
     ref, _ = R.bogc_from_moments(mu.double(), torch.ones_like(mu).double(), weights=weights, confidence="none")
     assert torch.isfinite(out).all() and torch.isfinite(d["weights"]).all()
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_reductions_are_bit_identical_at_any_thread_count(gen):
+    """Per-block partial statistics are added in block order: the same inputs give the same
+    bits on 1, 2 or 3 threads (here N spans 40 blocks of 16 chunks, in two groups)."""
+    n = 16 * 512 * 40 - 7
+    c = random_case(5, n, torch.float32, gen)
+    off = torch.tensor([0, 100_003, n])
+    alpha = torch.rand(2, 5, dtype=torch.float64, generator=gen)
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out, mo, vo, st = ops.bogc_step(c.g, c.mean, c.var, 3, group_offsets=off, backend="cpu")
+            comb, cst = ops.combine_and_gram(c.g, alpha, group_offsets=off, backend="cpu")
+            runs.append([out, mo, vo, st["gram"], st["sum_sq"], st["out_sq"], st["share_sum"], comb, cst["gram"],
+                         ops.gram(c.g, group_offsets=off, backend="cpu")])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

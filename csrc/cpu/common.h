@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "../mmgrad_math.h"
@@ -59,20 +58,30 @@ struct StatsLayout {
   int64_t size() const { return share_sum() + m; }
 };
 
-// Run body(chunk, stats, scratch) over all chunks in torch's thread pool; each thread
-// sums into its own float64 vector, merged once at the end, and owns scratch_elems of acc_t.
+// Chunks per block of the reduction: the statistics are summed chunk by chunk within a
+// block, and the blocks' sums in block order, so the result does not depend on how many
+// threads ran or in which order they finished (bit for bit, at any thread count).
+constexpr int64_t kChunksPerBlock = 16;
+
+// Run body(chunk, stats, scratch) over all chunks in torch's thread pool, a block of
+// kChunksPerBlock chunks per task; each block sums into its own float64 vector, and the
+// blocks are added in order at the end. Scratch of scratch_elems acc_t per task.
 template <typename acc_t, typename Layout, typename Body>
 at::Tensor run_chunks(const ChunkPlan& plan, const Layout& layout, int64_t scratch_elems, const Body& body) {
-  at::Tensor stats = at::zeros({layout.size()}, at::TensorOptions().dtype(at::kDouble));
-  double* total = stats.data_ptr<double>();
-  std::mutex merge;
-  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> local(layout.size(), 0.0);
+  const int64_t width = layout.size();
+  const int64_t blocks = (plan.num_chunks() + kChunksPerBlock - 1) / kChunksPerBlock;
+  std::vector<double> partial(static_cast<size_t>(blocks * width), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(static_cast<size_t>(scratch_elems));
-    for (int64_t c = begin; c < end; ++c) body(c, local.data(), scratch.data());
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t i = 0; i < layout.size(); ++i) total[i] += local[i];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t last = std::min(plan.num_chunks(), (b + 1) * kChunksPerBlock);
+      for (int64_t c = b * kChunksPerBlock; c < last; ++c) body(c, partial.data() + b * width, scratch.data());
+    }
   });
+  at::Tensor stats = at::zeros({width}, at::TensorOptions().dtype(at::kDouble));
+  double* total = stats.data_ptr<double>();
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < width; ++i) total[i] += partial[b * width + i];
   return stats;
 }
 
