@@ -170,9 +170,10 @@ def step_build(c: Check) -> dict:
 
 
 def step_gpu_tests(c: Check) -> dict:
-    args = ["-x"] if c.rehearse else []
+    # workers compile Triton's specialisations in parallel (they share its disk cache)
+    args = ["-x"] if c.rehearse else (["-n", str(min(8, os.cpu_count() or 1))] if _has_xdist() else [])
     out = c.shell([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py", *args],
-                  timeout=240, env={"TRITON_INTERPRET": "0", "MMGRAD_QUIET": "1"})
+                  timeout=300, env={"TRITON_INTERPRET": "0", "MMGRAD_QUIET": "1"})
     summary = out.strip().splitlines()[-1]
     if " passed" not in summary:
         raise Skip(f"no GPU test ran: {summary}")
@@ -363,7 +364,7 @@ def _has_xdist() -> bool:
     return importlib.util.find_spec("xdist") is not None
 
 
-STEPS = (("env", 5, step_env), ("build", 150, step_build), ("gpu-tests", 60, step_gpu_tests), ("selftest", 60, step_selftest),
+STEPS = (("env", 5, step_env), ("build", 150, step_build), ("gpu-tests", 90, step_gpu_tests), ("selftest", 60, step_selftest),
          ("sanitizer", 90, step_sanitizer), ("bench", 60, step_bench), ("end-to-end", 20, step_end_to_end),
          ("torchjd", 10, step_torchjd), ("suite", 120, step_suite))
 
