@@ -352,7 +352,7 @@ MMGRAD_UNROLL
 constexpr int kMooMaxObjectives = 16;
 constexpr double kMooGapTol = 1e-7;             // SPEC §4's certificate, relative to max_m K_mm
 constexpr double kMooGapTarget = kMooGapTol / 8;  // where the solver stops: margin for the caller's rounding
-constexpr int kMooIterations = 150;  // the proof's bound at n = 16 is 149 (docs/solver.md); typical runs take 8-25
+constexpr int kMooIterations = 150;  // the proof's bound at n = 16 is 149 (docs/solver.md); runs stop far sooner
 constexpr int kMooBisections = 30;   // the predictor's step length, to 2^-30
 constexpr double kMooCentral = 0.25;  // the corrector returns into ||a s - mu|| <= 0.25 mu ...
 constexpr double kMooWide = 0.5;      // ... from the predictor's ||a s - mu|| <= 0.5 mu

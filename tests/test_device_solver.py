@@ -19,6 +19,7 @@ from mmgrad.backends import cpu_extension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mmgrad.reference.moo import MGDA_GAP_TOL, MOO_METHODS, min_norm_solve
+from mmgrad.verify import ILL_CONDITIONED_KINDS, duality_gap, ill_conditioned_gram
 
 NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
 
@@ -49,40 +50,6 @@ def random_grams(gen, groups, m, n):
     return g @ g.transpose(1, 2)
 
 
-GRAM_KINDS = ("spread norms", "near-duplicate", "near-opposite", "rank one plus noise", "norms over 16 decades",
-              "duplicated halves")
-
-
-def ill_conditioned_gram(seed: int, m: int, kind: str) -> torch.Tensor:
-    """An M x M Gram of the kind that broke the Frank-Wolfe solver: near-singular, rank-deficient
-    (N < M), gradients that nearly repeat or cancel, norms spread over many decades."""
-    gen = torch.Generator().manual_seed(seed)
-    u = lambda lo, hi: float(torch.empty(()).uniform_(lo, hi, generator=gen))  # noqa: E731
-    n = int(torch.randint(1, 2 * m + 2, (), generator=gen))
-    g = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    if kind == "spread norms":
-        g = g * torch.exp(3 * torch.randn(m, 1, generator=gen, dtype=torch.float64))
-    elif kind == "near-duplicate":
-        g[int(torch.randint(1, m, (), generator=gen))] = g[0] * (1 + 10.0 ** u(-15, -3))
-    elif kind == "near-opposite":
-        g[1] = -g[0] * 10.0 ** u(-6, 6) + 10.0 ** u(-14, -4) * torch.randn(n, generator=gen, dtype=torch.float64)
-    elif kind == "rank one plus noise":
-        g = torch.randn(m, 1, generator=gen, dtype=torch.float64) * torch.randn(1, n, generator=gen, dtype=torch.float64)
-        g = g + 10.0 ** u(-12, -2) * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    elif kind == "norms over 16 decades":
-        g = g * 10.0 ** (16 * torch.rand(m, 1, generator=gen, dtype=torch.float64) - 8)
-    else:
-        h = m // 2
-        g[:h] = g[h:2 * h] + 1e-9 * torch.randn(h, n, generator=gen, dtype=torch.float64)
-    return g @ g.T
-
-
-def gap(k: torch.Tensor, a: torch.Tensor) -> float:
-    """SPEC §4's duality gap over the objectives that reach the group."""
-    ka = k @ a
-    return float(a @ ka - ka[k.diagonal() > 0].min())
-
-
 def combined_distance(k, a, b):
     d = a - b
     return float((d @ k @ d).clamp_min(0).sqrt())
@@ -106,7 +73,7 @@ def test_device_mgda_meets_the_certificate_and_the_reference_direction(gen, impl
         assert combined_distance(kk, a, b) <= 2 * math.sqrt(MGDA_GAP_TOL * top)
 
 
-DRAWS = dict(seed=st.integers(0, 2**32 - 1), m=st.integers(3, 16), kind=st.sampled_from(GRAM_KINDS))
+DRAWS = dict(seed=st.integers(0, 2**32 - 1), m=st.integers(3, 16), kind=st.sampled_from(ILL_CONDITIONED_KINDS))
 
 
 @pytest.mark.skipif(not mmgrad.backends()["cpu"].available, reason="the C++ extension is not built")
@@ -127,15 +94,15 @@ def check_certificate(impl, seed, m, kind):
     k = ill_conditioned_gram(seed, m, kind)
     top = float(k.diagonal().max())
     host = torch.from_numpy(min_norm_solve(k.numpy()))
-    assert gap(k, host) <= MGDA_GAP_TOL * top  # the host accepts the draw
+    assert duality_gap(k, host) <= MGDA_GAP_TOL * top  # the host accepts the draw
     w = solve(impl, k[None], "mgda")[0]
     assert torch.all(w >= 0) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-12)
-    assert gap(k, w) <= MGDA_GAP_TOL * top, f"device gap {gap(k, w) / top:.3g} of max K_mm"
+    assert duality_gap(k, w) <= MGDA_GAP_TOL * top, f"device gap {duality_gap(k, w) / top:.3g} of max K_mm"
     # MMPareto in conflict solves the same problem on the raw Gram: its direction meets it too
     cos = k / torch.outer(k.diagonal().sqrt(), k.diagonal().sqrt())
     if bool((cos <= 0).any()):
         w = solve(impl, k[None], "mmpareto")[0]
-        assert gap(k, w / w.sum()) <= MGDA_GAP_TOL * top
+        assert duality_gap(k, w / w.sum()) <= MGDA_GAP_TOL * top
 
 
 @pytest.mark.skipif(not mmgrad.backends()["cpu"].available, reason="the C++ extension is not built")

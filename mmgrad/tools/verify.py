@@ -53,6 +53,41 @@ def combine_floor(g: Tensor, alpha: Tensor, group_offsets: Tensor) -> float:
     return float(reference.combine(g64, alpha.detach().to("cpu", torch.float64).abs(), group_offsets=group_offsets).max())
 
 
+ILL_CONDITIONED_KINDS = ("spread norms", "near-duplicate", "near-opposite", "rank one plus noise", "norms over 16 decades",
+                         "duplicated halves")
+
+
+def ill_conditioned_gram(seed: int, m: int, kind: str) -> Tensor:
+    """An M x M float64 Gram of one of ``ILL_CONDITIONED_KINDS``, the Grams of imbalanced
+    objectives: near-singular, rank-deficient (N < M), gradients that nearly repeat or
+    cancel, norms spread over many decades (docs/solver.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi: float(torch.empty(()).uniform_(lo, hi, generator=gen))  # noqa: E731
+    n = int(torch.randint(1, 2 * m + 2, (), generator=gen))
+    g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    if kind == "spread norms":
+        g = g * torch.exp(3 * torch.randn(m, 1, generator=gen, dtype=torch.float64))
+    elif kind == "near-duplicate":
+        g[int(torch.randint(1, m, (), generator=gen))] = g[0] * (1 + 10.0 ** u(-15, -3))
+    elif kind == "near-opposite":
+        g[1] = -g[0] * 10.0 ** u(-6, 6) + 10.0 ** u(-14, -4) * torch.randn(n, generator=gen, dtype=torch.float64)
+    elif kind == "rank one plus noise":
+        g = torch.randn(m, 1, generator=gen, dtype=torch.float64) * torch.randn(1, n, generator=gen, dtype=torch.float64)
+        g = g + 10.0 ** u(-12, -2) * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    elif kind == "norms over 16 decades":
+        g = g * 10.0 ** (16 * torch.rand(m, 1, generator=gen, dtype=torch.float64) - 8)
+    else:
+        h = m // 2
+        g[:h] = g[h:2 * h] + 1e-9 * torch.randn(h, n, generator=gen, dtype=torch.float64)
+    return g @ g.T
+
+
+def duality_gap(k: Tensor, a: Tensor) -> float:
+    """SPEC §4's duality gap over the objectives that reach the group."""
+    ka = k @ a
+    return float(a @ ka - ka[k.diagonal() > 0].min())
+
+
 def rel_err(x: Tensor, ref: Tensor, floor: float = 0.0) -> float:
     """``max|x - ref| / max(max|ref|, floor)`` in float64 (0 when both are all zeros).
 
