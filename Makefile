@@ -34,7 +34,7 @@ build/.ext-stamp: $(CSRC) setup.py | $(STAMP)
 
 # The contributor's loop: the whole suite but the GPU compile proofs (`make gpu-proofs`).
 test: build
-	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" $(PYTEST_ARGS)
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" --durations=15 $(PYTEST_ARGS)
 
 # The GPU code proven without a GPU (CI runs it after `make test`): nvcc and Triton AOT
 # builds without spills, the CUDA extension against CUDA torch, and the oldest Triton.
