@@ -1,6 +1,6 @@
 """Compile every csrc/**/*.cu with nvcc for sm_80 and sm_90 and read ptxas's resource report.
 
-``python tests/cuda_compile.py`` (run by ``make test`` and ``make cuda-check``) prints
+``python tests/cuda_compile.py`` (run by ``make gpu-proofs`` as ``make cuda-check``) prints
 registers, shared memory and spills per kernel; tests/test_cuda_compile.py fails on any
 warning (``--Werror all-warnings``) or local-memory spill. Results are cached in
 build/cuda/ by a hash of the sources and the nvcc version, so an unchanged tree is not

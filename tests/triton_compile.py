@@ -1,6 +1,6 @@
 """Compile the Triton kernels ahead of time to cubin for sm_80 and sm_90, without a GPU.
 
-``python tests/triton_compile.py`` (run by ``make test`` as ``make triton-check``) builds
+``python tests/triton_compile.py`` (run by ``make gpu-proofs`` as ``make triton-check``) builds
 each kernel of ``mmgrad/kernels/triton_kernels.py`` with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`` at the specialisations the backend launches (listed
 by ``specialisations()``), runs ``ptxas -v`` on the PTX for registers, shared memory and
