@@ -7,7 +7,7 @@ from typing import Sequence
 
 COMMANDS = {
     "backends": "which kernel backends run here, and why a missing one is missing",
-    "build": "compile the C++ (and, on a GPU, CUDA) kernels now instead of on first use [--verbose]",
+    "build": "compile the C++ (and, on a GPU, CUDA) kernels now instead of on first use",
     "verify": "every backend against the float64 reference on random inputs",
     "selftest": "a short check of every method on every backend, for a new install or GPU",
     "demo": "train on the UCI multiple-features digits with each method",
@@ -23,15 +23,30 @@ def usage() -> str:
 
 
 def build(argv: Sequence[str]) -> int:
+    import argparse
+
     import torch
 
     from . import _jit
     from .backends import backends
 
-    verbose = "--verbose" in argv
+    p = argparse.ArgumentParser(prog="python -m mmgrad build", description=COMMANDS["build"][0].upper() + COMMANDS["build"][1:] + (
+        ". Compiled kernels are cached per mmgrad, torch and Python version under ~/.cache/mmgrad (MMGRAD_CACHE)."))
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    args = p.parse_args(argv)
     kinds = ["cpu"] + (["cuda"] if torch.version.cuda is not None and torch.cuda.is_available() else [])
     for kind in kinds:
-        _jit.build(kind, verbose=verbose)
+        _jit.build(kind, verbose=args.verbose)
+    return list_backends([])
+
+
+def list_backends(argv: Sequence[str]) -> int:
+    import argparse
+
+    from .backends import backends
+
+    argparse.ArgumentParser(prog="python -m mmgrad backends", description=COMMANDS["backends"][0].upper() + (
+        COMMANDS["backends"][1:] + ": available or not, what it runs on, and the reason when not.")).parse_args(argv)
     for info in backends().values():
         print(info)
     return 0
@@ -62,11 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cmd == "build":
         run = build
     else:
-        from .backends import backends
-
-        for info in backends().values():
-            print(info)
-        return 0
+        run = list_backends
     return run(rest)
 
 

@@ -26,12 +26,30 @@ def test_one_version_everywhere():
     assert "_version.py" in setup_py and not re.search(r"version=\"\d", setup_py)  # read, not written twice
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmgrad", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "MMGRAD_QUIET": "1"})
+
+
 def test_the_cli_explains_itself():
-    out = subprocess.run([sys.executable, "-m", "mmgrad", "--help"], capture_output=True, text=True, check=True, cwd=ROOT)
-    for command in ("backends", "build", "verify", "selftest", "demo", "bench", "--version"):
+    from mmgrad.__main__ import COMMANDS
+
+    out = _cli("--help")
+    assert out.returncode == 0
+    for command in (*COMMANDS, "--version"):
         assert command in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "mmgrad", "nonsense"], capture_output=True, text=True, cwd=ROOT)
+    for command in COMMANDS:  # every command has a complete --help, and exits 0 on it
+        sub = _cli(command, "--help")
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: python -m mmgrad {command}"), (command, sub.stderr)
+    bad = _cli("nonsense")
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_a_bad_choice_is_argparses_error_not_a_traceback():
+    out = _cli("verify", "--backends", "gpu")
+    assert out.returncode == 2 and "invalid choice: 'gpu'" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("verify", "--backends", "cuda")  # a real backend that does not run on CPU tensors here
+    assert out.returncode == 2 and "does not run on CPU tensors here" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -29,6 +29,7 @@ import torch
 
 from .. import ops, reference
 from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights
+from . import describe
 
 METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum")
 
@@ -216,7 +217,7 @@ def plot_scaling(rows: Sequence[Row], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmgrad bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mmgrad bench", description=describe(__doc__))
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64], help="N in units of 2**20 elements")
     p.add_argument("--objectives", type=int, nargs="*", default=[2, 4, 8], help="values of M")

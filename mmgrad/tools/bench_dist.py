@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import describe
+
 SETUPS = ("all-reduce", "shard", "fsdp2", "fsdp2-keep")
 _COLLECTIVES = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
                 "all_gather_into_tensor")
@@ -176,7 +178,7 @@ def report(by_world: Dict[int, List[Dict[str, Any]]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmgrad.tools.bench_dist", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mmgrad.tools.bench_dist", description=describe(__doc__))
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--methods", nargs="+", default=["bogc", "mgda"])
     ap.add_argument("--hidden", type=int, default=2048, help="encoder width (2048: ~10 M parameters)")

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import describe
+
 # task -> (data set, views, its split fractions); each configuration is fixed here, before any
 # comparison. The 5 % split (100 training digits): the strong view no longer saturates,
 # so how much the weak views are trained can show in fused accuracy.
@@ -252,7 +254,7 @@ def plot(results: Dict[str, dict], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmgrad demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mmgrad demo", description=describe(__doc__))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with momentum 0.9 (default, as the balancing papers) or AdamW (lr/20)")

@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from ..backends import backends
+from . import describe
 from .bench import step_bytes, timeit
 from .verify import TOLERANCE, compare_all, random_case
 
@@ -203,7 +204,7 @@ def _why_not(device: torch.device) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmgrad selftest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mmgrad selftest", description=describe(__doc__))
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--quick", action="store_true", help="small sizes and fewer cases (a minute on a CPU)")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import torch
 
 from .. import ops, reference
 from ..backends import backends
+from . import describe
 
 Tensor = torch.Tensor
 
@@ -220,12 +221,17 @@ def run(backend_names: Sequence[str], ms: Sequence[int], ns: Sequence[int], dtyp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmgrad verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mmgrad verify", description=describe(__doc__))
     p.add_argument("--seed", type=int, default=None, help="seed (default: from the clock, printed)")
-    p.add_argument("--backends", nargs="*", default=None, help="backends to check (default: every available one but the reference)")
+    kernels = [n for n in backends() if n != "reference"]
+    p.add_argument("--backends", nargs="*", default=None, choices=kernels, metavar="BACKEND",
+                   help=f"backends to check, of {', '.join(kernels)} (default: every one available on CPU tensors)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 2**31
     avail = [n for n, i in backends().items() if i.available and n != "reference" and "cpu" in i.devices]
+    for name in args.backends or ():
+        if name not in avail:
+            p.error(f"backend {name!r} does not run on CPU tensors here: {backends()[name].reason or 'it runs on CUDA tensors'}")
     names = args.backends if args.backends is not None else avail
     if not names:
         print("no kernel backend available on CPU tensors; only the reference runs here")
