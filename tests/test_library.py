@@ -13,7 +13,6 @@ import torch
 import mmgrad
 from mmgrad.backends import cpu_extension
 from mmgrad.kernels import library
-from mmgrad.reference.bogc import ema_weights
 
 from conftest import requires_cpu_kernels
 
@@ -65,10 +64,7 @@ def test_each_operator_equals_the_extension_function_it_wraps(gen, name):
     ours = sample_args(name, torch.Generator().manual_seed(seed), torch.float32)
     theirs = sample_args(name, torch.Generator().manual_seed(seed), torch.float32)
     got = getattr(torch.ops.mmgrad, name)(*ours)
-    if name in ("bogc_step", "ema_moments"):  # the extension takes the EMA weights of (step, beta)
-        at = 7 if name == "bogc_step" else 5
-        theirs = (*theirs[:at], *ema_weights(theirs[at], theirs[at + 1]), *theirs[at + 2:])
-    want = getattr(cpu_extension(), name)(*theirs)
+    want = getattr(cpu_extension(), name)(*library.extension_args(name, theirs))
     if got is not None:
         assert torch.equal(got, want)
     for a, b in zip(ours, theirs):  # the outputs it wrote, bit for bit

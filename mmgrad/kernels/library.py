@@ -72,15 +72,23 @@ FAKES: Dict[str, Callable[..., object]] = {
 }
 
 
+#: Where the EMA operators take ``step`` (``beta`` follows); the extension takes the
+#: weights ``(alpha, 1 - alpha)`` of ``reference.bogc.ema_weights`` there instead.
+_EMA_STEP_AT = {"bogc_step": 7, "ema_moments": 5}
+
+
+def extension_args(name: str, args: tuple) -> tuple:
+    """Operator ``name``'s arguments as the extension function of that name takes them."""
+    at = _EMA_STEP_AT.get(name)
+    return args if at is None else (*args[:at], *ema_weights(args[at], args[at + 1]), *args[at + 2:])
+
+
 def _cpu_kernel(name: str) -> Callable[..., object]:
     def kernel(*args):
         ext = cpu_extension()
         if ext is None:
             raise RuntimeError(f"mmgrad::{name} needs the compiled extension mmgrad._C; see mmgrad.backends()")
-        if name in ("bogc_step", "ema_moments"):  # (step, beta) -> (alpha, 1 - alpha), SPEC §3.1
-            at = 7 if name == "bogc_step" else 5
-            args = (*args[:at], *ema_weights(args[at], args[at + 1]), *args[at + 2:])
-        return getattr(ext, name)(*args)
+        return getattr(ext, name)(*extension_args(name, args))
 
     kernel.__name__ = name
     return kernel
