@@ -51,7 +51,7 @@ def extensions():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         say("no C++ compiler found: installing without the cpu backend's kernels")
         return [], {}
-    cxx = CONFIG["CPU_CXX_FLAGS"] + ([] if os.environ.get("MMGRAD_PORTABLE") == "1" else CONFIG["CPU_NATIVE_FLAGS"])
+    cxx = CONFIG["cpu_flags"]()
     sources = [os.path.join("csrc", rel) for rel in CONFIG["CPU_SOURCES"]]
     ext = [CppExtension("mmgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=CONFIG["CPU_LINK_FLAGS"])]
     ext += cuda_extensions()

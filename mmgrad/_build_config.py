@@ -1,6 +1,8 @@
 """How mmgrad's kernels are compiled: read by setup.py (an install that can see torch) and by
-mmgrad._jit (the first use after an install that could not). Plain data, no imports, so
+mmgrad._jit (the first use after an install that could not). Standard library only, so
 setup.py can load it before torch is importable."""
+
+import os
 
 # -fno-trapping-math lets GCC turn the selects of the element math into blends, so the
 # coordinate loops vectorise (5x faster); mmgrad never relies on FP exception traps.
@@ -8,6 +10,12 @@ CPU_CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapp
                  "-Wno-unknown-pragmas"]
 CPU_NATIVE_FLAGS = ["-march=native"]  # dropped by MMGRAD_PORTABLE=1
 CPU_LINK_FLAGS = ["-fopenmp"]
+
+
+def cpu_flags() -> list:
+    """The C++ flags of the cpu kernels: ``-march=native`` unless ``MMGRAD_PORTABLE=1``."""
+    return CPU_CXX_FLAGS + ([] if os.environ.get("MMGRAD_PORTABLE") == "1" else CPU_NATIVE_FLAGS)
+
 # C++20: torch 2.14's headers refuse older standards (#error C++20 or later ...)
 CUDA_CXX_FLAGS = ["-O3", "-std=c++20"]
 CUDA_NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]

@@ -40,15 +40,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMGRAD_CACHE") or Path.home() / ".cache" / "mmgrad")
 
 
-def cpu_flags() -> list[str]:
-    return C.CPU_CXX_FLAGS + ([] if os.environ.get("MMGRAD_PORTABLE") == "1" else C.CPU_NATIVE_FLAGS)
-
-
 def build_dir(kind: str, src: Path) -> Path:
     """One directory per mmgrad version, torch, Python, flags and source contents."""
     import torch
 
-    digest = hashlib.sha256(" ".join(cpu_flags() + C.CUDA_NVCC_FLAGS).encode())
+    digest = hashlib.sha256(" ".join(C.cpu_flags() + C.CUDA_NVCC_FLAGS).encode())
     for rel in sorted(C.CPU_SOURCES + C.CUDA_SOURCES + C.HEADERS):
         digest.update((src / rel).read_bytes())
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
@@ -63,6 +59,7 @@ def build(kind: str, *, verbose: bool = False) -> ModuleType:
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}; got {kind!r}")
+    import torch
     from torch.utils import cpp_extension
 
     src = source_dir()
@@ -79,12 +76,12 @@ def build(kind: str, *, verbose: bool = False) -> ModuleType:
     if kind == "cuda" and cpp_extension.CUDA_HOME is None:
         raise ImportError("no CUDA toolkit found (set CUDA_HOME to the directory that holds bin/nvcc)")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"mmgrad: compiling the {kind} kernels for torch {__import__('torch').__version__} into {out} "
+    print(f"mmgrad: compiling the {kind} kernels for torch {torch.__version__} into {out} "
           "(once; a minute or more)", file=sys.stderr, flush=True)
     kwargs = dict(name=name, sources=[str(src / rel) for rel in sources], build_directory=str(out), verbose=verbose,
                   extra_include_paths=[str(src)])
     if kind == "cpu":
-        return cpp_extension.load(extra_cflags=cpu_flags(), extra_ldflags=C.CPU_LINK_FLAGS, **kwargs)
+        return cpp_extension.load(extra_cflags=C.cpu_flags(), extra_ldflags=C.CPU_LINK_FLAGS, **kwargs)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", C.CUDA_ARCHS)
     return cpp_extension.load(extra_cflags=C.CUDA_CXX_FLAGS, extra_cuda_cflags=C.CUDA_NVCC_FLAGS, **kwargs)
 
