@@ -110,8 +110,9 @@ def _triton_info() -> BackendInfo:
     # importing it here would fix the mode before a test (or user) sets it.
     if importlib.util.find_spec("triton") is None:
         return BackendInfo("triton", False, (), "triton is not installed (pip install triton)")
-    if triton_too_old():
-        return BackendInfo("triton", False, (), triton_too_old())
+    too_old = triton_too_old()
+    if too_old:
+        return BackendInfo("triton", False, (), too_old)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return BackendInfo("triton", True, ("cpu",), "Triton kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1: for tests, slow)")
     if torch.cuda.is_available():

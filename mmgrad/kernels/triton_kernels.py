@@ -30,8 +30,9 @@ import torch
 from .. import _validation as V
 from ..backends import triton_too_old
 
-if triton_too_old():  # fail here, with the fix, never deep inside a kernel
-    raise ImportError(f"mmgrad's Triton kernels: {triton_too_old()}")
+_TOO_OLD = triton_too_old()
+if _TOO_OLD:  # fail here, with the fix, never deep inside a kernel
+    raise ImportError(f"mmgrad's Triton kernels: {_TOO_OLD}")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
