@@ -18,6 +18,7 @@ parameter computes just that slice.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -97,10 +98,8 @@ class OGM(Method):
         sigma = torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n) / torch.clamp_min(n - 1, 1.0), 0.0))
         step = ctx.steps + 1  # the step being taken: a skipped one leaves it to the next
         for i, g in enumerate(lay.group_of):
-            shape = lay.params[i].shape
-            first = 0
-            if lay.shards is not None:  # this rank's rows of dim 0
-                first = lay.shards[i][0] * (lay.params[i].numel() // max(shape[0] if len(shape) else 1, 1))
+            # the flat index of this rank's first element: its first row of dim 0 times a row's size
+            first = 0 if lay.shards is None else lay.shards[i][0] * math.prod(lay.params[i].shape[1:])
             noise = ge_noise(self.options["seed"], step, i, first, views[i].numel(), lay.device)
             views[i].add_((noise * sigma[g].to(torch.float32)).to(views[i].dtype).reshape(views[i].shape))
         return sigma
