@@ -7,7 +7,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -16,12 +16,17 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 TRITON_MIN = (3, 6)
 
 
-def triton_too_old() -> Optional[str]:
-    """Why the installed Triton cannot run mmgrad's kernels, or None (read from its metadata, not imported)."""
+def triton_version() -> Tuple[str, Tuple[int, ...]]:
+    """The installed Triton's version, as written and as (major, minor), from its metadata (not imported)."""
     from importlib.metadata import version
 
     found = version("triton")
-    parts = tuple(int(p) for p in found.split("+")[0].split(".")[:2] if p.isdigit())
+    return found, tuple(int(p) for p in found.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def triton_too_old() -> Optional[str]:
+    """Why the installed Triton cannot run mmgrad's kernels, or None."""
+    found, parts = triton_version()
     if parts < TRITON_MIN:
         want = ".".join(map(str, TRITON_MIN))
         return f"triton {found} is older than {want}, the oldest mmgrad supports (pip install -U 'triton>={want}')"

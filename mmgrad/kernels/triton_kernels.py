@@ -28,7 +28,7 @@ import os
 import torch
 
 from .. import _validation as V
-from ..backends import triton_too_old
+from ..backends import triton_too_old, triton_version
 
 _TOO_OLD = triton_too_old()
 if _TOO_OLD:  # fail here, with the fix, never deep inside a kernel
@@ -65,8 +65,7 @@ _WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, maxnreg=r) for b, w, r in ((256, 8, 128),)]
 # Triton before 3.9 (3.6 is torch 2.11's) needs ~200 registers for the BOGC kernel from
 # M = 7 on, and spilled 84-192 bytes at 128: those builds get 255, one block per SM.
-_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])
-BOGC_WIDE_FROM_M = 7 if _TRITON < (3, 9) else 1 << 30
+BOGC_WIDE_FROM_M = 7 if triton_version()[1] < (3, 9) else 1 << 30
 _WIDE_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, maxnreg=255) for c in _CONFIGS]
 
 
