@@ -93,7 +93,15 @@ class DenseOracle:
             return out.double()
         groups = off.numel() - 1
         if self.method in ("mgda", "mmpareto"):
-            alpha = R.moo_weights(mmgrad.ops.gram(g, group_offsets=off, **kw).cpu(), self.method, losses=losses, **o)
+            # the backend's own solver: the device's and the host's solve to the same 1e-7
+            # certificate, not to the same bits, and a near-singular Gram turns that into
+            # ~1e-6 of the output
+            gram = mmgrad.ops.gram(g, group_offsets=off, **kw)
+            if self.backend == "reference":
+                alpha = R.moo_weights(gram.cpu(), self.method, losses=losses, **o)
+            else:
+                alpha = mmgrad.ops.moo_weights(gram, self.method, losses=None if losses is None else losses.to(gram.device),
+                                               **o, **kw).double()
         elif self.method == "mimo":
             alpha = R.mimo_weights(losses).double().expand(groups, -1).contiguous()
         else:
