@@ -1,8 +1,10 @@
 """``FusedCalibrator``: the public facade over the layout, the collection, the methods and distribution.
 
-It owns the step's phases (backward -> step -> optimizer step), the non-finite policy,
-the optimizer hook and checkpoints; everything else is one part's job:
+It owns the step's phases (backward, which calibrates and writes ``.grad`` -> optimizer
+step), the non-finite policy, the optimizer hook and checkpoints; everything else is
+one part's job:
 
+* ``mmgrad.params`` — the parameters given, their groups and names;
 * ``mmgrad.layout.Layout`` — segments by reach, their rows, the output and its views;
 * ``mmgrad.collect.GradientCollector`` — reach from the graph, backward passes, accumulation;
 * ``mmgrad.methods`` — one module per method family, each with its options and step;
@@ -14,15 +16,19 @@ the optimizer hook and checkpoints; everything else is one part's job:
 >>> params = [*audio.parameters(), *video.parameters(), *head.parameters()]
 >>> opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
 >>> cal = mmgrad.FusedCalibrator(
-...     [{"params": audio.parameters()}, {"params": video.parameters()}],
+...     [{"params": audio.named_parameters(prefix="audio")},
+...      {"params": video.named_parameters(prefix="video")}],
 ...     num_objectives=3, method="bogc")
 >>> cal = cal.attach(opt)     # returns the calibrator
 >>> xa, xv, y = torch.randn(16, 6), torch.randn(16, 5), torch.randint(0, 3, (16,))
 >>> za, zv = audio(xa), video(xv)
 >>> ce = torch.nn.functional.cross_entropy
 >>> losses = [ce(head(torch.cat([za, zv], 1)), y), ce(za[:, :3], y), ce(zv[:, :3], y)]
->>> cal.backward(losses)     # per-objective gradients -> the rows each objective reaches
->>> opt.step(); opt.zero_grad()   # the pre-hook calibrates, writes .grad, then SGD steps
+>>> cal.backward(losses)     # per-objective gradients -> rows -> calibrated .grad
+>>> audio.weight.grad.shape  # the calibrated gradient, ready to clip or log
+torch.Size([4, 6])
+>>> norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+>>> opt.step(); opt.zero_grad()
 >>> sorted(cal.diagnostics)
 ['conflict', 'gram', 'uncertainty', 'weights']
 >>> [seg.rows for seg in cal.layout.segments]   # audio: fused + its own loss; video likewise
@@ -32,8 +38,9 @@ the optimizer hook and checkpoints; everything else is one part's job:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -46,10 +53,10 @@ from .fsdp import FSDPGradients, fsdp_sharding
 from .layout import Layout, split_views
 from .methods import METHODS, StepContext
 from .ops import backend_module
+from .params import ParamsArg, label, parse_params
 from .sharding import RowSharder
 
 Tensor = torch.Tensor
-ParamsArg = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
 
 _COMMON = {"skip_nonfinite": False, "backward_mode": "loop", "sync_free": False}
 _FLAGS = ("skip_nonfinite", "rescale", "lagged", "sync_free")
@@ -68,11 +75,15 @@ class FusedCalibrator:
 
     Args:
         params: parameters, or parameter groups as an optimizer takes them
-            (``[{"params": enc_a.parameters()}, ...]``). MOO weights are solved per group.
-            Parameters with ``requires_grad=False`` are skipped.
+            (``[{"params": enc_a.parameters()}, ...]``), each as tensors or as
+            ``named_parameters()`` pairs (then errors and warnings name them). MOO weights
+            are solved per group. Parameters with ``requires_grad=False`` are left out
+            (unfreezing one later is warned about: it then trains uncalibrated). A
+            parameter shared by two branches belongs in one group; its reach (which
+            losses lead to it) decides its rows.
         num_objectives: M, the number of losses ``backward`` receives.
         method: a name of ``mmgrad.methods.METHODS``: ``"bogc"``, ``"mgda"``,
-            ``"mmpareto"``, ``"mimo"``, ``"sum"`` or ``"mean"``.
+            ``"mmpareto"``, ``"mimo"``, ``"ogm"``, ``"sum"`` or ``"mean"``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
         process_group: ranks to average gradients over. ``None`` (default): the world
             when ``torch.distributed`` is initialised with more than one rank; ``False``:
@@ -87,7 +98,10 @@ class FusedCalibrator:
             ``sync_free`` and ``backward_mode`` (``"loop"``: one backward per objective,
             accumulating into views of the rows; ``"batched"``: one vmapped ``autograd.grad``).
 
-    Parameters not handed to the calibrator receive the plain summed gradient. Rows are
+    ``backward(losses)`` leaves the calibrated gradient in ``.grad``, as ``loss.backward()``
+    leaves its own: clip, log or unscale between it and ``optimizer.step()`` as usual.
+    Parameters not handed to the calibrator receive the plain summed gradient. Without
+    ``zero_grad`` between steps, every parameter accumulates, calibrated or not. Rows are
     kept only where an objective reaches a parameter (``self.layout``, SPEC §2).
     """
 
@@ -110,8 +124,10 @@ class FusedCalibrator:
         self.method = method
         self.num_objectives = num_objectives
         self.options = self._parse_options(method, options)
-        self.groups = parse_param_groups(params)
-        self.params: List[Tensor] = [p for grp in self.groups for p in grp]
+        chosen = parse_params(params)
+        self.groups, self.params, self.names = chosen.groups, chosen.params, chosen.names
+        self._frozen = chosen.frozen  # watched: unfreezing one later is warned about
+        self._warned: set = set()
         self._claim_params()
         if not isinstance(shard, bool):
             raise TypeError(f"shard must be a bool; got {type(shard).__name__}")
@@ -132,7 +148,7 @@ class FusedCalibrator:
         sizes = [sum(p.numel() for p in grp) for grp in self.groups]
         self.group_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
-        self.layout = Layout(self.groups, num_objectives, shards=self._shards)
+        self.layout = Layout(self.groups, num_objectives, shards=self._shards, names=self.names)
         method_options = {k: v for k, v in self.options.items() if k not in _COMMON}
         self._method = METHODS[method](method_options, self.layout)
         self._collector = GradientCollector(self.layout, self.options["backward_mode"], self._averager,
@@ -150,7 +166,8 @@ class FusedCalibrator:
         # "idle" -> backward() -> "pending" -> step() -> "calibrated" | "skipped" -> optimizer step -> "idle"
         self._phase = "idle"
         self._hook = self._post_hook = None
-        self.diagnostics: Dict[str, Tensor] = {}
+        self._prior: Dict[int, Tensor] = {}  # .grad left from earlier steps, by parameter index
+        self._diagnostics: Dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- set-up
     def _setup_distribution(self, process_group: Any, bucket_bytes: int, shard: bool) -> None:
@@ -199,15 +216,27 @@ class FusedCalibrator:
         return opts
 
     def _claim_params(self) -> None:
-        for p in self.params:
+        for i, p in enumerate(self.params):
             owner = _OWNERS.get(p)
             if owner is not None and owner() is not None:
                 raise ValueError(
-                    f"params: a parameter of shape {tuple(p.shape)} is already calibrated by {owner()!r}; "
+                    f"params: {label(p, self.names[i], i)} is already calibrated by {owner()!r}; "
                     "two calibrators would overwrite each other's .grad (give each parameter to one calibrator)")
         ref = weakref.ref(self)
         for p in self.params:
             _OWNERS[p] = ref
+
+    @property
+    def diagnostics(self) -> Dict[str, Tensor]:
+        """What the last calibration measured, as tensors (on the device; read them when
+        logging, which synchronises). Every method: ``weights`` (M, the objectives' mean
+        share of the calibrated gradient). MOO methods (``mgda``, ``mmpareto``, ``mimo``,
+        ``mean``, ``ogm``): ``group_weights`` (G x M, per parameter group); ``mgda`` and
+        ``mmpareto`` also ``gram`` (G x M x M, float64). ``bogc``: ``uncertainty`` and
+        ``conflict`` (Dempster-Shafer's, averaged over elements) and ``gram``. ``ogm``:
+        ``ogm_coefficients``, ``ogm_ratio`` and ``noise_std``. A skipped step:
+        ``{"skipped": tensor(True)}``. Empty before the first step."""
+        return self._diagnostics
 
     @property
     def step_count(self) -> int:
@@ -247,11 +276,12 @@ class FusedCalibrator:
         scaler = self._check_scaler(scaler)
         if scaler is not None and self.sync_free:
             raise ValueError("scaler: a GradScaler reads its scale on the host; it does not combine with sync_free=True")
-        if self._phase in ("calibrated", "skipped") and self._scaler is not None and self._hook is not None:
-            # calibrated in the last backward() for the scaler, and no optimizer step since
-            raise RuntimeError("backward() again before optimizer.step(): a GradScaler step is calibrated in "
-                               "backward(), so to accumulate micro-batches under a scaler run all but the last "
-                               "in `with cal.accumulate():` (README, \"Gradient accumulation\")")
+        if self._phase in ("calibrated", "skipped") and self._hook is not None:
+            # the last backward() calibrated .grad and no optimizer step came since: adding to
+            # the rows now would calibrate twice and advance the method's state twice
+            raise RuntimeError("backward() again before optimizer.step(): backward() calibrates the step and writes "
+                               ".grad, so to accumulate micro-batches run all but the last in `with cal.accumulate():` "
+                               "(README, \"Gradient accumulation\")")
         accumulate = self._phase == "pending"
         if accumulate and (scaler is None) != (self._scaler is None):
             raise ValueError("scaler: pass the same GradScaler (or none) to every backward() of an accumulated step")
@@ -262,6 +292,8 @@ class FusedCalibrator:
             reach = union_reach(reach, self.num_objectives, self._averager.group, self.device)
         if not accumulate:
             self._others = {}
+            self._keep_prior_grads()
+            self._watch_requires_grad()
         self._others.update((id(t), t) for t in others)
         self._record_losses(rows, samples, fresh=not accumulate)
         if scaler is not None:
@@ -272,16 +304,40 @@ class FusedCalibrator:
         if self._method.uses_rows:
             self.layout.extend(reach)
             self._collect(rows, samples, accumulate, others, reduce)
-        else:
-            if not accumulate:
-                for p in self.params:
-                    p.grad = None
+        else:  # autograd adds the sum into .grad, accumulating as plain PyTorch does
             torch.stack([r.reshape(()) for r in rows]).sum().backward()
         if reduce:
             self._launch_reduction()
         self._phase = "pending"
-        if self._scaler is not None and not self._accumulating:
-            self.step()  # the scaler must see the calibrated (scaled) gradient, or inf to skip
+        if not self._accumulating:
+            # .grad holds the calibrated gradient when backward() returns, as after loss.backward():
+            # clipping, logging and scaler.unscale_ between backward and step see it
+            self.step()
+
+    def _keep_prior_grads(self) -> None:
+        """What ``.grad`` of the calibrated parameters holds as a step begins (no
+        ``zero_grad`` since the last step): the collection reuses ``.grad`` and the output
+        is overwritten in place, so it is copied aside and added back by ``_write_grads``,
+        and the calibrated parameters accumulate across steps as the others do."""
+        self._prior = {}
+        if self._method.uses_rows:
+            self._prior = {i: p.grad.detach().clone() for i, p in enumerate(self.params) if p.grad is not None}
+
+    def _watch_requires_grad(self) -> None:
+        """Warn once about parameters whose ``requires_grad`` changed since construction: one
+        unfrozen since has no rows and trains on the plain summed gradient; one frozen since
+        gets no ``.grad`` (so no optimizer moves it). The layout is fixed by the parameters
+        given, as an optimizer's groups are: build a new calibrator to change them."""
+        thawed = [label(p, name) for name, p in self._frozen if p.requires_grad and id(p) not in self._warned]
+        frozen = [self.layout.label(i) for i, p in enumerate(self.params) if not p.requires_grad and id(p) not in self._warned]
+        for what, names in (("were frozen (requires_grad=False) when the calibrator was built and now require "
+                             "grad: they train on the plain summed gradient, outside calibration", thawed),
+                            ("were calibrated and are now frozen (requires_grad=False): they get no .grad", frozen)):
+            if names:
+                warnings.warn(f"params: {', '.join(names)} {what}. Build a new FusedCalibrator over the parameters "
+                              "to train.", stacklevel=3)
+        self._warned.update(id(p) for _, p in self._frozen if p.requires_grad)
+        self._warned.update(id(p) for p in self.params if not p.requires_grad)
 
     def _collect(self, rows: List[Tensor], samples: int, accumulate: bool, others: List[Tensor], reduce: bool) -> None:
         takes = self._method.takes_samples
@@ -346,6 +402,11 @@ class FusedCalibrator:
         else:
             if not isinstance(losses, (list, tuple)):
                 raise TypeError(f"losses must be a list/tuple of scalar tensors or a tensor; got {type(losses).__name__}")
+            if sample and any(not isinstance(r, (list, tuple)) and not (isinstance(r, torch.Tensor) and r.dim() == 1)
+                              for r in losses):
+                raise ValueError(f"losses must be S x M for estimator='sample': S >= 2 micro-batches, each a list of "
+                                 f"the num_objectives={self.num_objectives} losses (or an S x M tensor); got a flat "
+                                 f"sequence of {len(losses)}")
             nested = [list(r) for r in losses] if sample else [list(losses)]
         if sample and len(nested) < 2:
             raise ValueError(f"losses must hold S >= 2 micro-batches for estimator='sample'; got {len(nested)}")
@@ -365,7 +426,11 @@ class FusedCalibrator:
 
     # ------------------------------------------------------------------ step
     def attach(self, optimizer: torch.optim.Optimizer) -> "FusedCalibrator":
-        """Calibrate in a step pre-hook of ``optimizer`` (before every ``optimizer.step()``)."""
+        """Hook ``optimizer.step()``: it marks the end of a step (so a second ``backward``
+        before it is refused rather than calibrated twice), skips a step whose gradients
+        were not finite under ``skip_nonfinite=True``, hands a fused optimizer the
+        ``found_inf`` flag with ``sync_free=True``, and calibrates a step whose every
+        ``backward`` ran inside ``accumulate()``. Returns the calibrator."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         if self.sync_free and not getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -391,7 +456,7 @@ class FusedCalibrator:
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._phase == "idle":
             raise RuntimeError("optimizer.step() was called without FusedCalibrator.backward(losses) since the last step")
-        if self._phase == "pending":  # else the user called step() already (e.g. to clip)
+        if self._phase == "pending":  # every backward() of the step ran in accumulate()
             self.step()
         if self.sync_free:  # the fused optimizer skips on the device flag
             optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
@@ -403,15 +468,22 @@ class FusedCalibrator:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """Calibrate now and write ``.grad`` of the calibrated parameters.
+        """Calibrate and write ``.grad`` of the calibrated parameters, if not done yet.
+
+        ``backward`` calls it when it returns, outside ``accumulate()``; call it yourself
+        only to read ``.grad`` after backward calls that all ran inside ``accumulate()``
+        (the optimizer hook calibrates them otherwise). Calling it again before the
+        optimizer step returns the same answer and does nothing.
 
         Returns False (and writes no gradient) when the step was skipped for non-finite
         gradients under ``skip_nonfinite=True``; raises ``NonFiniteGradientError`` for
         them otherwise. The calibrator's state is untouched in both cases. With
         ``sync_free=True`` it returns True, and ``found_inf`` says on the device.
         """
+        if self._phase in ("calibrated", "skipped"):
+            return self._phase == "calibrated"
         if self._phase != "pending":
-            raise RuntimeError("FusedCalibrator.step() needs backward(losses) first (once per step)")
+            raise RuntimeError("FusedCalibrator.step() needs backward(losses) first")
         world = 1
         if self._averager is not None:
             if not self._reducing:  # every backward of this step ran in accumulate(): reduce now
@@ -430,7 +502,7 @@ class FusedCalibrator:
         ctx = StepContext(self.layout, self._ops, self._loss_values, self._steps, self.sync_free,
                           self._stats_group if self._method.uses_rows or self._fsdp is not None else None)
         result = self._method.step(ctx)
-        self.diagnostics = result.diagnostics
+        self._diagnostics = result.diagnostics
         if self.sync_free:
             ok = result.ok if isinstance(result.ok, Tensor) else torch.tensor(result.ok, device=self.device)
             self._steps += ok.to(torch.int64)
@@ -455,24 +527,33 @@ class FusedCalibrator:
             return
         if self._fsdp is not None:  # sharded DTensors over the local output, as FSDP2's optimizer expects
             self._fsdp.write(self.layout.out_views)
+            self._add_prior_grads()
             return
         views = self.layout.out_views
         if self._sharder is not None:  # ZeRO-2: every rank's calibrated slices, gathered
             views = split_views(self._gathered, [p.shape for p in self.params])
             self._sharder.gather(self.layout.out_views, views)
         for p, view in zip(self.layout.params, views):
-            p.grad = view
+            p.grad = view if p.requires_grad else None  # frozen since construction: no optimizer moves it
+        self._add_prior_grads()
+
+    def _add_prior_grads(self) -> None:
+        for i, prior in self._prior.items():
+            p = self.params[i]
+            p.grad = prior.add_(p.grad) if p.grad is not None else prior
+        self._prior = {}
 
     def _nonfinite(self, where: str) -> None:
         if self._scaler is not None:  # overflow is routine under a scaler: let it skip and back off
             self.layout.out.fill_(float("inf"))
             self._write_grads()
-            self.diagnostics = {"skipped": torch.tensor(True)}
+            self._diagnostics = {"skipped": torch.tensor(True)}
             return
+        for i, p in enumerate(self.params):  # nothing of this step; what earlier steps left stays
+            p.grad = self._prior.get(i)
+        self._prior = {}
         if self.options["skip_nonfinite"]:
-            for p in self.params:
-                p.grad = None
-            self.diagnostics = {"skipped": torch.tensor(True)}
+            self._diagnostics = {"skipped": torch.tensor(True)}
             return
         self._phase = "idle"  # the step is abandoned: the next backward starts afresh
         raise NonFiniteGradientError(f"{where}; the calibrator's state is unchanged (pass skip_nonfinite=True to skip such steps)")
@@ -580,53 +661,3 @@ def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
             parts.append(dense[list(seg.rows)][:, cols])
         state[name] = parts
     return state
-
-
-def parse_param_groups(params: ParamsArg) -> List[List[Tensor]]:
-    """Parameters, or ``[{"params": ...}, ...]`` groups, as lists of trainable leaves; checked."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors or of dicts, not a single tensor")
-    items = list(params)
-    if not items:
-        raise ValueError("params is empty: give the parameters to calibrate")
-    raw = [list(d["params"]) if isinstance(d, dict) else None for d in items]
-    if all(r is None for r in raw):
-        raw_groups = [items]
-    elif all(r is not None for r in raw):
-        for d in items:
-            extra = sorted(set(d) - {"params"})
-            if extra:
-                raise ValueError(f"parameter groups take only the key 'params'; got {extra}")
-        raw_groups = raw  # type: ignore[assignment]
-    else:
-        raise TypeError("params must be all tensors or all dicts with 'params', not a mix")
-    seen, groups = set(), []
-    for gi, grp in enumerate(raw_groups):
-        kept = []
-        for p in grp:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params (group {gi}) must hold tensors; got {type(p).__name__}")
-            if id(p) in seen:
-                raise ValueError(f"params: a parameter of shape {tuple(p.shape)} appears twice")
-            seen.add(id(p))
-            if not p.is_leaf:
-                raise ValueError(f"params: a tensor of shape {tuple(p.shape)} is not a leaf (not a parameter)")
-            if p.requires_grad:  # frozen parameters take no part
-                kept.append(p)
-        if kept:
-            groups.append(kept)
-    if not groups:
-        raise ValueError("params: every parameter has requires_grad=False; nothing to calibrate")
-    flat = [p for g in groups for p in g]
-    devices = {p.device for p in flat}
-    if len(devices) > 1:
-        raise ValueError(f"params must all be on one device; got {sorted(map(str, devices))} (use one calibrator per device)")
-    dtypes = {p.dtype for p in flat}
-    if len(dtypes) > 1:
-        raise TypeError(f"params must share one dtype; got {sorted(map(str, dtypes))} (use one calibrator per dtype)")
-    if flat[0].dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"params must be floating point; got {flat[0].dtype}")
-    sparse = next((p for p in flat if p.layout != torch.strided), None)
-    if sparse is not None:
-        raise TypeError(f"params must be dense (strided) tensors; got a {sparse.layout} parameter of shape {tuple(sparse.shape)}")
-    return groups

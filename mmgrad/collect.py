@@ -167,8 +167,7 @@ class GradientCollector:
         stray = [i for i, g in enumerate(grads) if g is not None and objective not in reach[i]]
         if stray:
             self._drain()
-            p = self.layout.params[stray[0]]
-            raise RuntimeError(f"objective {objective} wrote a gradient into a parameter of shape {tuple(p.shape)} that "
+            raise RuntimeError(f"objective {objective} wrote a gradient into {self.layout.label(stray[0])} that "
                                "its autograd graph does not lead to (a custom hook or autograd.Function?); with "
                                "shard=True every rank must reduce-scatter the same rows, so it cannot be kept")
         self.sharder.scatter(self.layout, objective, sample,

@@ -31,6 +31,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .params import label
+
 Tensor = torch.Tensor
 Reach = Tuple[int, ...]
 
@@ -129,12 +131,15 @@ class Layout:
         shards: for a sharded calibrator (SPEC §8), the rows ``[start, stop)`` of each
             parameter's dim 0 this rank holds; the layout then holds only those
             (``num_elements`` counts them, ``total_elements`` the whole parameters).
+        names: the parameters' names (None where unknown), for ``label``.
     """
 
     def __init__(self, groups: Sequence[Sequence[Tensor]], num_objectives: int,
-                 shards: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+                 shards: Optional[Sequence[Tuple[int, int]]] = None,
+                 names: Optional[Sequence[Optional[str]]] = None) -> None:
         self.num_objectives = num_objectives
         self.params: List[Tensor] = [p for grp in groups for p in grp]
+        self.names: List[Optional[str]] = list(names) if names is not None else [None] * len(self.params)
         self.group_of: List[int] = [gi for gi, grp in enumerate(groups) for _ in grp]
         self.num_groups = len(groups)
         self.shards = None if shards is None else [tuple(r) for r in shards]
@@ -153,6 +158,27 @@ class Layout:
             self.num_elements, device=self.device, dtype=torch.float32)
         self.segments: List[Segment] = []
         self._build()
+
+    def label(self, i: int) -> str:
+        """How errors name parameter ``i``: ``'enc.weight' (shape (4, 3))``, or by index."""
+        return label(self.params[i], self.names[i], i)
+
+    def __repr__(self) -> str:
+        held = self.rows_held()
+        return (f"Layout({len(self.params)} parameters in {self.num_groups} groups, {self.num_elements} elements, "
+                f"M={self.num_objectives}; segments by reach: "
+                f"{[(seg.rows, seg.numel) for seg in self.segments]}; "
+                f"{held} of {self.num_objectives * self.num_elements} dense rows' elements held, "
+                f"{self.nbytes()} bytes)")
+
+    def nbytes(self) -> int:
+        """Bytes of every row buffer and the output."""
+        total = self.out.numel() * self.out.element_size()
+        if self.raw is not self.out:
+            total += self.raw.numel() * self.raw.element_size()
+        for seg in self.segments:
+            total += sum(t.numel() * t.element_size() for t in seg.buffers.values())
+        return total
 
     # ------------------------------------------------------------------ reach
     def extend(self, reach: Sequence[Iterable[int]]) -> bool:

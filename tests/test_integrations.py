@@ -24,12 +24,14 @@ def _batches(x, y, size=16):
         yield {v: t[i : i + size] for v, t in x.items()}, y[i : i + size]
 
 
-def _train(losses_of, model, method, data, epochs=2):
+def _train(losses_of, model, method, data, epochs=2, clip=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cal = mmgrad.FusedCalibrator(model.param_groups(), len(DIMS) + 1, method=method).attach(opt)
     for _ in range(epochs):
         for xb, yb in _batches(*data):
             cal.backward(losses_of(xb, yb))
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             opt.zero_grad()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), cal
@@ -56,9 +58,11 @@ lightning = pytest.importorskip("lightning", reason="lightning is not installed"
 class MultiModalModule(lightning.LightningModule):
     """The README's example: manual optimization, ``cal.backward`` instead of ``manual_backward``."""
 
-    def __init__(self, method: str = "bogc"):
+    def __init__(self, method: str = "bogc", clip=None):
         super().__init__()
         self.automatic_optimization = False
+        self.clip = clip
+        self.clip_saw_every_gradient = True
         self.model = LateFusion(DIMS, num_classes=3, hidden=8, embed=4)
         self.method = method
         self.calibrator = None
@@ -71,8 +75,11 @@ class MultiModalModule(lightning.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         losses = self.model.losses(x, y)
-        self.calibrator.backward(losses)  # per-objective gradients; the optimizer's hook calibrates
+        self.calibrator.backward(losses)  # calibrates: .grad holds the calibrated gradient
         opt = self.optimizers()
+        if self.clip is not None:
+            self.clip_saw_every_gradient &= all(p.grad is not None for p in self.model.parameters())
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad()
         self.log("fused_loss", losses[0].detach())
@@ -89,17 +96,27 @@ class _Views(torch.utils.data.Dataset):
         return {v: t[i] for v, t in self.x.items()}, self.y[i]
 
 
-def test_a_lightning_module_with_manual_optimization_trains_like_the_plain_loop(tmp_path):
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_a_lightning_module_with_manual_optimization_trains_like_the_plain_loop(tmp_path, clip):
+    """With ``self.clip_gradients`` after ``cal.backward``, as Lightning's manual
+    optimization places it, the calibrated parameters are clipped as in the plain loop."""
     data = _data()
     torch.manual_seed(0)
-    module = MultiModalModule("bogc")
+    module = MultiModalModule("bogc", clip)
     plain = LateFusion(DIMS, num_classes=3, hidden=8, embed=4)
-    plain.load_state_dict(module.model.state_dict())
+    start = {k: v.clone() for k, v in module.model.state_dict().items()}
+    plain.load_state_dict(start)
     trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     loader = torch.utils.data.DataLoader(_Views(*data), batch_size=16, shuffle=False)
     trainer.fit(module, loader)
-    want, _ = _train(plain.losses, plain, "bogc", data)
+    want, _ = _train(plain.losses, plain, "bogc", data, clip=clip)
     got = torch.cat([p.detach().reshape(-1) for p in module.model.parameters()])
     assert module.calibrator.step_count == 6
+    assert module.clip_saw_every_gradient
     assert rel_err(got, want) <= 1e-6
+    if clip is not None:  # and the clip bound: unclipped training ends elsewhere
+        unclipped = LateFusion(DIMS, num_classes=3, hidden=8, embed=4)
+        unclipped.load_state_dict(start)
+        free, _ = _train(unclipped.losses, unclipped, "bogc", data)
+        assert rel_err(free, want) > 1e-3

@@ -246,11 +246,12 @@ def test_accumulated_backward_equals_one_backward_of_the_summed_losses(gen, meth
     one = mmgrad.FusedCalibrator(twin.groups(), 3, method=method, backward_mode=mode, **opts)
     for step in range(2):
         micro = _microbatches(gen, 3)
-        for b in micro:
-            cal.backward([l / 3 for l in model.losses(*b)])
+        with cal.accumulate():  # the rows add up; the last backward() calibrates
+            for b in micro[:-1]:
+                cal.backward([l / 3 for l in model.losses(*b)])
+        cal.backward([l / 3 for l in model.losses(*micro[-1])])
         summed = [sum(ls) / 3 for ls in zip(*[twin.losses(*b) for b in micro])]
         one.backward(summed)
-        assert cal.step() and one.step()
         for pa, pb in zip(model.parameters(), twin.parameters()):  # calibrated and not
             assert rel_err(pa.grad, pb.grad) <= 1e-5, f"step {step}"
         torch.testing.assert_close(cal._loss_values, one._loss_values)
@@ -267,9 +268,10 @@ def test_accumulation_grows_the_reach_midway_without_dropping_a_gradient(gen):
     cal = mmgrad.FusedCalibrator(groups, 3, method="mean")
     first, second = model.losses(gen, 0), model.losses(gen, 3)  # the second reaches further
     want = dense_grads(first, cal.params) + dense_grads(second, cal.params)
-    cal.backward(first)
-    assert [s.rows for s in cal.layout.segments] == [(0, 1), (0, 2)]
-    cal.backward(second)
+    with cal.accumulate():
+        cal.backward(first)
+        assert [s.rows for s in cal.layout.segments] == [(0, 1), (0, 2)]
+        cal.backward(second)
     assert [s.rows for s in cal.layout.segments] == [(0, 1, 2), (0, 2)]
     assert rel_err(cal.layout.dense("grads").double(), want) <= 1e-6
 
@@ -300,25 +302,30 @@ def test_accumulation_under_a_grad_scaler(gen, method):
     assert rel_err(runs[1], runs[0]) <= 1e-6
 
 
-def test_a_second_scaled_backward_without_accumulate_says_how(gen):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_second_backward_before_the_step_without_accumulate_says_how(gen, scaled):
     model = TwoView()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc").attach(opt)
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
     cal.backward(model.losses(*batch(gen)), scaler=scaler)
+    state = copy.deepcopy(cal.state_dict())
     with pytest.raises(RuntimeError, match=r"with cal\.accumulate\(\)"):
         cal.backward(model.losses(*batch(gen)), scaler=scaler)
+    assert_bit_identical(cal.state_dict(), state)  # the refused call calibrated nothing
 
 
 def test_accumulation_misuse_is_named(gen):
     model = TwoView()
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc")
-    cal.backward(model.losses(*batch(gen)))
+    with cal.accumulate():
+        cal.backward(model.losses(*batch(gen)))
     with pytest.raises(ValueError, match="scaler: pass the same GradScaler"):
         cal.backward(model.losses(*batch(gen)), scaler=torch.amp.GradScaler("cpu"))
     net = TwoView()
     sample = mmgrad.FusedCalibrator(net.groups(), 3, method="bogc", estimator="sample")
-    sample.backward([net.losses(*batch(gen)) for _ in range(2)])
+    with sample.accumulate():
+        sample.backward([net.losses(*batch(gen)) for _ in range(2)])
     with pytest.raises(ValueError, match="same number of micro-batches"):
         sample.backward([net.losses(*batch(gen)) for _ in range(3)])
 
@@ -351,7 +358,7 @@ def test_state_dict_round_trip_after_the_reach_grew(gen):
     cal = mmgrad.FusedCalibrator(groups(), 3, method="bogc")
     for step in range(4):
         cal.backward(model.losses(gen, step))
-        cal.step()
+        model.zero_grad()
     state = cal.state_dict()
     assert state["reach"][0] == (0, 1, 2)
     del cal
@@ -360,13 +367,12 @@ def test_state_dict_round_trip_after_the_reach_grew(gen):
     assert_bit_identical(fresh.state_dict(), state)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     fresh.backward(model.losses(g1, 4))
-    fresh.step()
     out = written(fresh)
+    model.zero_grad()
     del fresh
     again = mmgrad.FusedCalibrator(groups(), 3, method="bogc")
     again.load_state_dict(state)
     again.backward(model.losses(g2, 4))
-    again.step()
     assert torch.equal(written(again), out)
 
 
@@ -411,7 +417,7 @@ def test_a_checkpoint_of_mmgrad_0_2_loads(gen, steps):
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc")
     for _ in range(steps):
         cal.backward(model.losses(*batch(gen)))
-        cal.step()
+        model.zero_grad()
     new = cal.state_dict()
     assert new["format"] == 3 and new["version"] == mmgrad.__version__
     old = {k: v for k, v in new.items() if k not in ("mean", "var")}
@@ -426,10 +432,8 @@ def test_a_checkpoint_of_mmgrad_0_2_loads(gen, steps):
     # and it trains on as the uninterrupted calibrator does, to float32 rounding
     b = batch(gen)
     cal.backward(model.losses(*b))
-    cal.step()
     want = [p.grad.clone() for p in cal.params]
     back.backward(twin.losses(*b))
-    back.step()
     for p, w in zip(back.params, want):
         assert (p.grad - w).abs().max() <= 1e-4 * w.abs().max()
 

@@ -79,8 +79,8 @@ def _run(cal, model, gen, steps):
     out = []
     for _ in range(steps):
         cal.backward(_losses(model, gen))
-        cal.step()
         out.append(written(cal))
+        model.zero_grad()
     return out
 
 

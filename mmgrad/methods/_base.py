@@ -121,10 +121,10 @@ def locate_nonfinite(layout: Layout) -> str:
         if bad.numel():
             _, row, d = bad[0].tolist()
             objective, at = seg.rows[row], 0
-            for i, p in zip(seg.index, seg.params):
+            for i in seg.index:
                 if at + layout.numels[i] > d:
-                    return (f"the gradient of objective {objective} (losses[{objective}]) for parameter {i} "
-                            f"(shape {tuple(p.shape)}) is not finite")
+                    return (f"the gradient of objective {objective} (losses[{objective}]) for "
+                            f"{layout.label(i)} is not finite")
                 at += layout.numels[i]
     if layout.shards is not None:
         return "a per-objective gradient is not finite (in the slice another rank holds)"

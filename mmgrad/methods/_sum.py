@@ -21,12 +21,12 @@ class Sum(Method):
         grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params if p.grad is not None]
         ok = all_ranks_ok(ctx, ctx.ops.all_finite(grads).to(ctx.layout.device))
         if decide(ctx, ok) is False:
-            return StepResult(False, lambda: _locate(params), diagnostics)
+            return StepResult(False, lambda: _locate(ctx.layout), diagnostics)
         return StepResult(ok, diagnostics=diagnostics)
 
 
-def _locate(params) -> str:
-    for i, p in enumerate(params):
+def _locate(layout) -> str:
+    for i, p in enumerate(layout.params):
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return f"the summed gradient of parameter {i} (shape {tuple(p.shape)}) is not finite"
+            return f"the summed gradient of {layout.label(i)} is not finite"
     return "the summed gradient is not finite"

@@ -77,7 +77,7 @@ def fit(
     Without a calibrator, ``objectives="all"`` backpropagates the summed losses and
     ``"fused"`` the fused loss alone (classic joint training). With one, the losses go to
     ``calibrator.backward`` (split into ``micro_batches`` chunks for the sample
-    estimator) and the attached optimizer's hook calibrates. The best epoch's weights are
+    estimator), which calibrates. The best epoch's weights are
     restored at the end.
     """
     if objectives not in OBJECTIVES:
