@@ -6,6 +6,7 @@ equal to eager."""
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
@@ -72,13 +73,13 @@ def test_each_operator_equals_the_extension_function_it_wraps(gen, name):
             assert torch.equal(a, b), name
 
 
-def _train(method: str, compiled: bool) -> tuple:
+def _train(method: str, compiled: bool, backend: str = "cpu") -> tuple:
     torch.manual_seed(0)
     enc_a, enc_b, head = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8), torch.nn.Linear(16, 3)
     params = [*enc_a.parameters(), *enc_b.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2)
     cal = mmgrad.FusedCalibrator([{"params": enc_a.parameters()}, {"params": enc_b.parameters()}], 3,
-                                 method=method, backend="cpu").attach(opt)
+                                 method=method, backend=backend).attach(opt)
     ce = torch.nn.functional.cross_entropy
 
     def step(xa, xb, y):
@@ -103,12 +104,68 @@ def _train(method: str, compiled: bool) -> tuple:
     return trained, breaks
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if mmgrad.backends()[b].available])
 @pytest.mark.parametrize("method", ("bogc", "mgda"))
-def test_a_compiled_training_step_matches_eager(method):
+def test_a_compiled_training_step_matches_eager(method, backend):
     """The graph still breaks where the calibrator reads a value on the host (loss and
-    gradient finiteness, .item()) and around each objective's backward(); never at a kernel."""
+    gradient finiteness, .item()) and around each objective's backward(); never at a kernel
+    (on triton under the interpreter the operators are opaque; tests/test_gpu.py compiles
+    through the kernels)."""
     torch._dynamo.reset()
-    eager, _ = _train(method, compiled=False)
-    compiled, breaks = _train(method, compiled=True)
+    eager, _ = _train(method, compiled=False, backend=backend)
+    compiled, breaks = _train(method, compiled=True, backend=backend)
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
     assert not [r for r in breaks if "mmgrad" in r or "pybind" in r or "builtin" in r], breaks
+
+
+# ---------------------------------------------------------------- the Triton operators
+def _triton_args(name: str, gen: torch.Generator) -> tuple:
+    """Fresh inputs for the Triton operator ``name`` on the device the backend runs on
+    here (CPU tensors under the interpreter); outputs allocated, unaliased."""
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    g = torch.randn(M, N, generator=gen).to(device)
+    bounds = [0, 700, N]
+    if name.startswith("triton_bogc"):  # "triton_bogc_in_place": the sync-free step's gated one-slot update
+        mean, var = torch.randn(M, N, generator=gen).to(device), torch.rand(M, N, generator=gen).to(device)
+        alpha = torch.tensor([0.3, 0.7], dtype=torch.float64, device=device)
+        if name.endswith("in_place"):
+            commit = torch.ones((), dtype=torch.int64, device=device)
+            return (g, mean, var, torch.empty(0, device=device), torch.empty(0, device=device),
+                    torch.empty(N, device=device), bounds, 0, alpha, commit, 1.0, 1e-8, 0, 0, True)
+        return (g, mean, var, torch.empty_like(mean), torch.empty_like(var), torch.empty(N, device=device), bounds,
+                0, alpha, None, 1.0, 1e-8, 0, 0, False)
+    if name == "triton_combine":
+        alpha = torch.rand(2, M, generator=gen, dtype=torch.float64).to(device)
+        return (g, alpha, torch.empty(N, device=device), bounds, True)
+    assert name == "triton_moo_weights"
+    a = torch.randn(2, M, 2 * M, generator=gen, dtype=torch.float64).to(device)
+    return (a @ a.transpose(1, 2), 0, 0, torch.ones(M, dtype=torch.float64, device=device), 1.5)
+
+
+TRITON_OPS = ("triton_bogc", "triton_bogc_in_place", "triton_combine", "triton_moo_weights")
+
+
+@pytest.mark.skipif(not mmgrad.backends()["triton"].available, reason="triton does not run here")
+@pytest.mark.parametrize("name", TRITON_OPS)
+def test_opcheck_passes_for_every_triton_operator(gen, name):
+    """The Triton launches are ``triton_op``s: schema, fake tensors, autograd registration
+    and AOT dispatch checked, as for the CPU operators (under the interpreter here)."""
+    import mmgrad.kernels.triton_kernels  # noqa: F401  (registers them)
+
+    op = getattr(torch.ops.mmgrad, name.removesuffix("_in_place")).default
+    result = torch.library.opcheck(op, _triton_args(name, gen))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.skipif(not mmgrad.backends()["triton"].available, reason="triton does not run here")
+def test_the_triton_operators_compute_what_the_backend_returns(gen):
+    """The operator's partials summed are the backend's Gram (the backend calls it)."""
+    import mmgrad.kernels.triton_kernels  # noqa: F401
+
+    g, alpha, out, bounds, _ = _triton_args("triton_combine", gen)
+    parts = torch.ops.mmgrad.triton_combine(g, alpha, out, bounds, True)
+    gram = parts.sum(1)[:, :-1].reshape(2, M, M)
+    want = mmgrad.reference.gram(g.double().cpu(), group_offsets=torch.tensor(bounds))
+    assert float((gram.cpu() - want).abs().max()) <= 1e-9 * float(want.abs().max())
+    combined = mmgrad.reference.combine(g.double().cpu(), alpha.cpu(), group_offsets=torch.tensor(bounds))
+    assert float((out.double().cpu() - combined).abs().max()) <= 1e-5 * float(combined.abs().max())

@@ -107,8 +107,8 @@ class GpuOps:
         samples = self.check("samples", samples, 3)
         if samples.shape[0] < 2:
             raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
-        unused = torch.empty(0, dtype=torch.float32, device=samples.device)
-        return self._bogc(samples, (unused,) * 4, out, group_offsets, samples.shape[0], (1.0, 0.0), None,
+        unused = [torch.empty(0, dtype=torch.float32, device=samples.device) for _ in range(2)]
+        return self._bogc(samples, (*unused, *unused), out, group_offsets, samples.shape[0], (1.0, 0.0), None,
                           gamma, eps, confidence, weights, rescale)
 
     def combine_and_gram(self, g, alpha, *, group_offsets=None, out=None, with_gram=True, _with_out=True):

@@ -24,8 +24,10 @@ their launches.
 from __future__ import annotations
 
 import os
+from typing import List, Optional
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 from .. import _validation as V
 from ..backends import triton_too_old, triton_version
@@ -291,42 +293,99 @@ def _launch(kernel, n_lo_hi, *args, **meta) -> None:
     if INTERPRET:
         kernel[(programs,)](*args, BLOCK=_MIN_BLOCK, **meta)
     else:
-        kernel[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
+        wrap_triton(kernel)[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
 
 
-def _rows(off: Tensor) -> int:
-    bounds = off.tolist()
+def _rows(bounds: List[int]) -> int:
     return max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit, gamma, eps, confidence, weights):
+def _operator(name: str, mutates_args, fake):
+    """Register a launcher as operator ``mmgrad::name``: a ``triton_op`` on a GPU, so
+    torch.compile sees the kernels inside it. Under the interpreter ``wrap_triton`` hands
+    back the plain kernel, which no tracer can follow, so there the same schema is an
+    opaque ``custom_op`` with ``fake`` giving its output (what opcheck then checks)."""
+    def register(fn):
+        if not INTERPRET:
+            return triton_op(f"mmgrad::{name}", mutates_args=mutates_args)(fn)
+        op = torch.library.custom_op(f"mmgrad::{name}", mutates_args=mutates_args)(fn)
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def _partials(like: Tensor, bounds: List[int], width: int) -> Tensor:
+    """Per-group, per-block partial statistics (float64), summed later on the device."""
+    return torch.zeros(len(bounds) - 1, _rows(bounds), width, dtype=torch.float64, device=like.device)
+
+
+def _bogc_width(g: Tensor) -> int:
+    return SCALARS + g.shape[-2] + g.shape[-2] ** 2
+
+
+def _fake_bogc(g, mean, var, mean_out, var_out, raw, group_offsets, *rest):
+    return _partials(g, group_offsets, _bogc_width(g))
+
+
+def _fake_combine(g, alpha, out, group_offsets, with_gram):
+    return _partials(g, group_offsets, g.shape[0] ** 2 + 1)
+
+
+def _fake_moo(grams, *rest):
+    return grams.new_empty(grams.shape[0], grams.shape[1], dtype=torch.float64)
+
+
+# Group offsets travel as int lists: the host loops over groups at trace time.
+@_operator("triton_bogc", {"mean", "var", "mean_out", "var_out", "raw"}, _fake_bogc)
+def _bogc_op(g: Tensor, mean: Tensor, var: Tensor, mean_out: Tensor, var_out: Tensor, raw: Tensor,
+             group_offsets: List[int], samples: int, alpha: Tensor, commit: Optional[Tensor], gamma: float, eps: float,
+             confidence: int, weights: int, in_place: bool) -> Tensor:
+    """One BOGC step's launches over every group; returns the per-block partials
+    ``G x blocks x [6 | M | M*M]``. ``in_place``: the state ``mean``, ``var`` is updated
+    where ``commit`` is non-zero (the sync-free step) and ``mean_out``, ``var_out`` are
+    unused (mutable arguments may not be None under torch.compile); ``alpha`` holds the
+    EMA's ``(alpha, 1 - alpha)`` on the device; ``samples`` > 0: ``g`` is ``S x M x N``."""
     mm, n = g.shape[-2], g.shape[-1]
-    source = 1 if samples else 0
-    # the kernel reads the commit flag and (alpha, 1 - alpha) from the device: the
-    # host-driven step always commits
-    if commit is None:
-        commit = torch.ones((), dtype=torch.int64, device=g.device)
-    alpha = torch.stack([torch.as_tensor(a, dtype=torch.float64, device=g.device).reshape(()) for a in alpha])
-    parts = torch.zeros(off.numel() - 1, _rows(off), SCALARS + mm + mm * mm, dtype=torch.float64, device=g.device)
-    bounds = off.tolist()
+    bounds = group_offsets
+    parts = _partials(g, bounds, _bogc_width(g))
+    # the host-driven step always commits
+    commit = torch.ones((), dtype=torch.int64, device=g.device) if commit is None else commit
+    m_out, v_out = (mean, var) if in_place else (mean_out, var_out)
+    kernel = _BOGC_KERNEL_WIDE if mm >= BOGC_WIDE_FROM_M else _BOGC_KERNEL
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
-            _launch(_BOGC_KERNEL_WIDE if mm >= BOGC_WIDE_FROM_M else _BOGC_KERNEL, (a, b), g, mean_in, var_in, mean_out, var_out, raw, parts[i], n, a, b, max(samples, 1),
-                    commit, alpha, gamma, eps,
-                    M=mm, SOURCE=source, CONFIDENCE=_CONFIDENCE[confidence], WEIGHTS=_WEIGHTS[weights])
+            _launch(kernel, (a, b), g, mean, var, m_out, v_out, raw, parts[i], n, a, b, max(samples, 1),
+                    commit, alpha, gamma, eps, M=mm, SOURCE=1 if samples else 0, CONFIDENCE=confidence, WEIGHTS=weights)
     return parts
 
 
-def _launch_combine(g, alpha, out, off, with_gram):
+@_operator("triton_combine", {"out"}, _fake_combine)
+def _combine_op(g: Tensor, alpha: Optional[Tensor], out: Tensor, group_offsets: List[int],
+                with_gram: bool) -> Tensor:
+    """``out = alpha_G^T g`` per group (without ``alpha``: the Gram alone, ``out`` unused);
+    returns the per-block partials ``G x blocks x [M*M | 1]`` (Gram, non-finite count)."""
     mm, n = g.shape
+    bounds = group_offsets
+    parts = _partials(g, bounds, mm * mm + 1)
     with_out = alpha is not None
-    parts = torch.zeros(off.numel() - 1, _rows(off), mm * mm + 1, dtype=torch.float64, device=g.device)
-    bounds = off.tolist()
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi > lo:
             _launch(_COMBINE_KERNEL, (lo, hi), g, alpha[i] if with_out else g, out if with_out else g, parts[i], n, lo, hi,
                     M=mm, WITH_OUT=with_out, WITH_GRAM=with_gram)
     return parts
+
+
+def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit, gamma, eps, confidence, weights):
+    in_place = mean_out is mean_in  # the gated step: one slot, updated where commit says
+    alpha = torch.stack([torch.as_tensor(a, dtype=torch.float64, device=g.device).reshape(()) for a in alpha])
+    unused = g.new_empty(0, dtype=torch.float32)
+    return torch.ops.mmgrad.triton_bogc(g, mean_in, var_in, unused if in_place else mean_out,
+                                        unused.clone() if in_place else var_out, raw, off.tolist(), samples, alpha,
+                                        commit, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights], in_place)
+
+
+def _launch_combine(g, alpha, out, off, with_gram):
+    return torch.ops.mmgrad.triton_combine(g, alpha, g.new_empty(0) if out is None else out, off.tolist(), with_gram)
 
 
 # ---------------------------------------------------------------- the M x M solve, on the device
@@ -492,14 +551,22 @@ def moo_warps(mb: int) -> int:
 MOO_MAXNREG = 128
 
 
-def _launch_moo(grams, method, normalize, losses, magnitude):
+@_operator("triton_moo_weights", (), _fake_moo)
+def _moo_op(grams: Tensor, method: int, normalize: int, losses: Tensor, magnitude: float) -> Tensor:
+    """The ``G x M`` weights of MOO method ``method`` (index in ``MOO_METHODS``) from
+    ``G x M x M`` float64 Gram matrices, one program per group."""
     groups, mm = grams.shape[0], grams.shape[1]
     w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
     mb = max(2, triton.next_power_of_2(mm))
-    _moo_weights_kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TARGET, M=mm, MB=mb, METHOD=method,
-                                   NORMALIZE=normalize, ITERS=MOO_ITERATIONS, BISECTIONS=MOO_BISECTIONS,
-                                   num_warps=moo_warps(mb), maxnreg=MOO_MAXNREG)
+    kernel = _moo_weights_kernel if INTERPRET else wrap_triton(_moo_weights_kernel)
+    kernel[(groups,)](grams, losses, w, magnitude, MOO_GAP_TARGET, M=mm, MB=mb, METHOD=method,
+                      NORMALIZE=normalize, ITERS=MOO_ITERATIONS, BISECTIONS=MOO_BISECTIONS,
+                      num_warps=moo_warps(mb), maxnreg=MOO_MAXNREG)
     return w
+
+
+def _launch_moo(grams, method, normalize, losses, magnitude):
+    return torch.ops.mmgrad.triton_moo_weights(grams, method, normalize, losses, magnitude)
 
 
 _OPS = GpuOps("triton", lambda device: device.type == "cuda" or INTERPRET, _launch_bogc, _launch_combine, _launch_moo,

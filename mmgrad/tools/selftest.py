@@ -171,6 +171,7 @@ def _graph_vs_eager(method: str, device: torch.device) -> float:
         xa, xb, y = (t.clone() for t in batches[0])
 
         def step() -> None:
+            opt.zero_grad(set_to_none=True)  # captured, backward then allocates .grad from the graph's pool
             za, zb = enc_a(xa), enc_b(xb)
             ce = torch.nn.functional.cross_entropy
             cal.backward([ce(head(torch.cat([za, zb], 1)), y), ce(head(torch.cat([za, za], 1)), y),
