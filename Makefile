@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test gpu-proofs matrix-check device-check demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
+.PHONY: install build test gpu-proofs matrix-check device-check mutate flake-hunt demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -93,6 +93,16 @@ cuda-build: build/.cuda-build-stamp
 OUT ?= build/device-check
 device-check:
 	python3 tests/device_check.py $(OUT)
+
+# The randomized tests (those drawing from the `gen` fixture) 20 times with fresh seeds;
+# prints every failing seed and how to rerun it. Not part of `make test`.
+flake-hunt: build
+	MMGRAD_QUIET=1 $(PY) tests/flake_hunt.py $(FLAKE_ARGS)
+
+# Each option and documented feature switched off in a copy of the package: some test
+# must fail (tests/mutate.py prints the score); not part of `make test`.
+mutate: build
+	MMGRAD_QUIET=1 $(PY) tests/mutate.py
 
 # What a user's `pip install` does, from a clean clone and from its wheel, in a fresh venv
 # with torch 2.13.0, and without a compiler (tests/install_check.sh); not part of `make test`.

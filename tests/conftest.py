@@ -25,6 +25,13 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that draw from ``gen`` are ``randomized``: ``make flake-hunt`` reruns them."""
+    for item in items:
+        if "gen" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.randomized)
+
+
 def kernel_backends() -> list[str]:
     """Kernel backends that run on CPU tensors here (the reference is the oracle, not a subject)."""
     return [n for n, i in mmgrad.backends().items() if i.available and n != "reference" and "cpu" in i.devices]
