@@ -299,8 +299,6 @@ class FusedCalibrator:
         if scaler is not None:
             rows = [scaler.scale(r) for r in rows]
         reduce = self._averager is not None and not self._accumulating
-        if accumulate and self._reducing:  # finish the last call's averaging before adding to it
-            self._finish_reduction()
         if self._method.uses_rows:
             self.layout.extend(reach)
             self._collect(rows, samples, accumulate, others, reduce)
@@ -356,15 +354,6 @@ class FusedCalibrator:
         summed = [*self._others.values()] if self._method.uses_rows else [*self.params, *self._others.values()]
         self._averager.launch_averaged(p.grad for p in summed if p.grad is not None)
         self._reducing = True
-
-    def _finish_reduction(self) -> None:
-        """Wait for the launched reductions; the rows, summed over ranks, become the average
-        (an accumulated step adds its next micro-batch to that). Sharded rows stay sums,
-        added to by every call, and are averaged once by the step."""
-        self._averager.wait()
-        if self._method.uses_rows and self._sharder is None:
-            torch._foreach_mul_(self.layout.buffers(GRADS), 1.0 / self._averager.world_size)
-        self._reducing = False
 
     def _record_losses(self, rows: List[Tensor], samples: int, fresh: bool) -> None:
         """The loss values MIMO and ``normalize="loss"`` read: per objective, the mean over

@@ -8,7 +8,9 @@ WRAP: "plain" (model not wrapped; the calibrator averages everything), "plain_ba
 "ddp_batched" (backward_mode="batched"), "ddp_no_sync" (DDP-wrapped, forward and
 backward under no_sync), "ddp" (DDP-wrapped without no_sync: must fail with the
 calibrator's message); "shard" / "shard_batched" (shard=True, ZeRO-2), "fsdp"
-(fully_shard per encoder and at the root), "fsdp_accum" (two micro-batches per step);
+(fully_shard per encoder and at the root); "plain_accum" / "shard_accum" / "fsdp_accum"
+(two micro-batches per step, the first in cal.accumulate()); "plain_buckets" (a 64-byte
+bucket: many all-reduces); "fsdp_refusals" (the DTensor parameters the calibrator refuses);
 "shard_nan_skip" / "shard_nan_raise" (rank 1's batch poisoned at step NAN_STEP);
 "shard_first" / "shard_resume" and "fsdp_first" / "fsdp_resume" (5 steps and a per-rank
 checkpoint in CKPT_DIR, then 5 more in new processes).
@@ -54,6 +56,8 @@ def build(method: str, rank: int, world: int, wrap: str):
     options = dict(OPTIONS.get(method, {}), backward_mode=mode, shard=wrap.startswith("shard"))
     if "nan" in wrap:
         options["skip_nonfinite"] = wrap.endswith("skip")
+    if wrap.endswith("buckets"):
+        options["bucket_bytes"] = 64
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, **options).attach(opt)
     return model, net, opt, cal
 
@@ -78,7 +82,7 @@ def train(method: str, rank: int, world: int, wrap: str, steps=range(STEPS), ckp
             if wrap == "ddp_no_sync":
                 with net.no_sync():
                     cal.backward(net(*mine))
-            elif wrap == "fsdp_accum":  # two micro-batches, each half of the rank's share
+            elif wrap.endswith("_accum"):  # two micro-batches, each half of the rank's share
                 half = share // 2
                 with cal.accumulate():
                     cal.backward([0.5 * loss for loss in net(*[t[:half] for t in mine])])
@@ -97,6 +101,29 @@ def train(method: str, rank: int, world: int, wrap: str, steps=range(STEPS), ckp
             "memory": cal.memory_bytes()}
 
 
+def refusals(world: int) -> list:
+    """What FusedCalibrator says to DTensor parameters it cannot take."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = lambda *shape: torch.nn.Parameter(distribute_tensor(torch.zeros(*shape), mesh, [Shard(0)]))  # noqa: E731
+    said = []
+    for params, options in (
+            ([sharded(4, 3), torch.nn.Parameter(torch.zeros(3))], {}),
+            ([torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()]))], {}),
+            ([torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), init_device_mesh("cpu", (world, 1)),
+                                                   [Shard(0), Replicate()]))], {}),
+            ([sharded(4, 3)], {"backward_mode": "batched"}),
+            ([sharded(4, 3)], {"process_group": torch.distributed.group.WORLD})):
+        try:
+            mmgrad.FusedCalibrator(params, 2, method="bogc", **options)
+            said.append("accepted")
+        except ValueError as err:
+            said.append(str(err))
+    return said
+
+
 def main() -> None:
     rank, world, store, method, wrap, out = sys.argv[1:7]
     ckpt = sys.argv[7] if len(sys.argv) > 7 else ""
@@ -105,7 +132,9 @@ def main() -> None:
     steps = range(SPLIT) if wrap.endswith("first") else range(SPLIT, STEPS) if wrap.endswith("resume") else range(STEPS)
     results = {}
     try:
-        for name in method.split(","):  # several methods in one process: one start-up, one process group
+        if wrap == "fsdp_refusals":
+            results = {"refusals": refusals(world)}
+        for name in method.split(",") if wrap != "fsdp_refusals" else ():  # several methods: one start-up
             results[name] = train(name, rank, world, wrap, steps, ckpt)
     except RuntimeError as err:
         results = {"error": str(err)}

@@ -35,8 +35,14 @@ def run_ranks(tmp_path, methods, wrap: str, world: int = 2, ckpt: str = "") -> l
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py"), str(r), str(world),
                                str(store), ",".join(methods), wrap, str(o), *([ckpt] if ckpt else [])])
              for r, o in enumerate(outs)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
+    try:
+        for p in procs:
+            assert p.wait(timeout=300) == 0
+    finally:  # one rank failing or hanging must not leave the others waiting on it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return [torch.load(o, weights_only=False) for o in outs]
 
 
@@ -64,14 +70,16 @@ def test_the_single_process_run_moves_the_parameters():
 
 
 @pytest.mark.parametrize("methods, wrap", [(("bogc", "mgda"), "plain"), (("bogc", "mgda"), "ddp_no_sync"),
-                                           (("bogc",), "plain_batched")])
+                                           (("bogc",), "plain_batched"), (("bogc", "mgda"), "plain_accum"),
+                                           (("bogc", "mgda", "sum"), "plain_buckets")])
 def test_all_reduce_path_equals_one_process(tmp_path, methods, wrap):
     assert_like_one_process(run_ranks(tmp_path, methods, wrap), methods)
 
 
 @pytest.mark.parametrize("wrap, methods, world", [
-    ("shard", (*ALL, "ogm"), 2), ("shard", ("bogc",), 4), ("shard_batched", ("bogc",), 2),
-    ("fsdp", ALL, 2), ("fsdp", ("bogc", "ogm"), 4), ("fsdp_accum", ("bogc", "mgda"), 2)])
+    ("shard", (*ALL, "ogm", "sum", "mean"), 2), ("shard", ("bogc",), 4), ("shard_batched", ("bogc",), 2),
+    ("shard_accum", ("bogc", "mgda"), 2), ("fsdp", (*ALL, "sum", "mean"), 2), ("fsdp", ("bogc", "ogm"), 4),
+    ("fsdp_accum", ("bogc", "mgda"), 2)])
 def test_sharded_rows_equal_one_process(tmp_path, wrap, methods, world):
     results = run_ranks(tmp_path, methods, wrap, world)
     assert_like_one_process(results, methods)
@@ -114,6 +122,16 @@ def test_sharded_state_resumes_in_new_processes(tmp_path, setup):
         for method in ("bogc", "mmpareto"):
             for p, q in zip(one_process(method), result[method]["params"]):
                 assert torch.allclose(p, q, rtol=0, atol=1e-6)
+
+
+def test_dtensor_parameters_it_cannot_take_are_refused_by_name(tmp_path):
+    for result in run_ranks(tmp_path, ["bogc"], "fsdp_refusals"):
+        mixed, replicated, two_d, batched, group = result["refusals"]
+        assert "some are DTensors (fully_shard) and some plain tensors" in mixed
+        assert "placed (Replicate(),)" in replicated
+        assert "2-D device mesh (HSDP)" in two_d
+        assert batched.startswith("backward_mode: FSDP2")
+        assert group.startswith("process_group: FSDP2")
 
 
 def test_ddp_without_no_sync_fails_with_the_way_out(tmp_path):
