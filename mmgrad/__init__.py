@@ -13,5 +13,6 @@ from . import ops, reference
 from ._version import __version__
 from .backends import backends
 from .calibrator import FusedCalibrator, NonFiniteGradientError
+from .checkpoint import CalibratorState
 
-__all__ = ["FusedCalibrator", "NonFiniteGradientError", "backends", "ops", "reference", "__version__"]
+__all__ = ["CalibratorState", "FusedCalibrator", "NonFiniteGradientError", "backends", "ops", "reference", "__version__"]

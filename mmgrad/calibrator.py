@@ -444,7 +444,13 @@ class FusedCalibrator:
 
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._phase == "idle":
-            raise RuntimeError("optimizer.step() was called without FusedCalibrator.backward(losses) since the last step")
+            # a step whose every gradient is zero or None changes nothing a calibration would:
+            # torch.distributed.checkpoint's get/set_state_dict take one to create optimizer state
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if not any(bool(g.any()) for g in grads):
+                return
+            raise RuntimeError("optimizer.step() was called without FusedCalibrator.backward(losses) since the last step "
+                               "(a loss.backward() leaves the calibrated parameters uncalibrated)")
         if self._phase == "pending":  # every backward() of the step ran in accumulate()
             self.step()
         if self.sync_free:  # the fused optimizer skips on the device flag

@@ -13,7 +13,9 @@ calibrator's message); "shard" / "shard_batched" (shard=True, ZeRO-2), "fsdp"
 bucket: many all-reduces); "fsdp_refusals" (the DTensor parameters the calibrator refuses);
 "shard_nan_skip" / "shard_nan_raise" (rank 1's batch poisoned at step NAN_STEP);
 "shard_first" / "shard_resume" and "fsdp_first" / "fsdp_resume" (5 steps and a per-rank
-checkpoint in CKPT_DIR, then 5 more in new processes).
+checkpoint in CKPT_DIR, then 5 more in new processes); "shard_dcpfirst" / "shard_dcpresume"
+and the fsdp pair: the same through torch.distributed.checkpoint, which may resume at
+another world size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import sys
 
 import torch
+import torch.distributed.checkpoint
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +69,11 @@ def build(method: str, rank: int, world: int, wrap: str):
 def train(method: str, rank: int, world: int, wrap: str, steps=range(STEPS), ckpt: str = "") -> dict:
     """SGD-momentum steps; rank r trains on its contiguous 1/world of each full batch."""
     model, net, opt, cal = build(method, rank, world, wrap)
-    if wrap.endswith("resume"):
+    if wrap.endswith("dcpresume"):
+        state = dcp_state(model, opt, cal)
+        torch.distributed.checkpoint.load(state, checkpoint_id=os.path.join(ckpt, method))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    elif wrap.endswith("resume"):
         saved = torch.load(os.path.join(ckpt, f"{method}-rank{rank}.pt"), weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
@@ -93,12 +101,20 @@ def train(method: str, rank: int, world: int, wrap: str, steps=range(STEPS), ckp
         except mmgrad.NonFiniteGradientError as err:
             errors.append(str(err))
         opt.zero_grad()
-    if wrap.endswith("first"):
+    if wrap.endswith("dcpfirst"):
+        torch.distributed.checkpoint.save(dcp_state(model, opt, cal), checkpoint_id=os.path.join(ckpt, method))
+    elif wrap.endswith("first"):
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "cal": cal.state_dict()},
                    os.path.join(ckpt, f"{method}-rank{rank}.pt"))
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     return {"params": [p.detach().clone() for p in params], "errors": errors, "step_count": cal.step_count,
             "memory": cal.memory_bytes()}
+
+
+def dcp_state(model, opt, cal) -> dict:
+    """Model, optimizer and calibrator as DCP state: global tensors, any world size."""
+    model_state, optim_state = get_state_dict(model, opt)
+    return {"model": model_state, "optim": optim_state, "calibrator": mmgrad.CalibratorState(cal)}
 
 
 def refusals(world: int) -> list:

@@ -27,7 +27,8 @@ from typing import List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 #: The tests a mutation must fail, fastest-to-fail first (``-x`` stops at the first).
 TESTS = ["tests/test_options.py", "tests/test_pytorch_habits.py", "tests/test_calibrator.py", "tests/test_layout.py",
-         "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py"]
+         "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py", "tests/test_dcp.py",
+         "tests/test_norm_matching.py"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ MUTATIONS = [
     Mutation("the optimizer runs a skipped step", "mmgrad/calibrator.py",
              '        if self._phase == "skipped":\n            for group in optimizer.param_groups:',
              '        if False:\n            for group in optimizer.param_groups:'),
+    Mutation("a step without backward passes", "mmgrad/calibrator.py", "if not any(bool(g.any()) for g in grads):",
+             "if True:"),
+    Mutation("a DCP checkpoint drops the lagged weights", "mmgrad/checkpoint.py", 'if state.get("has_prev_alpha"):',
+             "if False:"),
     # --- layout and names
     Mutation("rows for every objective (reach ignored)", "mmgrad/collect.py", "reach[i].add(objective)",
              "reach[i].update(range(m))"),

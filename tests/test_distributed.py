@@ -124,6 +124,24 @@ def test_sharded_state_resumes_in_new_processes(tmp_path, setup):
                 assert torch.allclose(p, q, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("setup", ["shard", "fsdp"])
+def test_a_dcp_checkpoint_resumes_at_another_world_size(tmp_path, setup):
+    """Saved through torch.distributed.checkpoint at world 2 (mmgrad.CalibratorState),
+    resumed at worlds 4 and 1: each continues like one process from the same state."""
+    methods = ["bogc", "mmpareto"]  # EMA state rows, and lagged weights
+    ckpt = tmp_path / "dcp"
+    ckpt.mkdir()
+    for result in run_ranks(tmp_path, methods, f"{setup}_dcpfirst", world=2, ckpt=str(ckpt)):
+        assert "error" not in result, result.get("error")
+    for world in (4, 1):
+        for result in run_ranks(tmp_path, methods, f"{setup}_dcpresume", world=world, ckpt=str(ckpt)):
+            assert "error" not in result, result.get("error")
+            for method in methods:
+                assert result[method]["step_count"] == STEPS, (world, method)
+                for p, q in zip(one_process(method), result[method]["params"]):
+                    assert torch.allclose(p, q, rtol=0, atol=1e-6), (world, method, (p - q).abs().max())
+
+
 def test_dtensor_parameters_it_cannot_take_are_refused_by_name(tmp_path):
     for result in run_ranks(tmp_path, ["bogc"], "fsdp_refusals"):
         mixed, replicated, two_d, batched, group = result["refusals"]

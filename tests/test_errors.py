@@ -89,8 +89,11 @@ def test_step_without_backward():
     cal = mmgrad.FusedCalibrator(layer.parameters(), 2).attach(opt)
     with pytest.raises(RuntimeError, match="needs backward"):
         cal.step()
+    opt.step()  # no gradient at all: nothing to calibrate (DCP's state_dict helpers step so)
+    sum(losses_of(layer)).backward()
     with pytest.raises(RuntimeError, match="without FusedCalibrator.backward"):
-        opt.step()
+        opt.step()  # a plain backward's gradient would train uncalibrated
+    opt.zero_grad()
     cal.backward(losses_of(layer))
     opt.step()
     with pytest.raises(RuntimeError, match="without FusedCalibrator.backward"):

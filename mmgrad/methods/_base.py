@@ -58,6 +58,8 @@ class Method:
     uses_rows: ClassVar[bool] = True
     #: True when ``backward`` takes S >= 2 micro-batches of M losses (BOGC's sample estimator)
     takes_samples: bool = False
+    #: the layout buffers holding per-row state that checkpoints carry (BOGC's EMA)
+    row_state: Tuple[str, ...] = ()
 
     def __init__(self, options: Dict[str, Any], layout: Layout) -> None:
         self.options = options

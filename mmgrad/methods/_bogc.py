@@ -33,6 +33,7 @@ class BOGC(Method):
     def __init__(self, options: Dict[str, Any], layout) -> None:
         super().__init__(options, layout)
         self.takes_samples = options["estimator"] == "sample"
+        self.row_state = () if self.takes_samples else STATE  # the sample estimator keeps no state
         # float64 parameters keep float64 state, as the kernels compute in their dtype
         self.state_dtype = torch.float64 if layout.dtype == torch.float64 else options["state_dtype"]
         if layout.dtype == torch.float64 and options["state_dtype"] != torch.float32:
