@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test gpu-proofs matrix-check device-check mutate flake-hunt demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
+.PHONY: install build test gpu-proofs matrix-check device-check mutate flake-hunt random-order soak demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -93,6 +93,16 @@ cuda-build: build/.cuda-build-stamp
 OUT ?= build/device-check
 device-check:
 	python3 tests/device_check.py $(OUT)
+
+# The whole suite with its modules, and the tests in each, in a shuffled order (the seed is
+# printed in the header; rerun one with PYTEST_ARGS="--shuffle SEED"). CI runs it too.
+random-order: build
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" --shuffle 0 $(PYTEST_ARGS)
+
+# Thousands of steps of every method under injected NaN/inf, GradScaler overflows, a reach
+# change and accumulation, resumed in new processes (tests/soak.py); not part of `make test`.
+soak: build
+	MMGRAD_QUIET=1 $(PY) tests/soak.py $(SOAK_ARGS)
 
 # The randomized tests (those drawing from the `gen` fixture) 20 times with fresh seeds;
 # prints every failing seed and how to rerun it. Not part of `make test`.

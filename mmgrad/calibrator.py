@@ -159,6 +159,7 @@ class FusedCalibrator:
         self._steps: Union[int, Tensor] = torch.zeros((), dtype=torch.int64, device=self.device) if self.sync_free else 0
         self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device) if self.sync_free else None
         self._scaler: Any = None  # the GradScaler handed to backward(), for this step
+        self._scaler_mark: Any = None  # its (scale, growth tracker) when it calibrated: update() changes them
         self._loss_sum: Optional[Tensor] = None
         self._others: Dict[int, Tensor] = {}  # leaves outside the calibrator the losses reach
         self._reducing = False  # this step's all-reduces are launched, not yet waited for
@@ -276,6 +277,8 @@ class FusedCalibrator:
         scaler = self._check_scaler(scaler)
         if scaler is not None and self.sync_free:
             raise ValueError("scaler: a GradScaler reads its scale on the host; it does not combine with sync_free=True")
+        if self._phase in ("calibrated", "skipped") and self._scaler is not None and self._scaler_mark != _mark(self._scaler):
+            self._phase = "idle"  # scaler.step skipped optimizer.step() (an inf), then scaler.update(): the step is over
         if self._phase in ("calibrated", "skipped") and self._hook is not None:
             # the last backward() calibrated .grad and no optimizer step came since: adding to
             # the rows now would calibrate twice and advance the method's state twice
@@ -492,6 +495,7 @@ class FusedCalibrator:
             self._reducing = False
             world = self._averager.world_size
         scale = self._scaler.get_scale() if self._scaler is not None else 1.0
+        self._scaler_mark = _mark(self._scaler) if self._scaler is not None else None
         if self._method.uses_rows and scale * world != 1.0:  # one pass: average over ranks and unscale together
             torch._foreach_mul_(self.layout.buffers(GRADS), 1.0 / (scale * world))
         ctx = StepContext(self.layout, self._ops, self._loss_values, self._steps, self.sync_free,
@@ -627,6 +631,13 @@ class FusedCalibrator:
     def __repr__(self) -> str:
         return (f"FusedCalibrator(method={self.method!r}, num_objectives={self.num_objectives}, "
                 f"groups={len(self.groups)}, num_elements={self.num_elements}, backend={self.backend_name!r})")
+
+
+def _mark(scaler: Any) -> tuple:
+    """A GradScaler's (scale, growth tracker): every ``update()`` changes the pair (the
+    scale backs off on an inf, else the tracker counts or the scale grows)."""
+    state = scaler.state_dict()
+    return state.get("scale"), state.get("_growth_tracker")
 
 
 def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 # Triton's interpreter for the whole suite, set before any test module imports Triton (which
 # reads it when a kernel is defined): the triton backend then runs on CPU tensors in every
@@ -25,11 +26,39 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                     help="run the test modules, and the tests in each, in an order shuffled by SEED "
+                          "(0: a fresh seed, printed); `make random-order` uses it")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests that draw from ``gen`` are ``randomized``: ``make flake-hunt`` reruns them."""
+    """Tests that draw from ``gen`` are ``randomized``: ``make flake-hunt`` reruns them.
+    With ``--shuffle``, the order of modules and of the tests in each is shuffled."""
     for item in items:
         if "gen" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.randomized)
+    seed = getattr(config, "shuffle_seed", None)
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module.__name__ if item.module else "", []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    items[:] = [it for name in order for it in rng.sample(modules[name], len(modules[name]))]
+
+
+def pytest_configure(config) -> None:
+    seed = config.getoption("--shuffle", default=None)
+    if seed is not None:
+        config.shuffle_seed = seed or int.from_bytes(os.urandom(4), "little")
+
+
+def pytest_report_header(config) -> str:
+    seed = getattr(config, "shuffle_seed", None)
+    return "" if seed is None else f"test order shuffled with --shuffle {seed}"
 
 
 def kernel_backends() -> list[str]:

@@ -248,3 +248,22 @@ def test_diagnostics_and_layout_are_documented():
     doc = mmgrad.FusedCalibrator.__doc__
     for method in METHODS:
         assert f'"{method}"' in doc, method
+
+
+def test_a_step_the_grad_scaler_skipped_ends_the_step(gen):
+    """scaler.step skips optimizer.step() on an overflow, so the optimizer hook never sees
+    the step end; scaler.update() does, and the next backward starts a new step."""
+    (model, opt, cal), _ = _twins("bogc")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    losses = model.losses(*batch(gen))
+    cal.backward([losses[0] * 1e38, *losses[1:]], scaler=scaler)  # overflows
+    scaler.step(opt)  # skipped: no optimizer.step()
+    scaler.update()
+    assert scaler.get_scale() == 2.0**7
+    cal.backward(model.losses(*batch(gen)), scaler=scaler)  # a new step, not a "second backward"
+    scaler.step(opt)
+    scaler.update()
+    assert cal.step_count == 1
+    cal.backward(model.losses(*batch(gen)), scaler=scaler)
+    with pytest.raises(RuntimeError, match=r"with cal\.accumulate\(\)"):  # no update since: still refused
+        cal.backward(model.losses(*batch(gen)), scaler=scaler)
