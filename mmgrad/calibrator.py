@@ -148,7 +148,8 @@ class FusedCalibrator:
         sizes = [sum(p.numel() for p in grp) for grp in self.groups]
         self.group_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
-        self.layout = Layout(self.groups, num_objectives, shards=self._shards, names=self.names)
+        self.layout = Layout(self.groups, num_objectives, shards=self._shards, names=self.names,
+                             output=METHODS[method].uses_rows)
         method_options = {k: v for k, v in self.options.items() if k not in _COMMON}
         self._method = METHODS[method](method_options, self.layout)
         self._collector = GradientCollector(self.layout, self.options["backward_mode"], self._averager,
@@ -570,8 +571,7 @@ class FusedCalibrator:
         this rank's slices of them, and (``shard=True``) the gathered ``.grad``."""
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
         grads = sum(size(t) for t in self.layout.buffers(GRADS)) if self.layout.has_buffer(GRADS) else 0
-        out = 0 if not self._method.uses_rows else size(self.layout.out) + (
-            0 if self.layout.raw is self.layout.out else size(self.layout.raw))
+        out = self.layout.output_bytes()
         gathered = 0 if self._gathered is None else size(self._gathered)
         return {"grad_buffer": grads, "ema_state": self._method.state_bytes(), "output": out, "gathered_grad": gathered}
 

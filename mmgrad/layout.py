@@ -132,11 +132,13 @@ class Layout:
             parameter's dim 0 this rank holds; the layout then holds only those
             (``num_elements`` counts them, ``total_elements`` the whole parameters).
         names: the parameters' names (None where unknown), for ``label``.
+        output: whether the calibrated output (and its views, which become ``.grad``)
+            is held; a method that leaves autograd's sum in ``.grad`` needs none.
     """
 
     def __init__(self, groups: Sequence[Sequence[Tensor]], num_objectives: int,
                  shards: Optional[Sequence[Tuple[int, int]]] = None,
-                 names: Optional[Sequence[Optional[str]]] = None) -> None:
+                 names: Optional[Sequence[Optional[str]]] = None, output: bool = True) -> None:
         self.num_objectives = num_objectives
         self.params: List[Tensor] = [p for grp in groups for p in grp]
         self.names: List[Optional[str]] = list(names) if names is not None else [None] * len(self.params)
@@ -152,12 +154,27 @@ class Layout:
         self.device, self.dtype = first.device, first.dtype
         self.reach: List[Reach] = [() for _ in self.params]
         self._specs: Dict[str, BufferSpec] = {}
-        self.out = torch.zeros(self.num_elements, device=self.device, dtype=self.dtype)
-        # the unrounded output of half-precision parameters (norm matching rounds once)
-        self.raw = self.out if self.dtype in (torch.float32, torch.float64) else torch.zeros(
-            self.num_elements, device=self.device, dtype=torch.float32)
+        self.out = torch.zeros(self.num_elements if output else 0, device=self.device, dtype=self.dtype)
+        self._output = output
+        self._raw: Optional[Tensor] = None
         self.segments: List[Segment] = []
         self._build()
+
+    @property
+    def raw(self) -> Tensor:
+        """The unrounded output, float32 for half-precision parameters (norm matching then
+        rounds once), else ``out`` itself; allocated when first asked for (BOGC)."""
+        if self._raw is None:
+            self._raw = self.out if self.dtype in (torch.float32, torch.float64) else torch.zeros(
+                self.num_elements, device=self.device, dtype=torch.float32)
+        return self._raw
+
+    def output_bytes(self) -> int:
+        """Bytes of the output and, where it is held apart, the unrounded output."""
+        size = self.out.numel() * self.out.element_size()
+        if self._raw is not None and self._raw is not self.out:
+            size += self._raw.numel() * self._raw.element_size()
+        return size
 
     def label(self, i: int) -> str:
         """How errors name parameter ``i``: ``'enc.weight' (shape (4, 3))``, or by index."""
@@ -173,9 +190,7 @@ class Layout:
 
     def nbytes(self) -> int:
         """Bytes of every row buffer and the output."""
-        total = self.out.numel() * self.out.element_size()
-        if self.raw is not self.out:
-            total += self.raw.numel() * self.raw.element_size()
+        total = self.output_bytes()
         for seg in self.segments:
             total += sum(t.numel() * t.element_size() for t in seg.buffers.values())
         return total
@@ -242,11 +257,13 @@ class Layout:
                 seg.buffers[name] = self._alloc(seg, spec)
             self.segments.append(seg)
             lo += at
-        order = [i for seg in self.segments for i in seg.index]
-        views = split_views(self.out, [self.shapes[i] for i in order])
-        position = {i: k for k, i in enumerate(order)}
         self._where = {i: (seg, k) for seg in self.segments for k, i in enumerate(seg.index)}
-        self.out_views: List[Tensor] = [views[position[i]] for i in range(len(self.params))]
+        self.out_views: List[Tensor] = []
+        if self._output:
+            order = [i for seg in self.segments for i in seg.index]
+            views = split_views(self.out, [self.shapes[i] for i in order])
+            position = {i: k for k, i in enumerate(order)}
+            self.out_views = [views[position[i]] for i in range(len(self.params))]
 
     def _alloc(self, seg: Segment, spec: BufferSpec) -> Tensor:
         return torch.zeros((*spec.lead, len(seg.rows), seg.numel), device=self.device, dtype=spec.dtype)

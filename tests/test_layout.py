@@ -530,3 +530,21 @@ def test_tensor_form_losses_give_the_same_gradient_over_dense_rows(gen, method):
         twin.zero_grad()
     assert stacked.layout.rows_held() == 3 * stacked.num_elements  # dense: every row held
     assert listed.layout.rows_held() < 0.7 * stacked.layout.rows_held()
+
+
+@pytest.mark.parametrize("method", sorted(mmgrad.methods.METHODS))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_memory_bytes_is_every_buffer_the_calibrator_holds(gen, method, dtype):
+    """The report sums the live tensors (rows, state, output and BOGC's float32 output of
+    half-precision parameters); methods that leave autograd's sum in .grad hold nothing."""
+    torch.manual_seed(0)
+    model = TwoView(dtype=dtype)
+    extra = {"group_objectives": [1, 2, 1]} if method == "ogm" else {}
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, **extra)
+    cal.backward(model.losses(*batch(gen, dtype=dtype)))
+    held = cal.memory_bytes()
+    assert held["grad_buffer"] + held["ema_state"] + held["output"] == cal.layout.nbytes()
+    if method == "sum":
+        assert sum(held.values()) == 0 and cal.layout.nbytes() == 0
+    else:
+        assert held["output"] == cal.num_elements * (dtype.itemsize + (4 if dtype == torch.bfloat16 and method == "bogc" else 0))
