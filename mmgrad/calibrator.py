@@ -596,14 +596,35 @@ class FusedCalibrator:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a ``state_dict`` of a calibrator built with the same parameters and method
-        (checkpoints of mmgrad 0.1 and 0.2, which held SPEC's raw moments, load too)."""
+        """Restore a ``state_dict`` of a calibrator built with the same parameters, method and
+        method options (checkpoints of mmgrad 0.1 and 0.2, which held SPEC's raw moments,
+        load too). The whole state is checked first: a mismatch is a ``ValueError`` naming
+        the key, and leaves this calibrator exactly as it was.
+
+        The method's options (``beta``, ``estimator``, ``state_dtype``, ``lagged``, ...)
+        shape the saved state, so they must equal this calibrator's; the options of how a
+        step runs (``skip_nonfinite``, ``backward_mode``, ``sync_free``) are this
+        calibrator's, whatever the checkpoint says."""
+        state = self._checked_state(state)
+        self.layout.set_reach(state["reach"])
+        self._method.load_state_dict(state)
+        steps = int(state["step_count"])
+        self._steps = torch.full((), steps, dtype=torch.int64, device=self.device) if self.sync_free else steps
+        self._phase = "idle"
+
+    def _checked_state(self, state: Any) -> Dict[str, Any]:
+        """``state`` checked against this calibrator, in the current format; raises before
+        anything is changed."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
+        fmt = state.get("format")
+        if fmt not in (None, 2, 3):  # None: mmgrad 0.1, which wrote no format
+            raise ValueError(f"state format={fmt!r}: this mmgrad ({__version__}) reads formats 2 and 3 "
+                             f"(and mmgrad 0.1's); the state was written by mmgrad {state.get('version', '?')}")
         for key, mine in (("method", self.method), ("num_objectives", self.num_objectives), ("num_elements", self.num_elements)):
             if state.get(key) != mine:
                 raise ValueError(f"state {key}={state.get(key)!r} does not match this calibrator's {mine!r}")
-        if not torch.equal(torch.as_tensor(state["group_offsets"]), self.group_offsets):
+        if "group_offsets" not in state or not torch.equal(torch.as_tensor(state["group_offsets"]), self.group_offsets):
             raise ValueError("state group_offsets do not match this calibrator's parameter groups")
         saved_shard = state.get("shard")
         if saved_shard != self._shard_of:
@@ -611,22 +632,24 @@ class FusedCalibrator:
                 return "unsharded" if shard is None else f"rank {shard['rank']} of {shard['world']}"
             raise ValueError(f"state shard: the state was saved {says(saved_shard)}, this calibrator is "
                              f"{says(self._shard_of)}; a sharded state resumes on the same rank of the same world size")
-        options = {k: v for k, v in state["options"].items()}
-        if options.get("state_dtype", torch.float32) != self.options.get("state_dtype", torch.float32):
-            raise ValueError(f"state state_dtype={options.get('state_dtype')} does not match this calibrator's "
-                             f"{self.options.get('state_dtype')} (build the calibrator with the saved state_dtype)")
-        self.options = self._parse_options(self.method, options)
-        self._method.options = {k: v for k, v in self.options.items() if k not in _COMMON}
-        if "reach" not in state:
-            state = _from_dense_state(state, self.layout)
-        reach = [tuple(r) for r in state["reach"]]
-        if len(reach) != len(self.params):
-            raise ValueError(f"state reach names {len(reach)} parameters; this calibrator has {len(self.params)}")
-        self.layout.set_reach(reach)
-        self._method.load_state_dict(state)
-        steps = int(state["step_count"])
-        self._steps = torch.full((), steps, dtype=torch.int64, device=self.device) if self.sync_free else steps
-        self._phase = "idle"
+        saved = state.get("options", {})
+        differ = sorted(k for k in saved if k not in _COMMON and (k not in self.options or saved[k] != self.options[k]))
+        if differ:
+            said = ", ".join(f"{k}={saved[k]!r} (this calibrator: {self.options.get(k, 'no such option')!r})" for k in differ)
+            raise ValueError(f"state options {said}: build the calibrator with the checkpoint's options; loading "
+                             "does not change them")
+        if "step_count" not in state:
+            raise ValueError("state has no step_count")
+        state = dict(state) if "reach" in state else _from_dense_state(state, self.layout)
+        reach = [tuple(int(k) for k in r) for r in state["reach"]]
+        if len(reach) != len(self.params) or any(not 0 <= k < self.num_objectives for r in reach for k in r):
+            raise ValueError(f"state reach names {len(reach)} parameters and objectives {sorted({k for r in reach for k in r})}; "
+                             f"this calibrator has {len(self.params)} parameters and M={self.num_objectives}")
+        state["reach"] = reach
+        plan = [(rows, members) for rows, members in self.layout.plan(reach) if rows]
+        shapes = [(len(rows), sum(self.layout.numels[i] for i in members)) for rows, members in plan]
+        self._method.check_state(state, shapes)
+        return state
 
     def __repr__(self) -> str:
         return (f"FusedCalibrator(method={self.method!r}, num_objectives={self.num_objectives}, "
@@ -643,12 +666,17 @@ def _mark(scaler: Any) -> tuple:
 def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
     """A checkpoint of mmgrad 0.1 (dense ``M x N`` moments) in the reach layout (the raw
     moments per segment, as 0.2 saved them). A row whose moments are all zero is exactly a
-    row never reached, so the reach is read off them."""
+    row never reached, so the reach is read off them. Changes nothing of ``layout``."""
     state = dict(state)
     if "m" not in state:
         state["reach"] = [() for _ in layout.params]
         return state
     m, v = state["m"], state["v"]
+    want = (layout.num_objectives, layout.num_elements)
+    for name, t in (("m", m), ("v", v)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            raise ValueError(f"state {name} must be the dense M x N = {want} moments of mmgrad 0.1; "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     reach, at = [], 0
     for p in layout.params:
         n = p.numel()
@@ -656,14 +684,14 @@ def _from_dense_state(state: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
         reach.append(tuple(int(k) for k in held.nonzero().flatten().tolist()))
         at += n
     state["reach"] = reach
-    layout.set_reach(reach)
     offsets = [0]
     for p in layout.params:
         offsets.append(offsets[-1] + p.numel())
     for name, dense in (("m", m), ("v", v)):
         parts = []
-        for seg in layout.reached:
-            cols = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in seg.index])
-            parts.append(dense[list(seg.rows)][:, cols])
+        for rows, members in layout.plan(reach):
+            if rows:
+                cols = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+                parts.append(dense[list(rows)][:, cols])
         state[name] = parts
     return state

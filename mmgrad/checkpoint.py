@@ -64,7 +64,7 @@ class CalibratorState:
             out["prev_alpha"] = prev if prev is not None else torch.zeros(
                 lay.num_groups, lay.num_objectives, dtype=torch.float64, device=lay.device)
         for name in cal._method.row_state:
-            per_param = _dense_rows(lay, local[name])
+            per_param = _dense_rows(lay, local[name], lay.buffer_dtype(name))
             for i, rows in enumerate(per_param):
                 out[f"{name}.{i}"] = self._global(rows, lay.params[i])
         return out
@@ -130,10 +130,9 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _dense_rows(lay: Layout, segments: List[Tensor]) -> List[Tensor]:
+def _dense_rows(lay: Layout, segments: List[Tensor], dtype: torch.dtype) -> List[Tensor]:
     """Per parameter, ``M x *local_shape`` rows (zeros where unreached) from the per-segment
     ``|R| x N_s`` buffers of a per-rank state dict."""
-    dtype = segments[0].dtype if segments else torch.float32
     rows = [torch.zeros((lay.num_objectives, *shape), dtype=dtype, device=lay.device) for shape in lay.shapes]
     for seg, buf in zip(lay.reached, segments):
         at = 0

@@ -235,14 +235,18 @@ class Layout:
             if j is not None and k is not None:
                 dst[..., k, at : at + size].copy_(src[..., j, old_at : old_at + size])
 
-    def _build(self) -> None:
+    def plan(self, reach: Sequence[Reach]) -> List[Tuple[Reach, List[int]]]:
+        """The segments ``reach`` lays out, in order: each one's rows and its parameters
+        (by group, so that group ranges are contiguous). Changes nothing."""
         by_reach: Dict[Reach, List[int]] = {}
-        for i, r in enumerate(self.reach):
-            by_reach.setdefault(r, []).append(i)
+        for i, r in enumerate(reach):
+            by_reach.setdefault(tuple(r), []).append(i)
+        return [(rows, sorted(members, key=lambda i: (self.group_of[i], i))) for rows, members in by_reach.items()]
+
+    def _build(self) -> None:
         self.segments = []
         lo = 0
-        for rows, members in by_reach.items():
-            members.sort(key=lambda i: (self.group_of[i], i))  # group ranges are contiguous
+        for rows, members in self.plan(self.reach):
             groups, offsets, at = [], [0], 0
             for i in members:
                 if not groups or groups[-1] != self.group_of[i]:
@@ -282,6 +286,10 @@ class Layout:
         for seg in self.segments:
             seg.buffers[name] = self._alloc(seg, spec)
             seg._views = {k: v for k, v in seg._views.items() if k[0] != name}
+
+    def buffer_dtype(self, name: str) -> torch.dtype:
+        """The dtype of buffer ``name`` (every segment's alike)."""
+        return self._specs[name].dtype
 
     def has_buffer(self, name: str) -> bool:
         return name in self._specs

@@ -9,6 +9,7 @@ only reached rows.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -548,3 +549,80 @@ def test_memory_bytes_is_every_buffer_the_calibrator_holds(gen, method, dtype):
         assert sum(held.values()) == 0 and cal.layout.nbytes() == 0
     else:
         assert held["output"] == cal.num_elements * (dtype.itemsize + (4 if dtype == torch.bfloat16 and method == "bogc" else 0))
+
+
+def _trained_bogc(gen, **options):
+    torch.manual_seed(0)
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc", **options)
+    for _ in range(2):
+        cal.backward(model.losses(*batch(gen)))
+        model.zero_grad()
+    return model, cal
+
+
+def _mismatched(name, state, gen):
+    """A state that ``name`` makes unloadable into a bogc calibrator over TwoView."""
+    state = copy.deepcopy(state)
+    if name == "method":
+        state["method"] = "mgda"
+    elif name == "estimator":  # a checkpoint of the sample estimator, which holds no EMA state
+        state["options"]["estimator"] = "sample"
+        del state["mean"], state["var"]
+    elif name == "parameters":
+        state["num_elements"] += 1
+    elif name == "groups":
+        state["group_offsets"] = torch.tensor([0, 60, 120])
+    elif name == "state_dtype":
+        state["options"]["state_dtype"] = torch.bfloat16
+    elif name == "beta":
+        state["options"]["beta"] = 0.5
+    elif name == "shard":
+        state["shard"] = {"rank": 1, "world": 2}
+    elif name == "format":
+        state["format"] = 99
+    elif name == "mean":
+        state["mean"][0] = state["mean"][0][:, :-1]
+    elif name == "reach":
+        state["reach"] = state["reach"][:-1]
+    return state
+
+
+MISMATCHES = {"method": "state method='mgda'", "estimator": "estimator='sample'", "parameters": "state num_elements",
+              "groups": "state group_offsets", "state_dtype": "state_dtype=torch.bfloat16", "beta": "beta=0.5",
+              "shard": "state shard", "format": "state format=99", "mean": "state 'mean' holds segments",
+              "reach": "state reach names 5 parameters"}
+
+
+@pytest.mark.parametrize("name", sorted(MISMATCHES))
+def test_a_failed_load_leaves_the_calibrator_exactly_as_it_was(gen, name):
+    model, cal = _trained_bogc(gen)
+    other_model, other = _trained_bogc(torch.Generator().manual_seed(99))  # a different state to load
+    del other_model
+    bad = _mismatched(name, other.state_dict(), gen)
+    before = copy.deepcopy(cal.state_dict())
+    options = dict(cal.options)
+    with pytest.raises(ValueError, match=re.escape(MISMATCHES[name])):
+        cal.load_state_dict(bad)
+    assert_bit_identical(cal.state_dict(), before)
+    assert cal.options == options and cal._method.options["beta"] == 0.9
+    twin = copy.deepcopy(model)  # and it trains on as before the attempt
+    b = batch(gen)
+    cal.backward(model.losses(*b))
+    got = written(cal)
+    ref = mmgrad.FusedCalibrator(twin.groups(), 3, method="bogc")
+    ref.load_state_dict(before)
+    ref.backward(twin.losses(*b))
+    assert torch.equal(got, written(ref))
+
+
+def test_how_a_step_runs_is_the_loading_calibrators_own(gen):
+    """skip_nonfinite, backward_mode and sync_free are not the saved state's business: a
+    checkpoint saved with others loads, and this calibrator keeps its own."""
+    _, saved = _trained_bogc(gen, skip_nonfinite=True, backward_mode="batched")
+    state = saved.state_dict()
+    model = TwoView()
+    cal = mmgrad.FusedCalibrator(model.groups(), 3, method="bogc")
+    cal.load_state_dict(state)
+    assert cal.options["skip_nonfinite"] is False and cal.options["backward_mode"] == "loop"
+    assert cal.step_count == 2

@@ -75,8 +75,13 @@ class Method:
     def state_dict(self) -> Dict[str, Any]:
         return {}
 
+    def check_state(self, state: Dict[str, Any], segments: List[Tuple[int, int]]) -> None:
+        """Raise ValueError, naming the key, where ``state`` does not fit this method with
+        reached segments of ``segments`` (rows, elements); change nothing."""
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what ``state_dict`` saved (the layout is already the saved one)."""
+        """Restore what ``state_dict`` saved (checked by ``check_state``; the layout is
+        already the saved one)."""
 
     def state_bytes(self) -> int:
         return 0

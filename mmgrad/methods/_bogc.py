@@ -11,7 +11,7 @@ device flag (sync-free mode).
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -114,6 +114,21 @@ class BOGC(Method):
         if self.takes_samples:
             return {}
         return {name: [t.clone() for t in self.layout.buffers(name)] for name in STATE}
+
+    def check_state(self, state: Dict[str, Any], segments: List[Tuple[int, int]]) -> None:
+        if self.takes_samples:
+            return
+        names = ("m", "v") if "mean" not in state and "m" in state else STATE  # mmgrad <= 0.2: raw moments
+        for name in names:
+            saved = state.get(name)
+            if not isinstance(saved, (list, tuple)):
+                raise ValueError(f"state has no {name!r}: the EMA estimator's state, per reached segment")
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in saved]
+            if shapes != [tuple(s) for s in segments]:
+                raise ValueError(f"state {name!r} holds segments {shapes}; the saved reach lays out {segments}")
+            if name in STATE and any(t.dtype != self.options["state_dtype"] for t in saved):
+                raise ValueError(f"state {name!r} is {saved[0].dtype}; this calibrator's state_dtype is "
+                                 f"{self.options['state_dtype']}")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.takes_samples:

@@ -54,6 +54,13 @@ class _MinNormFamily(Method):
     def state_dict(self) -> Dict[str, Any]:
         return {} if self.prev_alpha is None else {"prev_alpha": self.prev_alpha.clone()}
 
+    def check_state(self, state: Dict[str, Any], segments) -> None:
+        prev = state.get("prev_alpha")
+        want = (self.layout.num_groups, self.layout.num_objectives)
+        if prev is not None and (not isinstance(prev, Tensor) or tuple(prev.shape) != want):
+            raise ValueError(f"state prev_alpha must be the G x M = {want} lagged weights; got "
+                             f"{tuple(prev.shape) if isinstance(prev, Tensor) else type(prev).__name__}")
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         prev = state.get("prev_alpha")
         self.prev_alpha = None if prev is None else prev.clone().to(self.layout.device)
