@@ -358,6 +358,10 @@ constexpr double kMooCentral = 0.25;  // the corrector returns into ||a s - mu||
 constexpr double kMooWide = 0.5;      // ... from the predictor's ||a s - mu|| <= 0.5 mu
 enum MooMethod : int { kMooMgda = 0, kMooMmpareto = 1 };
 enum MooNormalize : int { kNormalizeNone = 0, kNormalizeL2 = 1, kNormalizeLoss = 2 };
+// The codes the solver knows; the bindings refuse any other before a launch, and the
+// solver itself answers an unknown one with NaN weights, never another method's weights.
+MMGRAD_HD bool moo_method_known(int method) { return method == kMooMgda || method == kMooMmpareto; }
+MMGRAD_HD bool moo_normalize_known(int normalize) { return normalize >= kNormalizeNone && normalize <= kNormalizeLoss; }
 
 struct MooVector {
   double v[kMooMaxObjectives];
@@ -530,6 +534,10 @@ MMGRAD_HD_CALL MooVector moo_weights(const double* K, int m, int method, int nor
     n_act += act[i] ? 1 : 0;
   }
   MooVector w;
+  if (!moo_method_known(method) || !moo_normalize_known(normalize)) {
+    for (int i = 0; i < m; ++i) w.v[i] = NAN;
+    return w;
+  }
   if (method == kMooMgda) {
     if (n_act == 0) {
       for (int i = 0; i < m; ++i) w.v[i] = 1.0 / m;

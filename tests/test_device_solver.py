@@ -153,3 +153,24 @@ def test_device_mmpareto(gen, impl):
     w, ref = solve(impl, k, "mmpareto"), R.moo_weights(k, "mmpareto")
     for kk, a, b in zip(k, w, ref):
         assert combined_distance(kk, a, b) <= 1e-3 * float((b @ kk @ b).sqrt())
+
+
+@pytest.mark.parametrize("method, normalize", [(2, 0), (7, 0), (-1, 0), (0, 3)])
+def test_an_unknown_method_or_normalize_code_is_refused_on_every_device_solver(impl, method, normalize):
+    """Never another method's weights: the codes are checked before a launch."""
+    grams = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).contiguous()
+    ones = torch.ones(3, dtype=torch.float64)
+    if impl == "triton":
+        import mmgrad.kernels.triton_kernels  # noqa: F401  (registers the operator)
+
+        call = lambda: torch.ops.mmgrad.triton_moo_weights(grams, method, normalize, ones, 1.5)  # noqa: E731
+    else:
+        call = lambda: cpu_extension().moo_weights_device(grams, method, normalize, ones, 1.5)  # noqa: E731
+    with pytest.raises((ValueError, RuntimeError), match="code"):
+        call()
+
+
+@pytest.mark.skipif(cpu_extension() is None, reason="the C++ extension is not built")
+def test_the_header_method_codes_are_the_reference_order():
+    assert tuple(cpu_extension().MOO_METHOD_CODES) == tuple(range(len(MOO_METHODS)))
+    assert MOO_METHODS == ("mgda", "mmpareto")

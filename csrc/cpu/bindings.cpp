@@ -68,6 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.attr("MOO_ITERATIONS") = mmgrad::math::kMooIterations;
   mod.attr("MOO_BISECTIONS") = mmgrad::math::kMooBisections;
   mod.attr("MOO_GAP_TARGET") = mmgrad::math::kMooGapTarget;
+  // the method codes, in mmgrad.reference.moo.MOO_METHODS's order (a test checks it)
+  mod.attr("MOO_METHOD_CODES") =
+      pybind11::make_tuple(static_cast<int>(mmgrad::math::kMooMgda), static_cast<int>(mmgrad::math::kMooMmpareto));
   mod.def("moo_weights_device", [](const at::Tensor& grams, int64_t method, int64_t normalize, const at::Tensor& losses,
                                    double magnitude) {
     require_cpu_contiguous({{"grams", &grams}, {"losses", &losses}});
@@ -77,6 +80,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     const int64_t m = grams.size(1);
     TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMooMaxObjectives, "M must be in [1, 16]");
     TORCH_CHECK_VALUE(losses.numel() == m, "losses must hold M values");
+    TORCH_CHECK_VALUE(mmgrad::math::moo_method_known(static_cast<int>(method)), "method code ", method,
+                      " is no MOO method this solver knows (0: mgda, 1: mmpareto)");
+    TORCH_CHECK_VALUE(mmgrad::math::moo_normalize_known(static_cast<int>(normalize)), "normalize code ", normalize,
+                      " is unknown (0: none, 1: l2, 2: loss)");
     at::Tensor w = at::empty({grams.size(0), m}, grams.options());
     for (int64_t grp = 0; grp < grams.size(0); ++grp) {
       const mmgrad::math::MooVector r = mmgrad::math::moo_weights(

@@ -132,6 +132,10 @@ at::Tensor moo_weights(const at::Tensor& grams, int64_t method, int64_t normaliz
                    "grams and losses must be float64");
   const int m = static_cast<int>(grams.size(1));
   TORCH_CHECK_VALUE(m >= 1 && m <= mmgrad::math::kMooMaxObjectives, "M must be in [1, 16]");
+  TORCH_CHECK_VALUE(mmgrad::math::moo_method_known(static_cast<int>(method)), "method code ", method,
+                    " is no MOO method this solver knows (0: mgda, 1: mmpareto)");
+  TORCH_CHECK_VALUE(mmgrad::math::moo_normalize_known(static_cast<int>(normalize)), "normalize code ", normalize,
+                    " is unknown (0: none, 1: l2, 2: loss)");
   const c10::cuda::CUDAGuard guard(grams.device());
   at::Tensor w = at::empty({grams.size(0), m}, grams.options());
   check(mmgrad::cuda::launch_moo_weights(grams.data_ptr<double>(), static_cast<int>(grams.size(0)), m,

@@ -316,15 +316,6 @@ __global__ void moo_weights_kernel(const double* __restrict__ grams, int m_count
   for (int i = 0; i < m_count; ++i) weights[blockIdx.x * int64_t(m_count) + i] = w.v[i];
 }
 
-// Sum `blocks` partial vectors of length `len` into total (one block; no host sync).
-__global__ void reduce_partials_kernel(const double* __restrict__ partials, int blocks, int len, double* __restrict__ total) {
-  for (int q = threadIdx.x; q < len; q += blockDim.x) {
-    double s = 0;
-    for (int b = 0; b < blocks; ++b) s += partials[b * int64_t(len) + q];
-    total[q] += s;
-  }
-}
-
 // Explicit instantiations: fp32/bf16/fp16 gradients, M = 1..8 and 0 (runtime M <= 64);
 // float4 combination for fp32.
 #define MMGRAD_INSTANTIATE(T, M)                                                                                      \
@@ -480,11 +471,6 @@ cudaError_t launch_gram_pairs(DType dtype, const void* g, int64_t n, int64_t lo,
 cudaError_t launch_moo_weights(const double* grams, int groups, int m, int method, int normalize, const double* losses,
                                double magnitude, double* weights, cudaStream_t stream) {
   moo_weights_kernel<<<groups, 32, 0, stream>>>(grams, m, method, normalize, losses, magnitude, weights);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_reduce_partials(const double* partials, int blocks, int len, double* total, cudaStream_t stream) {
-  reduce_partials_kernel<<<1, 256, 0, stream>>>(partials, blocks, len, total);
   return cudaGetLastError();
 }
 

@@ -34,7 +34,6 @@ cudaError_t launch_gram_pairs(DType dtype, const void* g, int64_t n, int64_t lo,
                               int64_t offset, double* partials, int blocks, int threads, cudaStream_t stream);
 cudaError_t launch_moo_weights(const double* grams, int groups, int m, int method, int normalize, const double* losses,
                                double magnitude, double* weights, cudaStream_t stream);
-cudaError_t launch_reduce_partials(const double* partials, int blocks, int len, double* total, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmgrad

@@ -41,7 +41,7 @@ import triton.language as tl  # noqa: E402
 
 from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
 from ..reference.finite import all_finite  # noqa: F401
-from ..reference.moo import MGDA_GAP_TOL, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
+from ..reference.moo import MGDA_GAP_TOL, MOO_METHODS, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
 from .gpu_ops import GpuOps
 
 Tensor = torch.Tensor
@@ -527,6 +527,7 @@ def _moo_weights_kernel(k_ptr, loss_ptr, w_ptr, magnitude, TARGET,
         even = tl.full([MB], 1.0, tl.float64) / M  # K = 0: uniform, in float64
         w = tl.where(n_act > 0.0, a, tl.where(valid, even, 0.0))
     else:  # mmpareto: uniform if every pair agrees, else MGDA; then the magnitude rule
+        tl.static_assert(METHOD == 1, "unknown MOO method code (0: mgda, 1: mmpareto)")
         d = tl.sqrt(tl.where(act, diag, 1.0))
         pair = act[:, None] & act[None, :]
         disagree = tl.sum(tl.sum(tl.where(pair & (K / (d[:, None] * d[None, :]) <= 0.0), 1.0, 0.0), axis=1), axis=0)
@@ -555,6 +556,9 @@ MOO_MAXNREG = 128
 def _moo_op(grams: Tensor, method: int, normalize: int, losses: Tensor, magnitude: float) -> Tensor:
     """The ``G x M`` weights of MOO method ``method`` (index in ``MOO_METHODS``) from
     ``G x M x M`` float64 Gram matrices, one program per group."""
+    if method not in range(len(MOO_METHODS)) or normalize not in (0, 1, 2):
+        raise ValueError(f"method code {method} / normalize code {normalize}: the solver knows methods "
+                         f"{dict(enumerate(MOO_METHODS))} and normalize 0-2")
     groups, mm = grams.shape[0], grams.shape[1]
     w = torch.empty(groups, mm, dtype=torch.float64, device=grams.device)
     mb = max(2, triton.next_power_of_2(mm))
