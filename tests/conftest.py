@@ -41,6 +41,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     seed = getattr(config, "shuffle_seed", None)
     if seed is None:
         return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # also under -q, which prints no header
+        reporter.write_line(f"test order shuffled with --shuffle {seed}")
     rng = random.Random(seed)
     modules: dict = {}
     for item in items:
@@ -56,9 +59,6 @@ def pytest_configure(config) -> None:
         config.shuffle_seed = seed or int.from_bytes(os.urandom(4), "little")
 
 
-def pytest_report_header(config) -> str:
-    seed = getattr(config, "shuffle_seed", None)
-    return "" if seed is None else f"test order shuffled with --shuffle {seed}"
 
 
 def kernel_backends() -> list[str]:

@@ -138,3 +138,26 @@ def test_a_compiled_training_step_on_triton_matches_eager(method):
         finals.append(torch.cat([p.detach().reshape(-1) for p in params]))
         cal.detach()
     assert float((finals[1] - finals[0]).abs().max()) <= 1e-5 * float(finals[0].abs().max())
+
+
+@pytest.mark.parametrize("name", ("cuda_bogc", "cuda_combine", "cuda_moo_weights"))
+def test_opcheck_passes_for_the_cuda_operators(gen, name):
+    """The CUDA extension's launches as torch.library operators (opaque, with fakes)."""
+    if not mmgrad.backends()["cuda"].available:
+        pytest.skip(mmgrad.backends()["cuda"].reason)
+    import mmgrad.kernels.cuda  # noqa: F401  (registers them)
+
+    m, n = 3, 1537
+    g = torch.randn(m, n, generator=gen).cuda()
+    off = torch.tensor([0, 700, n])
+    if name == "cuda_bogc":
+        mean, var = torch.randn(m, n, generator=gen).cuda(), torch.rand(m, n, generator=gen).cuda()
+        args = (g, mean, var, torch.empty_like(mean), torch.empty_like(var), torch.empty(n, device="cuda"), off, 0,
+                0.3, 0.7, 1.0, 1e-8, 0, 0)
+    elif name == "cuda_combine":
+        args = (g, torch.rand(2, m, generator=gen, dtype=torch.float64).cuda(), torch.empty(n, device="cuda"), off, True)
+    else:
+        a = torch.randn(2, m, 2 * m, generator=gen, dtype=torch.float64).cuda()
+        args = (a @ a.transpose(1, 2), 0, 0, torch.ones(m, dtype=torch.float64, device="cuda"), 1.5)
+    result = torch.library.opcheck(getattr(torch.ops.mmgrad, name).default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result

@@ -9,6 +9,8 @@ triton backend; here are only the launches. Nothing reads a value back to the ho
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _validation as V
@@ -36,32 +38,69 @@ def _ext():
     return ext
 
 
-def _partials(off: Tensor, n: int, width: int, device: torch.device) -> Tensor:
+def _partials(group_offsets: Tensor, n: int, width: int, device: torch.device) -> Tensor:
     """Per-block partials, as many blocks as the binding launches (grid-stride beyond)."""
     blocks = _ext().blocks_for(n, _ext().THREADS)
-    return torch.zeros(off.numel() - 1, blocks, width, dtype=torch.float64, device=device)
+    return torch.zeros(group_offsets.numel() - 1, blocks, width, dtype=torch.float64, device=device)
+
+
+# The launches as torch.library operators (opaque to torch.compile, with fakes for its
+# tracing; tests/test_gpu.py opchecks them on a GPU). The host-driven step only: the
+# commit-gated one of sync_free=True is the triton backend's.
+@torch.library.custom_op("mmgrad::cuda_bogc", mutates_args={"mean_out", "var_out", "raw"}, device_types="cuda")
+def _bogc_op(g: Tensor, mean_in: Tensor, var_in: Tensor, mean_out: Tensor, var_out: Tensor, raw: Tensor,
+             group_offsets: Tensor, samples: int, alpha: float, one_minus_alpha: float, gamma: float, eps: float,
+             confidence: int, weights: int) -> Tensor:
+    """One BOGC step over every group; returns the partials ``G x blocks x [6 | M | M*M]``."""
+    parts = _partials(group_offsets, g.shape[-1], 6 + g.shape[-2] * (g.shape[-2] + 1), g.device)
+    _ext().bogc_step(g, mean_in, var_in, mean_out, var_out, raw, group_offsets, samples, alpha, one_minus_alpha,
+                     gamma, eps, confidence, weights, parts)
+    return parts
+
+
+@_bogc_op.register_fake
+def _(g, mean_in, var_in, mean_out, var_out, raw, group_offsets, *rest):
+    return _partials(group_offsets, g.shape[-1], 6 + g.shape[-2] * (g.shape[-2] + 1), g.device)
+
+
+@torch.library.custom_op("mmgrad::cuda_combine", mutates_args={"out"}, device_types="cuda")
+def _combine_op(g: Tensor, alpha: Optional[Tensor], out: Tensor, group_offsets: Tensor, with_gram: bool) -> Tensor:
+    """``out = alpha_G^T g`` per group (without ``alpha``: the Gram alone, ``out`` unused; a
+    mutable argument may not be None under torch.compile); partials ``G x blocks x [M*M | 1]``."""
+    parts = _partials(group_offsets, g.shape[1], g.shape[0] ** 2 + 1, g.device)
+    _ext().combine_and_gram(g, alpha, None if alpha is None else out, group_offsets, with_gram, parts)
+    return parts
+
+
+@_combine_op.register_fake
+def _(g, alpha, out, group_offsets, with_gram):
+    return _partials(group_offsets, g.shape[1], g.shape[0] ** 2 + 1, g.device)
+
+
+@torch.library.custom_op("mmgrad::cuda_moo_weights", mutates_args=(), device_types="cuda")
+def _moo_op(grams: Tensor, method: int, normalize: int, losses: Tensor, magnitude: float) -> Tensor:
+    """The ``G x M`` MOO weights (method code as in ``MOO_METHODS``), one block per group."""
+    return _ext().moo_weights(grams, method, normalize, losses, magnitude)
+
+
+@_moo_op.register_fake
+def _(grams, method, normalize, losses, magnitude):
+    return grams.new_empty(grams.shape[0], grams.shape[1])
 
 
 def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit, gamma, eps, confidence, weights):
-    # the commit-gated step of sync_free=True is the triton backend's (README, "Backends")
     if commit is not None:
         raise ValueError("backend='cuda' has no commit-gated BOGC step; sync_free=True needs backend='triton'")
-    mm, n = g.shape[-2], g.shape[-1]
-    parts = _partials(off, n, 6 + mm + mm * mm, g.device)
-    _ext().bogc_step(g, mean_in, var_in, mean_out, var_out, raw, off, samples, *alpha, gamma, eps,
-                     _CONFIDENCE[confidence], _WEIGHTS[weights], parts)
-    return parts
+    return torch.ops.mmgrad.cuda_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, float(alpha[0]),
+                                      float(alpha[1]), gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
 
 
 def _launch_combine(g, alpha, out, off, with_gram):
-    mm, n = g.shape
-    parts = _partials(off, n, mm * mm + 1, g.device)
-    _ext().combine_and_gram(g, alpha, out, off, with_gram, parts)
-    return parts
+    return torch.ops.mmgrad.cuda_combine(g, alpha, g.new_empty(0) if out is None else out, off, with_gram)
 
 
 def _launch_moo(grams, method, normalize, losses, magnitude):
-    return _ext().moo_weights(grams, method, normalize, losses, magnitude)
+    return torch.ops.mmgrad.cuda_moo_weights(grams, method, normalize, losses, magnitude)
 
 
 _OPS = GpuOps("cuda", lambda device: device.type == "cuda", _launch_bogc, _launch_combine, _launch_moo)
