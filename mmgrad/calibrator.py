@@ -138,6 +138,9 @@ class FusedCalibrator:
         self.backend_name = self._ops.__name__.rsplit(".", 1)[-1]
         self.sync_free = self.options["sync_free"]
         if self.sync_free:
+            if not METHODS[method].sync_free:
+                raise ValueError(f"sync_free=True: method {method!r} declares no solve that stays on the device "
+                                 "(its class says sync_free = False)")
             if not hasattr(self._ops, "bogc_step_gated"):
                 raise ValueError(f"sync_free=True needs a backend that solves on the device ('triton'); "
                                  f"backend {self.backend_name!r} reads the step's result on the host")

@@ -61,6 +61,11 @@ def pytest_configure(config) -> None:
 
 
 
+def builtin_methods() -> list[str]:
+    """mmgrad's own methods (a test may register a toy Weighting of its own)."""
+    return sorted(n for n, c in mmgrad.methods.METHODS.items() if c.__module__.startswith("mmgrad.methods."))
+
+
 def kernel_backends() -> list[str]:
     """Kernel backends that run on CPU tensors here (the reference is the oracle, not a subject)."""
     return [n for n, i in mmgrad.backends().items() if i.available and n != "reference" and "cpu" in i.devices]

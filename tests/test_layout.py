@@ -21,7 +21,7 @@ from mmgrad.collect import graph_reach
 from mmgrad.models import I2M2, LateFusion
 from mmgrad.verify import rel_err
 
-from conftest import assert_bit_identical, kernel_backends
+from conftest import assert_bit_identical, builtin_methods, kernel_backends
 from toy_model import TwoView, batch
 
 F = nn.functional
@@ -533,7 +533,7 @@ def test_tensor_form_losses_give_the_same_gradient_over_dense_rows(gen, method):
     assert listed.layout.rows_held() < 0.7 * stacked.layout.rows_held()
 
 
-@pytest.mark.parametrize("method", sorted(mmgrad.methods.METHODS))
+@pytest.mark.parametrize("method", builtin_methods())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_memory_bytes_is_every_buffer_the_calibrator_holds(gen, method, dtype):
     """The report sums the live tensors (rows, state, output and BOGC's float32 output of

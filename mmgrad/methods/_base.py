@@ -60,6 +60,8 @@ class Method:
     takes_samples: bool = False
     #: the layout buffers holding per-row state that checkpoints carry (BOGC's EMA)
     row_state: Tuple[str, ...] = ()
+    #: whether the step runs with ``sync_free=True`` (no value read on the host)
+    sync_free: ClassVar[bool] = True
 
     def __init__(self, options: Dict[str, Any], layout: Layout) -> None:
         self.options = options
