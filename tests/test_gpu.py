@@ -111,32 +111,10 @@ def test_a_compiled_training_step_on_triton_matches_eager(method):
     the same parameters as eager, within 1e-5."""
     if not mmgrad.backends()["triton"].available:
         pytest.skip(mmgrad.backends()["triton"].reason)
-    finals = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        enc_a, enc_b = torch.nn.Linear(6, 8).cuda(), torch.nn.Linear(5, 8).cuda()
-        head = torch.nn.Linear(16, 3).cuda()
-        params = [*enc_a.parameters(), *enc_b.parameters(), *head.parameters()]
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        cal = mmgrad.FusedCalibrator([{"params": enc_a.parameters()}, {"params": enc_b.parameters()}], 3,
-                                     method=method, backend="triton").attach(opt)
-        ce = torch.nn.functional.cross_entropy
+    from test_library import _train
 
-        def step(xa, xb, y):
-            za, zb = enc_a(xa), enc_b(xb)
-            cal.backward([ce(head(torch.cat([za, zb], 1)), y), ce(head(torch.cat([za, za], 1)), y),
-                          ce(head(torch.cat([zb, zb], 1)), y)])
-            opt.step()
-            opt.zero_grad()
-
-        run = torch.compile(step) if compiled else step
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            run(torch.randn(32, 6, generator=gen).cuda(), torch.randn(32, 5, generator=gen).cuda(),
-                torch.randint(0, 3, (32,), generator=gen).cuda())
-        finals.append(torch.cat([p.detach().reshape(-1) for p in params]))
-        cal.detach()
+    torch._dynamo.reset()
+    finals = [_train(method, compiled, backend="triton", device="cuda")[0] for compiled in (False, True)]
     assert float((finals[1] - finals[0]).abs().max()) <= 1e-5 * float(finals[0].abs().max())
 
 

@@ -73,9 +73,12 @@ def test_each_operator_equals_the_extension_function_it_wraps(gen, name):
             assert torch.equal(a, b), name
 
 
-def _train(method: str, compiled: bool, backend: str = "cpu") -> tuple:
+def _train(method: str, compiled: bool, backend: str = "cpu", device: str = "cpu") -> tuple:
+    """Four AdamW steps of a two-encoder model, calibrated on ``backend``, eager or under
+    torch.compile; the trained parameters and (compiled) the graph breaks' reasons."""
     torch.manual_seed(0)
-    enc_a, enc_b, head = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8), torch.nn.Linear(16, 3)
+    enc_a, enc_b, head = (torch.nn.Linear(6, 8).to(device), torch.nn.Linear(5, 8).to(device),
+                          torch.nn.Linear(16, 3).to(device))
     params = [*enc_a.parameters(), *enc_b.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2)
     cal = mmgrad.FusedCalibrator([{"params": enc_a.parameters()}, {"params": enc_b.parameters()}], 3,
@@ -90,8 +93,8 @@ def _train(method: str, compiled: bool, backend: str = "cpu") -> tuple:
         opt.zero_grad()
 
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(32, 6, generator=gen), torch.randn(32, 5, generator=gen),
-                torch.randint(0, 3, (32,), generator=gen)) for _ in range(4)]
+    batches = [(torch.randn(32, 6, generator=gen).to(device), torch.randn(32, 5, generator=gen).to(device),
+                torch.randint(0, 3, (32,), generator=gen).to(device)) for _ in range(4)]
     run = torch.compile(step) if compiled else step
     for batch in batches:
         run(*batch)
