@@ -13,7 +13,7 @@ def test_every_kernel_compiles_for_every_arch_without_spills():
     rows = compile_all()
     assert rows, "ptxas reported no kernels: the resource report was not parsed"
     assert {r["arch"] for r in rows} == set(ARCHS)
-    for kernel in ("bogc_step_kernel", "combine_gram_kernel", "gram_pairs_kernel", "moo_weights_kernel", "reduce_partials_kernel"):
+    for kernel in ("bogc_step_kernel", "combine_gram_kernel", "gram_pairs_kernel", "moo_weights_kernel"):
         assert any(kernel in r["kernel"] for r in rows), kernel
     spills = [f"{r['kernel']} {r['arch']}: {r['spill_stores']}/{r['spill_loads']} B" for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spills, "local-memory spills:\n" + "\n".join(spills)
