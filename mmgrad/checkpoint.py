@@ -55,8 +55,9 @@ class CalibratorState:
         cal, lay = self.cal, self.cal.layout
         local = cal.state_dict()
         out: Dict[str, Any] = {k: local[k] for k in _SCALARS}
-        out.update(format=FORMAT, version=local["version"], num_elements=lay.total_elements,
-                   group_offsets=_global_offsets(lay))
+        # num_elements and group_offsets count whole parameters, sharded or not: world-size free
+        out.update(format=FORMAT, version=local["version"], num_elements=local["num_elements"],
+                   group_offsets=local["group_offsets"])
         if hasattr(cal._method, "prev_alpha"):  # lagged MOO weights, G x M, the same on every rank
             # always a tensor, so that a loading calibrator's template has the key to load into
             prev = local.get("prev_alpha")
@@ -94,36 +95,23 @@ class CalibratorState:
 
     # ------------------------------------------------------------------ load
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """This rank's per-rank state from the global one, loaded by
+        ``FusedCalibrator.load_state_dict``, which checks it whole before changing anything."""
         cal, lay = self.cal, self.cal.layout
         if state.get("format") != FORMAT:
             raise ValueError(f"state format {state.get('format')!r}: CalibratorState loads what it saved ({FORMAT!r}); "
                              "a per-rank FusedCalibrator.state_dict() loads with FusedCalibrator.load_state_dict")
-        for key, mine in (("method", cal.method), ("num_objectives", cal.num_objectives),
-                          ("num_elements", lay.total_elements)):
-            if state.get(key) != mine:
-                raise ValueError(f"state {key}={state.get(key)!r} does not match this calibrator's {mine!r}")
-        if not torch.equal(torch.as_tensor(state["group_offsets"]), _global_offsets(lay)):
-            raise ValueError("state group_offsets do not match this calibrator's parameter groups")
         reach = [tuple(r) for r in state["reach"]]
-        if len(reach) != len(lay.params):
+        if len(reach) != len(lay.params):  # before the rows are cut by it
             raise ValueError(f"state reach names {len(reach)} parameters; this calibrator has {len(lay.params)}")
-        lay.set_reach(reach)  # to cut the rows into this layout's segments
-        local = {k: state[k] for k in _SCALARS}
-        local.update(format=3, version=state.get("version"), shard=cal._shard_of, num_elements=cal.num_elements,
-                     group_offsets=cal.group_offsets.clone())
+        local = {k: state[k] for k in (*_SCALARS, "num_elements", "group_offsets")}
+        local.update(format=3, version=state.get("version"), shard=cal._shard_of)
         if state.get("has_prev_alpha"):
             local["prev_alpha"] = state["prev_alpha"]
         for name in cal._method.row_state:
             rows = [_local(state[f"{name}.{i}"]) for i in range(len(lay.params))]
-            local[name] = _segment_rows(lay, rows)
+            local[name] = _segment_rows(lay, reach, rows)
         cal.load_state_dict(local)
-
-
-def _global_offsets(lay: Layout) -> Tensor:
-    sizes = [0] * lay.num_groups
-    for p, g in zip(lay.params, lay.group_of):
-        sizes[g] += p.numel()
-    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -143,11 +131,9 @@ def _dense_rows(lay: Layout, segments: List[Tensor], dtype: torch.dtype) -> List
     return rows
 
 
-def _segment_rows(lay: Layout, rows: List[Tensor]) -> List[Tensor]:
-    """The inverse of ``_dense_rows`` for this layout's segments."""
-    out = []
-    for seg in lay.reached:
-        parts = [rows[i][list(seg.rows)].reshape(len(seg.rows), -1) for i in seg.index]
-        out.append(torch.cat(parts, dim=1) if parts else torch.zeros(len(seg.rows), 0))
-    return out
+def _segment_rows(lay: Layout, reach: List[tuple], rows: List[Tensor]) -> List[Tensor]:
+    """The inverse of ``_dense_rows``: the per-segment buffers ``reach`` lays out
+    (``Layout.plan``: the layout itself is left as it is)."""
+    return [torch.cat([rows[i][list(seg_rows)].reshape(len(seg_rows), -1) for i in members], dim=1)
+            for seg_rows, members in lay.plan(reach) if seg_rows]
 

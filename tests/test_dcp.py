@@ -64,3 +64,16 @@ def test_loading_something_else_is_refused(gen):
         target.load_state_dict(cal.state_dict())  # a per-rank state dict
     with pytest.raises(TypeError, match="calibrator must be a FusedCalibrator"):
         mmgrad.CalibratorState(cal.layout)
+
+
+def test_a_refused_dcp_load_leaves_the_calibrator_as_it_was(gen):
+    """The rows are cut by the saved reach without laying it out: a state the calibrator
+    refuses (here another method option) changes nothing, the reach included."""
+    _, cal = _trained("bogc", {}, gen, steps=1)
+    state = mmgrad.CalibratorState(cal).state_dict()
+    state["options"] = {**state["options"], "beta": 0.5}
+    fresh = mmgrad.FusedCalibrator(TwoView().groups(), 3, method="bogc")
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match="beta=0.5"):
+        mmgrad.CalibratorState(fresh).load_state_dict(state)
+    assert_bit_identical(fresh.state_dict(), before)
