@@ -91,12 +91,12 @@ MUTATIONS = [
 ]
 
 
-def apply(root: Path, m: Mutation) -> None:
-    path = root / m.path
-    text = path.read_text()
+def mutated(root: Path, m: Mutation) -> str:
+    """``m.path`` under ``root`` with the mutation applied; ValueError if it no longer matches."""
+    text = (root / m.path).read_text()
     if m.old not in text:
-        raise ValueError(f"{m.name}: {m.old!r} is not in {m.path} (the code moved: update the mutation)")
-    path.write_text(text.replace(m.old, m.new))
+        raise ValueError(f"mutation {m.name!r}: {m.old!r} is not in {m.path}; update tests/mutate.py")
+    return text.replace(m.old, m.new)
 
 
 def run(m: Mutation, timeout: int) -> tuple:
@@ -105,7 +105,7 @@ def run(m: Mutation, timeout: int) -> tuple:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(ROOT / "mmgrad", root / "mmgrad", ignore=ignore)
         shutil.copytree(ROOT / "tests", root / "tests", ignore=ignore)
-        apply(root, m)
+        (root / m.path).write_text(mutated(root, m))
         env = {**os.environ, "PYTHONPATH": str(root), "MMGRAD_QUIET": "1"}
         where = subprocess.run([sys.executable, "-c", "import mmgrad; print(mmgrad.__file__)"], cwd=root, env=env,
                                capture_output=True, text=True).stdout.strip()
@@ -138,11 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in chosen:
             print(f"{m.name}  ({m.path})")
         return 0
-    for m in chosen:  # every mutation applies to the code as it is, before anything runs
-        apply_check = (ROOT / m.path).read_text()
-        if m.old not in apply_check:
-            print(f"mutation {m.name!r}: {m.old!r} is not in {m.path}; update tests/mutate.py", file=sys.stderr)
-            return 2
+    try:  # every mutation applies to the code as it is, before anything runs
+        for m in chosen:
+            mutated(ROOT, m)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     counts = {"caught": 0, "survived": 0, "broken": 0}
     t_all = time.perf_counter()
     for m in chosen:
