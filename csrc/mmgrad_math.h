@@ -37,6 +37,25 @@ constexpr double kEvidenceMax = 1e30;
 // Runtime-M kernels keep per-objective values in registers/stack arrays of this size.
 constexpr int kMaxObjectives = 64;
 
+// The float64 statistics vector of the fused BOGC step, defined here once for every
+// backend: [sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count | share_sum (M) |
+// Gram (groups x M x M)]. The CPU kernels return one for the call; the GPU kernels one
+// per block, of one group (groups = 1). Python reads it in mmgrad/kernels/stats.py, which
+// a test holds against this struct (the CPU extension exports its offsets).
+struct StatsLayout {
+  int64_t m, groups;
+  static constexpr int64_t kScalars = 6;
+  static constexpr MMGRAD_HD int64_t sum_sq() { return 0; }
+  static constexpr MMGRAD_HD int64_t out_sq() { return 1; }
+  static constexpr MMGRAD_HD int64_t nonfinite() { return 2; }
+  static constexpr MMGRAD_HD int64_t u_sum() { return 3; }
+  static constexpr MMGRAD_HD int64_t conflict_sum() { return 4; }
+  static constexpr MMGRAD_HD int64_t share_count() { return 5; }
+  static constexpr MMGRAD_HD int64_t share_sum() { return kScalars; }
+  constexpr MMGRAD_HD int64_t gram() const { return kScalars + m; }
+  constexpr MMGRAD_HD int64_t size() const { return gram() + groups * m * m; }
+};
+
 enum Confidence : int { kConfidenceBelief = 0, kConfidenceCertainty = 1, kConfidenceNone = 2 };
 enum Weights : int { kWeightsBelief = 0, kWeightsPrecision = 1 };
 

@@ -7,15 +7,14 @@ wrong value, and names the argument, so a user sees which call site to fix.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-CONFIDENCE_MODES = ("belief", "certainty", "none")
-WEIGHT_MODES = ("belief", "precision")
-MGDA_NORMALIZATIONS = ("none", "l2", "loss")
+from ._constants import (CONFIDENCE_MODES, MGDA_NORMALIZATIONS, MOO_MAX_OBJECTIVES, MOO_METHOD_CODES,  # noqa: F401
+                         MOO_METHODS, NORMALIZE_CODES, WEIGHT_MODES)
 
 # eps below this makes 1/eps overflow float32 (mmgrad's own bound, see README).
 MIN_EPS = 1e-30
@@ -101,3 +100,28 @@ def check_group_offsets(group_offsets: torch.Tensor | None, n: int) -> torch.Ten
     if off.numel() < 2 or int(off[0]) != 0 or int(off[-1]) != n or bool((off[1:] < off[:-1]).any()):
         raise ValueError(f"group_offsets must rise from 0 to N={n}; got {off.tolist()}")
     return off
+
+
+def check_moo_call(backend: str, grams: torch.Tensor, method: object, normalize: object, losses: object,
+                   magnitude: object) -> Tuple[int, int, torch.Tensor, float]:
+    """A device-solver ``moo_weights`` call (grams already checked as a float 3-D tensor):
+    the method and normalize codes, the M losses (float64, on the grams' device; ones
+    unless ``normalize="loss"``) and the magnitude."""
+    check_choice("method", method, MOO_METHODS)
+    check_choice("normalize", normalize, MGDA_NORMALIZATIONS)
+    magnitude = check_positive("magnitude", magnitude)
+    mm = grams.shape[1]
+    if grams.shape[2] != mm:
+        raise ValueError(f"grams must be G x M x M; got shape {tuple(grams.shape)}")
+    if not 1 <= mm <= MOO_MAX_OBJECTIVES:
+        raise ValueError(f"the {backend} backend's MOO solver takes 1 <= M <= {MOO_MAX_OBJECTIVES} objectives; got {mm} "
+                         "(backend='reference' solves any M)")
+    if normalize == "loss":
+        if losses is None:
+            raise ValueError('losses must be given when normalize="loss"')
+        loss_t = torch.as_tensor(losses, dtype=torch.float64, device=grams.device).reshape(-1)
+        if loss_t.numel() != mm:
+            raise ValueError(f"losses must hold M={mm} values; got {loss_t.numel()}")
+    else:
+        loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
+    return MOO_METHOD_CODES[method], NORMALIZE_CODES[normalize], loss_t.contiguous(), magnitude

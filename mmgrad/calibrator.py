@@ -141,7 +141,7 @@ class FusedCalibrator:
             if not METHODS[method].sync_free:
                 raise ValueError(f"sync_free=True: method {method!r} declares no solve that stays on the device "
                                  "(its class says sync_free = False)")
-            if not hasattr(self._ops, "bogc_step_gated"):
+            if not getattr(self._ops, "SYNC_FREE", False):
                 raise ValueError(f"sync_free=True needs a backend that solves on the device ('triton'); "
                                  f"backend {self.backend_name!r} reads the step's result on the host")
             if not self.options["skip_nonfinite"]:

@@ -2,7 +2,9 @@
 
 ``backend="auto"`` picks the fastest available backend for the tensors' device
 (``cpu`` kernels on CPU tensors; ``cuda``/``triton`` on GPU tensors) and falls back to
-``reference``. Every backend computes the same function as ``mmgrad.reference``.
+``reference``. Every backend computes the same function as ``mmgrad.reference``, with its
+own code: a function a backend has no kernel for (``implements``) runs on the reference
+under ``"auto"`` and is refused, with ``NotImplementedError``, when that backend is named.
 
 >>> import torch, mmgrad
 >>> g = torch.randn(3, 1000)
@@ -26,6 +28,7 @@ from .backends import resolve
 __all__ = [
     "all_finite",
     "backend_module",
+    "implements",
     "bogc_from_moments",
     "bogc_sample_step",
     "bogc_step",
@@ -43,7 +46,8 @@ __all__ = [
 
 
 def backend_module(backend: str, device: torch.device) -> ModuleType:
-    """The module implementing ``backend`` (resolved for ``device``); every one has the same functions."""
+    """The module of ``backend`` (resolved for ``device``). It computes the functions in
+    its ``__all__`` with its own kernels (``implements``); the reference has them all."""
     name = resolve(backend, device)
     if name == "cpu":
         from .kernels import cpu
@@ -60,6 +64,11 @@ def backend_module(backend: str, device: torch.device) -> ModuleType:
     return reference
 
 
+def implements(module: ModuleType, name: str) -> bool:
+    """Whether a backend module computes ``name`` with its own code (not the reference's)."""
+    return module is reference or name in getattr(module, "__all__", ())
+
+
 def _device_of(args: tuple, kwargs: dict) -> torch.device:
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
@@ -74,7 +83,15 @@ def _dispatching(name: str) -> Callable[..., Any]:
 
     @functools.wraps(ref)
     def dispatch(*args: Any, backend: str = "auto", **kwargs: Any) -> Any:
-        return getattr(backend_module(backend, _device_of(args, kwargs)), name)(*args, **kwargs)
+        module = backend_module(backend, _device_of(args, kwargs))
+        if not implements(module, name):
+            if backend != "auto":  # never the reference under a kernel backend's name
+                short = module.__name__.rsplit(".", 1)[-1].replace("triton_kernels", "triton")
+                raise NotImplementedError(f"backend {short!r} has no kernel for {name}; it computes "
+                                          f"{', '.join(module.__all__)}. backend='reference' (or 'auto') runs "
+                                          f"{name} in plain PyTorch on any device")
+            module = reference
+        return getattr(module, name)(*args, **kwargs)
 
     sig = inspect.signature(ref)
     extra = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=str)
@@ -84,7 +101,8 @@ def _dispatching(name: str) -> Callable[..., Any]:
     else:
         params.append(extra)
     dispatch.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    dispatch.__doc__ = f"{ref.__doc__}\n\n    ``backend``: 'auto' (default), 'reference', 'cpu', 'triton' or 'cuda'.\n"
+    dispatch.__doc__ = (f"{ref.__doc__}\n\n    ``backend``: 'auto' (default), 'reference', 'cpu', 'triton' or 'cuda'; "
+                        "'auto' runs the reference where the device's backend has no kernel for it.\n")
     return dispatch
 
 
@@ -98,8 +116,8 @@ bogc_sample_step = _dispatching("bogc_sample_step")
 gram = _dispatching("gram")
 combine = _dispatching("combine")
 combine_and_gram = _dispatching("combine_and_gram")
-# The M x M solves: host code on the reference/cpu backends; moo_weights runs as one
-# device kernel on the triton backend.
+# The M x M solves: mgda_weights, mmpareto_weights and mimo_weights are the reference's
+# host code; moo_weights is mmgrad_math.h's solver on cpu and cuda, and its Triton mirror.
 mgda_weights = _dispatching("mgda_weights")
 mmpareto_weights = _dispatching("mmpareto_weights")
 mimo_weights = _dispatching("mimo_weights")

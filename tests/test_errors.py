@@ -186,7 +186,7 @@ def test_cuda_backend_without_cuda_says_why():
         cuda.gram(torch.randn(2, 5))
     # the checks before any launch, on a GpuOps that accepts CPU tensors and launches nothing
     checks_only = GpuOps("cuda", lambda device: True, None, None, None)
-    with pytest.raises(ValueError, match="the cuda solver takes M <= 16"):
+    with pytest.raises(ValueError, match="the cuda backend.s MOO solver takes 1 <= M <= 16"):
         checks_only.moo_weights(torch.zeros(1, 17, 17, dtype=torch.float64), "mgda")
     with pytest.raises(ValueError, match='losses must be given when normalize="loss"'):
         checks_only.moo_weights(torch.zeros(1, 3, 3, dtype=torch.float64), "mgda", normalize="loss")

@@ -124,19 +124,23 @@ def check_backend(b, case, pools):
     # too), so the step is checked before it and the norms it uses are checked on their own.
     ref_step, ref_mean, ref_var, ref_st = R.bogc_step(_f64(g), _f64(mean_state), _f64(var_state), case["step"],
                                                       rescale=False, **ema, **kw)
-    out, d = ops.bogc_from_moments(mu, var, backend=b, **kw)
-    assert rel_err(out, ref_out, floor) <= tol, (b, "bogc_from_moments")
-    assert rel_err(d["uncertainty"], ref_d["uncertainty"], 1.0) <= max(tol, 1e-6), (b, "uncertainty")
+    if ops.implements(ops.backend_module(b, mu.device), "bogc_from_moments"):
+        out, d = ops.bogc_from_moments(mu, var, backend=b, **kw)
+        assert rel_err(out, ref_out, floor) <= tol, (b, "bogc_from_moments")
+        assert rel_err(d["uncertainty"], ref_d["uncertainty"], 1.0) <= max(tol, 1e-6), (b, "uncertainty")
     step_out, new_mean, new_var, st_ = ops.bogc_step(g, mean_state, var_state, case["step"], rescale=False, backend=b,
                                                      **ema, **kw)
     assert torch.isfinite(step_out).all(), (b, "bogc_step non-finite")
     assert rel_err(step_out, ref_step, floor) <= tol, (b, "bogc_step")
     # the state in float32 arithmetic (Spec note 3): the mean, a sum that may cancel, to its
-    # terms' size; the variance, a sum of non-negative terms, to its own, or to the dtype's
-    # smallest normal (d^2 of subnormal gradients flushes; next to eps it cannot matter)
-    state_floor = float(_f64(mean_state).abs().max() + (_f64(g) - _f64(mean_state)).abs().max())
+    # terms' size; the variance, a sum of non-negative terms, to its own; both at least the
+    # dtype's smallest normal: arithmetic on subnormals is exact only to the last subnormal
+    # bit (m = 1, subnormal g around 4e-41, seed 249393225: one bit is 1.3e-5 of them), and
+    # d^2 of subnormal gradients flushes (next to eps it cannot matter)
+    tiny = torch.finfo(state_dt).tiny
+    state_floor = max(tiny, float(_f64(mean_state).abs().max() + (_f64(g) - _f64(mean_state)).abs().max()))
     assert rel_err(new_mean, ref_mean, state_floor) <= tol, (b, "EMA mean")
-    assert rel_err(new_var, ref_var, torch.finfo(state_dt).tiny) <= tol, (b, "EMA variance")
+    assert rel_err(new_var, ref_var, tiny) <= tol, (b, "EMA variance")
     assert rel_err(st_["sum_sq"], ref_st["sum_sq"]) <= 1e-6, (b, "sum_sq")
     assert rel_err(ops.gram(g, backend=b), R.gram(_f64(g))) <= 1e-12, (b, "gram")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mmgrad
 from mmgrad import ops
 from mmgrad import reference as R
 from mmgrad.verify import TOLERANCE, combine_floor, compare_all, norm_sq_floor, random_case, rel_err
@@ -175,3 +176,70 @@ def test_reductions_are_bit_identical_at_any_thread_count(gen):
         torch.set_num_threads(threads)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("m,groups", [(1, 1), (3, 2), (8, 5), (64, 1)])
+def test_the_statistics_layout_is_the_headers(m, groups):
+    """The Python reader of the step statistics (kernels/stats.py) and the header's
+    StatsLayout, which the C++ and CUDA kernels write, are one layout."""
+    from mmgrad.backends import cpu_extension
+    from mmgrad.kernels import stats
+
+    header = cpu_extension().stats_layout(m, groups)
+    assert {name: header[name] for name in stats.SCALARS} == stats.OFFSET
+    assert (header["share_sum"], header["gram"], header["size"]) == (stats.SHARES, stats.SHARES + m, stats.width(m, groups))
+
+
+@requires_cpu_kernels
+def test_the_shared_constants_are_the_headers():
+    """mmgrad/_constants.py (read by the reference and the Triton kernels) holds the
+    values and option codes that csrc/mmgrad_math.h gives the C++ and CUDA kernels."""
+    from mmgrad import _constants as C
+    from mmgrad.backends import cpu_extension
+
+    ext = cpu_extension()
+    assert (ext.EVIDENCE_MAX, ext.MOO_GAP_TOL, ext.MOO_MAX_OBJECTIVES) == (C.EVIDENCE_MAX, C.MOO_GAP_TOL, C.MOO_MAX_OBJECTIVES)
+    assert dict(ext.CONFIDENCE_CODES) == C.CONFIDENCE_CODES
+    assert dict(ext.WEIGHT_CODES) == C.WEIGHT_CODES
+    assert dict(ext.NORMALIZE_CODES) == C.NORMALIZE_CODES
+    assert tuple(ext.MOO_METHOD_CODES) == tuple(C.MOO_METHOD_CODES[name] for name in C.MOO_METHODS)
+
+
+@requires_cpu_kernels
+def test_the_cpu_backend_solves_with_the_headers_solver_not_the_reference(gen):
+    """The cpu backend's MOO weights come from csrc/mmgrad_math.h's solver (the GPU
+    backends' algorithm), so comparing them with the reference compares two solvers."""
+    from mmgrad.backends import cpu_extension
+
+    g = torch.randn(4, 300, generator=gen, dtype=torch.float64)
+    grams = R.gram(g, group_offsets=torch.tensor([0, 120, 300]))
+    for method in ("mgda", "mmpareto"):
+        got = ops.moo_weights(grams, method, backend="cpu")
+        header = cpu_extension().moo_weights_device(grams, {"mgda": 0, "mmpareto": 1}[method], 0,
+                                                    torch.ones(4, dtype=torch.float64), 1.5)
+        assert torch.equal(got, header), method
+        ref = R.moo_weights(grams, method)
+        for k, a, b in zip(grams, got, ref):  # the same min-norm point (weights may differ on singular K)
+            d = a - b
+            assert float(d @ k @ d) <= 1e-6 * float(k.diagonal().max()), (method, a, b)
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        ops.moo_weights(torch.eye(17, dtype=torch.float64)[None], "mgda", backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_backend_without_a_kernel_for_a_function_refuses_it_by_name(backend):
+    """Naming a backend never runs the reference under its name; "auto" does, and says so
+    in the docs. The cpu backend has no kernel for the per-group host solves, the GPU
+    backends none for the element-wise functions."""
+    if not mmgrad.backends()[backend].available or "cpu" not in mmgrad.backends()[backend].devices:
+        pytest.skip(f"{backend} does not run on CPU tensors here")
+    k = torch.tensor([[1.0, -0.5], [-0.5, 2.0]], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=f"backend '{backend}' has no kernel for mgda_weights"):
+        ops.mgda_weights(k, backend=backend)
+    assert torch.equal(ops.mgda_weights(k), R.mgda_weights(k))  # auto: the reference
+    module = ops.backend_module(backend, torch.device("cpu"))
+    assert not ops.implements(module, "mgda_weights") and ops.implements(module, "moo_weights")
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for opinions"):
+            ops.opinions(torch.randn(2, 3), torch.rand(2, 3), 1.0, 1e-8, backend="triton")

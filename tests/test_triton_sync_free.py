@@ -85,7 +85,7 @@ def test_sync_free_misuse():
     cal = mmgrad.FusedCalibrator(layer.parameters(), 2, backend="triton", sync_free=True, skip_nonfinite=True)
     with pytest.raises(TypeError, match="fused=True"):
         cal.attach(torch.optim.AdamW(layer.parameters()))
-    with pytest.raises(ValueError, match="triton solver takes M <= 16"):
+    with pytest.raises(ValueError, match="triton backend.s MOO solver takes 1 <= M <= 16"):
         ops.moo_weights(torch.eye(17, dtype=torch.float64)[None], "mgda", backend="triton")
     with pytest.raises(ValueError, match="method must be one of"):
         ops.moo_weights(torch.eye(3, dtype=torch.float64)[None], "pcgrad", backend="triton")

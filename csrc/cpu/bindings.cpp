@@ -31,6 +31,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.attr("EVIDENCE_MAX") = mmgrad::math::kEvidenceMax;
   mod.attr("MAX_OBJECTIVES") = mmgrad::math::kMaxObjectives;
   mod.attr("CHUNK") = mmgrad::cpu::kChunk;
+  mod.attr("MOO_GAP_TOL") = mmgrad::math::kMooGapTol;
+  // the option codes of the header's enums, held against mmgrad/_constants.py by a test
+  {
+    namespace m = mmgrad::math;
+    pybind11::dict confidence, weights, normalize;
+    confidence["belief"] = static_cast<int>(m::kConfidenceBelief);
+    confidence["certainty"] = static_cast<int>(m::kConfidenceCertainty);
+    confidence["none"] = static_cast<int>(m::kConfidenceNone);
+    weights["belief"] = static_cast<int>(m::kWeightsBelief);
+    weights["precision"] = static_cast<int>(m::kWeightsPrecision);
+    normalize["none"] = static_cast<int>(m::kNormalizeNone);
+    normalize["l2"] = static_cast<int>(m::kNormalizeL2);
+    normalize["loss"] = static_cast<int>(m::kNormalizeLoss);
+    mod.attr("CONFIDENCE_CODES") = confidence, mod.attr("WEIGHT_CODES") = weights;
+    mod.attr("NORMALIZE_CODES") = normalize;
+  }
 
   mod.def("bogc_step",
           [](const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
@@ -60,6 +76,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gram", [](const at::Tensor& g, const at::Tensor& group_offsets) {
     require_cpu_contiguous({{"g", &g}});
     return mmgrad::cpu::gram(g, group_offsets);
+  });
+  // The step kernels' statistics vector (mmgrad_math.h), which mmgrad/kernels/stats.py reads
+  mod.def("stats_layout", [](int64_t m, int64_t groups) {
+    const mmgrad::math::StatsLayout L{m, groups};
+    pybind11::dict d;
+    d["sum_sq"] = L.sum_sq(), d["out_sq"] = L.out_sq(), d["nonfinite"] = L.nonfinite(), d["u_sum"] = L.u_sum();
+    d["conflict_sum"] = L.conflict_sum(), d["share_count"] = L.share_count(), d["share_sum"] = L.share_sum();
+    d["gram"] = L.gram(), d["size"] = L.size();
+    return d;
   });
   // The GPU backends' MOO solver (mmgrad_math.h's interior-point method), compiled for the
   // CPU so that the tests can hold it against the reference; the cpu backend solves with Wolfe.

@@ -44,19 +44,7 @@ struct ChunkPlan {
   }
 };
 
-// Layout of the float64 statistics vector the step kernels return (also read by Python).
-struct StatsLayout {
-  int64_t m, groups;
-  int64_t gram() const { return 0; }
-  int64_t sum_sq() const { return groups * m * m; }
-  int64_t out_sq() const { return sum_sq() + 1; }
-  int64_t nonfinite() const { return sum_sq() + 2; }
-  int64_t u_sum() const { return sum_sq() + 3; }
-  int64_t conflict_sum() const { return sum_sq() + 4; }
-  int64_t share_count() const { return sum_sq() + 5; }
-  int64_t share_sum() const { return sum_sq() + 6; }
-  int64_t size() const { return share_sum() + m; }
-};
+using math::StatsLayout;  // the step kernels' statistics (mmgrad_math.h)
 
 // Chunks per block of the reduction: the statistics are summed chunk by chunk within a
 // block, and the blocks' sums in block order, so the result does not depend on how many

@@ -185,17 +185,21 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* me
   double* share_sum = st.share_sum;
   double* gram = st.gram;
 
-  const int stride = kScalarStats + mm + mm * mm;
-  double* part = partials + blockIdx.x * int64_t(stride);
-  const double scalars[kScalarStats] = {sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count};
+  const math::StatsLayout L{mm, 1};
+  double* part = partials + blockIdx.x * L.size();
+  using SL = math::StatsLayout;
+  const double scalars[SL::kScalars] = {sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count};
+  static_assert(SL::sum_sq() == 0 && SL::out_sq() == 1 && SL::nonfinite() == 2 && SL::u_sum() == 3 &&
+                    SL::conflict_sum() == 4 && SL::share_count() == 5,
+                "scalars[] is in StatsLayout's order");
 #pragma unroll
-  for (int q = 0; q < kScalarStats; ++q) {
+  for (int q = 0; q < SL::kScalars; ++q) {
     const double v = block_sum(scalars[q], scratch);
     if (threadIdx.x == 0) part[q] = v;
   }
   for (int k = 0; k < mm; ++k) {
     const double v = block_sum(share_sum[k], scratch);
-    if (threadIdx.x == 0) part[kScalarStats + k] = v;
+    if (threadIdx.x == 0) part[SL::share_sum() + k] = v;
   }
   if (M > 0) {
     int p = 0;
@@ -204,7 +208,7 @@ __global__ void bogc_step_kernel(const scalar_t* __restrict__ g, const float* me
 #pragma unroll
       for (int j = i; j < M; ++j) {
         const double v = block_sum(gram[p++], scratch);
-        if (threadIdx.x == 0) part[kScalarStats + M + i * M + j] = part[kScalarStats + M + j * M + i] = v;
+        if (threadIdx.x == 0) part[L.gram() + i * M + j] = part[L.gram() + j * M + i] = v;
       }
   }
 }

@@ -13,9 +13,7 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Statistics layout per block (as StatsLayout of the CPU kernels, Gram of one group):
-// [sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count, share_sum[M], gram[M*M]]
-constexpr int kScalarStats = 6;
+// Each block of the BOGC step writes one math::StatsLayout{m, 1} vector of partials.
 
 struct BogcStepArgs {
   int64_t n;

@@ -1,7 +1,9 @@
 """The ``cpu`` backend: checked Python wrappers around the C++/OpenMP kernels of ``mmgrad._C``.
 
 Same names, signatures and results as ``mmgrad.reference`` (SPEC.md §6). Reached through
-``mmgrad.ops``; the tiny M x M solves are the reference's host solvers.
+``mmgrad.ops``. ``moo_weights`` is csrc/mmgrad_math.h's solver, the one the GPU backends
+run, compiled for the host; the per-group host solves (``mgda_weights``, ...) have no
+kernel here and ``mmgrad.ops`` runs them on the reference.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import _validation as V
+from .._constants import CONFIDENCE_CODES, WEIGHT_CODES
 from ..backends import cpu_extension
 from ..reference.bogc import ema_weights, finish_output, raw_output
 from ..reference.finite import all_finite as exact_all_finite
-from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights, moo_weights  # host solves, shared
 from . import library  # noqa: F401 - registers the torch.library operators
+from . import stats as step_stats
 
 Tensor = torch.Tensor
 
@@ -29,15 +32,12 @@ __all__ = [
     "ds_combine",
     "ema_moments",
     "gram",
-    "mgda_weights",
-    "mimo_weights",
-    "mmpareto_weights",
     "moo_weights",
     "opinions",
 ]
+#: whether a step can run with no value read on the host (``sync_free=True``): the host is the device here
+SYNC_FREE = False
 
-_CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
-_WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 
 
 def _extension():
@@ -87,37 +87,6 @@ def _float_pair(*tensors: Tensor) -> Tuple[Tensor, ...]:
     for t in tensors:
         dt = torch.promote_types(dt, t.dtype)
     return tuple(t.to(dt).contiguous() for t in tensors)
-
-
-def _parse_stats(stats: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
-    """The step kernels' float64 vector ``[Gram (G*M*M) | sum_sq, out_sq, nonfinite,
-    u_sum, conflict_sum, share_count | share_sum (M)]`` (csrc/cpu/common.h StatsLayout) as
-    the reference's stats dict; the Triton backend reduces its partials to the same layout."""
-    g_end = groups * m * m
-    gram = stats[:g_end].view(groups, m, m)
-    rest = stats[g_end:]
-    share_count = rest[5]
-    return {
-        "gram": gram,
-        "sum_sq": rest[0],
-        "out_sq": rest[1],
-        "nonfinite": rest[2].to(torch.int64),
-        "uncertainty": rest[3] / max(n, 1),
-        "conflict": rest[4] / max(n, 1),
-        "weights": rest[6 : 6 + m] / share_count.clamp_min(1.0),
-        # unnormalised, so a caller can merge the weights of several calls (segments)
-        "share_sum": rest[6 : 6 + m],
-        "share_count": share_count,
-    }
-
-
-def stats_from_block_partials(parts: Tensor, m: int, groups: int, n: int) -> Dict[str, Tensor]:
-    """The GPU kernels' per-block partials ``G x blocks x [6 scalars | M shares | M*M Gram]``
-    summed on the device into the layout above, then parsed: no host synchronisation."""
-    scalars = 6
-    tot = parts.sum(dim=1)
-    flat = torch.cat([tot[:, scalars + m :].reshape(-1), tot[:, :scalars].sum(0), tot[:, scalars : scalars + m].sum(0)])
-    return _parse_stats(flat, m, groups, n)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:
@@ -180,8 +149,8 @@ def bogc_from_moments(
     mu, var = _float_pair(mu, var)
     n = mu.shape[1]
     out, fu, fbp, fbn = (torch.empty(n, dtype=mu.dtype) for _ in range(4))
-    stats = _kernels().bogc_from_moments(mu, var, out, fu, fbp, fbn, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
-    s = _parse_stats(stats, mu.shape[0], 1, n)
+    stats = _kernels().bogc_from_moments(mu, var, out, fu, fbp, fbn, gamma, eps, CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
+    s = step_stats.parse(stats, mu.shape[0], 1, n)
     return out, {"uncertainty": fu, "belief_pos": fbp, "belief_neg": fbn, "weights": s["weights"], "conflict": s["conflict"]}
 
 
@@ -219,8 +188,8 @@ def bogc_step(
     out = _check_out(out, g, unrounded=True)
     raw = raw_output(out)
     stats = _kernels().bogc_step(g, mean, var, mean_out, var_out, raw, off, step, beta, gamma, eps,
-                             _CONFIDENCE[confidence], _WEIGHTS[weights])
-    s = _parse_stats(stats, g.shape[0], off.numel() - 1, g.shape[1])
+                             CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
+    s = step_stats.parse(stats, g.shape[0], off.numel() - 1, g.shape[1])
     return finish_output(out, raw, s, rescale), mean_out, var_out, s
 
 
@@ -242,8 +211,8 @@ def bogc_sample_step(
     off = V.check_group_offsets(group_offsets, samples.shape[2])
     out = _check_out(out, samples[0], unrounded=True)
     raw = raw_output(out)
-    stats = _kernels().bogc_sample_step(samples, raw, off, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
-    s = _parse_stats(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
+    stats = _kernels().bogc_sample_step(samples, raw, off, gamma, eps, CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
+    s = step_stats.parse(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
     return finish_output(out, raw, s, rescale), s
 
 
@@ -297,3 +266,13 @@ def combine_and_gram(
     if with_gram:
         res["gram"] = stats[: groups * m * m].view(groups, m, m)
     return out, res
+
+
+def moo_weights(grams: Tensor, method: str, *, normalize: str = "none", losses=None, magnitude: float = 1.5) -> Tensor:
+    """The reference's ``moo_weights`` by csrc/mmgrad_math.h's interior-point solver (the
+    GPU backends' solver, docs/solver.md), for M <= 16 objectives."""
+    grams = V.check_float_tensor("grams", grams, dim=3)
+    if grams.device.type != "cpu":
+        raise ValueError(f"grams must be a CPU tensor for backend='cpu'; got one on {grams.device}")
+    codes = V.check_moo_call("cpu", grams, method, normalize, losses, magnitude)
+    return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)

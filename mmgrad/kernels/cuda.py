@@ -14,21 +14,17 @@ from typing import Optional
 import torch
 
 from .. import _validation as V
+from .._constants import CONFIDENCE_CODES, WEIGHT_CODES
 from ..backends import cuda_extension
-from ..reference.finite import all_finite  # noqa: F401
-from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
-from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
+from ..reference.finite import all_finite  # noqa: F401 - torch's fused multi-tensor max-norm: one launch
 from .gpu_ops import GpuOps
 
 Tensor = torch.Tensor
 
-__all__ = [  # the same functions as every backend; the element-wise ones are the reference's
-    "all_finite", "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram",
-    "ds_combine", "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "moo_weights", "opinions",
-]
-
-_CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
-_WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
+#: what this backend computes in its own kernels (mmgrad.ops runs the rest on the reference)
+__all__ = ["all_finite", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram", "gram", "moo_weights"]
+#: whether a step can run with no value read on the host (``sync_free=True``): not yet here
+SYNC_FREE = False
 
 
 def _ext():
@@ -92,7 +88,7 @@ def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha
     if commit is not None:
         raise ValueError("backend='cuda' has no commit-gated BOGC step; sync_free=True needs backend='triton'")
     return torch.ops.mmgrad.cuda_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, float(alpha[0]),
-                                      float(alpha[1]), gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights])
+                                      float(alpha[1]), gamma, eps, CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
 
 
 def _launch_combine(g, alpha, out, off, with_gram):

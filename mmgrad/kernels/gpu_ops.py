@@ -6,7 +6,7 @@ common part and calls a backend's three launchers:
 
 * ``bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha, commit,
   gamma, eps, confidence, weights) -> partials`` (``alpha``: ``(alpha, 1 - alpha)`` of
-  ``reference.bogc.ema_weights``, floats or 0-dim device tensors); (``G x blocks x [6 | M | M*M]``);
+  ``reference.bogc.ema_weights``, floats or 0-dim device tensors); (``G x blocks x step_stats.width(M)``, ``stats.py``);
 * ``combine(g, alpha, out, off, with_gram) -> partials`` (``G x blocks x [M*M | 1]``;
   ``alpha``/``out`` None for the Gram alone);
 * ``moo(grams, method, normalize, losses, magnitude) -> weights`` (``G x M``).
@@ -23,13 +23,9 @@ import torch
 
 from .. import _validation as V
 from ..reference.bogc import ema_weights, finish_output, raw_output
-from ..reference.moo import MOO_METHODS
-from .cpu import stats_from_block_partials
+from . import stats as step_stats
 
 Tensor = torch.Tensor
-NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
-#: The device MOO solvers hold one group's Gram matrix in registers.
-MOO_MAX_OBJECTIVES = 16
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ class GpuOps:
         out = torch.empty(g.shape[-1], dtype=g.dtype, device=g.device) if out is None else out
         raw = raw_output(out)
         parts = self.launch_bogc(g, *states, raw, off, samples, alpha, commit, gamma, eps, confidence, weights)
-        st = stats_from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
+        st = step_stats.from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
         return finish_output(out, raw, st, rescale), st
 
     # ----------------------------------------------------------- the functions
@@ -146,22 +142,6 @@ class GpuOps:
         checked for finiteness (that would synchronise): a non-finite Gram gives
         non-finite weights, which the sync-free step counts as a non-finite step.
         """
-        V.check_choice("method", method, MOO_METHODS)
-        V.check_choice("normalize", normalize, V.MGDA_NORMALIZATIONS)
-        magnitude = V.check_positive("magnitude", magnitude)
         grams = self.check("grams", grams, 3, contiguous=False)  # tiny: copied contiguous below
-        mm = grams.shape[1]
-        if grams.shape[2] != mm:
-            raise ValueError(f"grams must be G x M x M; got shape {tuple(grams.shape)}")
-        if mm > MOO_MAX_OBJECTIVES:
-            raise ValueError(f"the {self.name} solver takes M <= {MOO_MAX_OBJECTIVES} objectives; got {mm} (use backend='reference')")
-        if normalize == "loss":
-            if losses is None:
-                raise ValueError('losses must be given when normalize="loss"')
-            loss_t = torch.as_tensor(losses, dtype=torch.float64, device=grams.device).reshape(-1)
-            if loss_t.numel() != mm:
-                raise ValueError(f"losses must hold M={mm} values; got {loss_t.numel()}")
-        else:
-            loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
-        return self.launch_moo(grams.to(torch.float64).contiguous(), MOO_METHODS.index(method), NORMALIZE[normalize],
-                               loss_t.contiguous(), float(magnitude))
+        codes = V.check_moo_call(self.name, grams, method, normalize, losses, magnitude)
+        return self.launch_moo(grams.to(torch.float64).contiguous(), *codes)

@@ -16,7 +16,8 @@ L1/L2: DRAM still sees one read of G and the state.
 The MOO weights of every group are solved by one program each (``moo_weights``, the
 algorithm of csrc/mmgrad_math.h's solver). The pure element-wise functions
 (``ema_moments``, ``opinions``, ``ds_combine``, ``bogc_from_moments``) and the per-group
-host solves (``mgda_weights``, ...) run the reference's code. The argument checks are
+host solves (``mgda_weights``, ...) have no kernel here: ``mmgrad.ops`` runs them on the
+reference for CUDA tensors, and refuses ``backend="triton"`` for them. The argument checks are
 ``gpu_ops.GpuOps``, shared with the cuda backend; this module holds the kernels and
 their launches.
 """
@@ -30,6 +31,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from .. import _validation as V
+from .._constants import CONFIDENCE_CODES, EVIDENCE_MAX, MOO_GAP_TOL, MOO_METHODS, NORMALIZE_CODES, WEIGHT_CODES
 from ..backends import triton_too_old, triton_version
 
 _TOO_OLD = triton_too_old()
@@ -39,23 +41,19 @@ if _TOO_OLD:  # fail here, with the fix, never deep inside a kernel
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..reference.bogc import bogc_from_moments, ds_combine, ema_moments, opinions  # noqa: F401
-from ..reference.finite import all_finite  # noqa: F401
-from ..reference.moo import MGDA_GAP_TOL, MOO_METHODS, mgda_weights, mimo_weights, mmpareto_weights  # noqa: F401
+from ..reference.finite import all_finite  # noqa: F401 - torch's fused multi-tensor max-norm: one launch
+from . import stats as step_stats
 from .gpu_ops import GpuOps
 
 Tensor = torch.Tensor
 
-__all__ = [  # the same functions as every backend; the element-wise ones and the solves are the reference's
-    "all_finite", "bogc_from_moments", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram", "ds_combine",
-    "ema_moments", "gram", "mgda_weights", "mimo_weights", "mmpareto_weights", "moo_weights", "opinions",
-]
+#: what this backend computes in its own kernels (mmgrad.ops runs the rest on the reference)
+__all__ = ["all_finite", "bogc_sample_step", "bogc_step", "bogc_step_gated", "combine", "combine_and_gram", "gram",
+           "moo_weights"]
+#: whether a step can run with no value read on the host (``sync_free=True``)
+SYNC_FREE = True
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-EVIDENCE_MAX = 1e30
-SCALARS = 6  # sum_sq, out_sq, nonfinite, u_sum, conflict_sum, share_count (then shares M, Gram M*M)
-_CONFIDENCE = {name: i for i, name in enumerate(V.CONFIDENCE_MODES)}
-_WEIGHTS = {name: i for i, name in enumerate(V.WEIGHT_MODES)}
 
 # Ampere/Hopper: one coordinate per thread, 8 warps. With 4 per thread the BOGC kernel
 # spills registers from M = 4 on (its fold and Gram are float64), ptxas still spills a few
@@ -126,7 +124,7 @@ def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
     """SPEC §3.2-3.4 (mmgrad_math.h: precision, evidence, opinion) and the raw weight."""
     lam = tl.where((mu != 0.0) | (var != 0.0), 1.0 / (var + eps), 0.0)
     e = gamma * ((lam * mu) * mu)  # not mu^2: it overflows float32
-    e = tl.where(e < 1e30, e, 1e30)  # kEvidenceMax; an overflow to inf clamps too
+    e = tl.where(e < EVIDENCE_MAX_C, e, EVIDENCE_MAX_C)  # an overflow to inf clamps too
     inv_strength = 1.0 / (e + 2.0)  # one division for b and u, as mmgrad_math.h
     b = e * inv_strength
     b_pos = tl.where(mu > 0.0, b, 0.0)
@@ -215,11 +213,11 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
         scale = f_lo + f_hi  # = 1 - u, without cancellation when u ~ 1
     else:
         scale = tl.full([BLOCK], 1.0, tl.float32)
-    row = part_ptr + pid * (SCALARS_C + M + M * M)
+    row = part_ptr + pid * (ST_SHARES + M + M * M)  # one stats.py vector per block
     fused_u = ((a_lo * c_hi) * _pow2(hi_exp)) * inv
-    tl.store(row + 3, tl.sum(tl.where(mask, fused_u, 0.0).to(tl.float64), axis=0))
-    tl.store(row + 4, tl.sum(tl.where(mask, bp * bn, 0.0).to(tl.float64), axis=0))  # the conflict mass
-    tl.store(row + 5, tl.sum(tl.where(mask & (w_sum > 0.0), 1.0, 0.0).to(tl.float64), axis=0))
+    tl.store(row + ST_U_SUM, tl.sum(tl.where(mask, fused_u, 0.0).to(tl.float64), axis=0))
+    tl.store(row + ST_CONFLICT_SUM, tl.sum(tl.where(mask, bp * bn, 0.0).to(tl.float64), axis=0))  # the conflict mass
+    tl.store(row + ST_SHARE_COUNT, tl.sum(tl.where(mask & (w_sum > 0.0), 1.0, 0.0).to(tl.float64), axis=0))
     weighted_mu = tl.zeros([BLOCK], dtype=tl.float32)
     n_reach = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float64)
@@ -234,7 +232,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
         total += mu.to(tl.float64)
         share = tl.where(w_sum > 0.0, w / tl.where(w_sum > 0.0, w_sum, 1.0), 0.0)
         weighted_mu += share * mu
-        tl.store(row + SCALARS_C + k, tl.sum(tl.where(mask, share, 0.0).to(tl.float64), axis=0))
+        tl.store(row + ST_SHARES + k, tl.sum(tl.where(mask, share, 0.0).to(tl.float64), axis=0))
         for j in tl.static_range(M):  # the Gram row k of this block, in float64
             if j >= k:
                 if j == k:
@@ -244,14 +242,14 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
                 else:
                     other, _v = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, j, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
                 kk = tl.sum(tl.where(mask, mu.to(tl.float64) * other.to(tl.float64), 0.0), axis=0)
-                tl.store(row + SCALARS_C + M + k * M + j, kk)
-                tl.store(row + SCALARS_C + M + j * M + k, kk)
+                tl.store(row + ST_SHARES + M + k * M + j, kk)
+                tl.store(row + ST_SHARES + M + j * M + k, kk)
     res = scale * (n_reach * weighted_mu)
     tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
     res64 = res.to(tl.float64)
-    tl.store(row + 0, tl.sum(tl.where(mask, total * total, 0.0), axis=0))
-    tl.store(row + 1, tl.sum(tl.where(mask, res64 * res64, 0.0), axis=0))
-    tl.store(row + 2, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
+    tl.store(row + ST_SUM_SQ, tl.sum(tl.where(mask, total * total, 0.0), axis=0))
+    tl.store(row + ST_OUT_SQ, tl.sum(tl.where(mask, res64 * res64, 0.0), axis=0))
+    tl.store(row + ST_NONFINITE, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -281,7 +279,11 @@ def _combine_gram_kernel(g_ptr, alpha_ptr, out_ptr, part_ptr, n, lo, hi,
     tl.store(row + M * M, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
 
 
-SCALARS_C = tl.constexpr(SCALARS)
+# the offsets of the statistics vector (stats.py, csrc/mmgrad_math.h StatsLayout)
+ST_SUM_SQ, ST_OUT_SQ, ST_NONFINITE, ST_U_SUM, ST_CONFLICT_SUM, ST_SHARE_COUNT = (
+    tl.constexpr(step_stats.OFFSET[name]) for name in step_stats.SCALARS)
+ST_SHARES = tl.constexpr(step_stats.SHARES)
+EVIDENCE_MAX_C = tl.constexpr(EVIDENCE_MAX)
 _BOGC_KERNEL = _bogc_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "SOURCE"])(_bogc_kernel)
 _BOGC_KERNEL_WIDE = _bogc_kernel if INTERPRET else triton.autotune(_WIDE_CONFIGS, key=["M", "SOURCE"])(_bogc_kernel)
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
@@ -320,7 +322,7 @@ def _partials(like: Tensor, bounds: List[int], width: int) -> Tensor:
 
 
 def _bogc_width(g: Tensor) -> int:
-    return SCALARS + g.shape[-2] + g.shape[-2] ** 2
+    return step_stats.width(g.shape[-2])
 
 
 def _fake_bogc(g, mean, var, mean_out, var_out, raw, group_offsets, *rest):
@@ -381,7 +383,7 @@ def _launch_bogc(g, mean_in, var_in, mean_out, var_out, raw, off, samples, alpha
     unused = g.new_empty(0, dtype=torch.float32)
     return torch.ops.mmgrad.triton_bogc(g, mean_in, var_in, unused if in_place else mean_out,
                                         unused.clone() if in_place else var_out, raw, off.tolist(), samples, alpha,
-                                        commit, gamma, eps, _CONFIDENCE[confidence], _WEIGHTS[weights], in_place)
+                                        commit, gamma, eps, CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights], in_place)
 
 
 def _launch_combine(g, alpha, out, off, with_gram):
@@ -394,7 +396,6 @@ def _launch_combine(g, alpha, out, off, with_gram):
 #: MOO_GAP_TARGET or after MOO_ITERATIONS (the proof's bound at M = 16).
 MOO_ITERATIONS = 150
 MOO_BISECTIONS = 30
-MOO_GAP_TOL = MGDA_GAP_TOL  # SPEC §4's certificate, relative to max_m K_mm
 MOO_GAP_TARGET = MOO_GAP_TOL / 8  # where the solver stops: margin for the caller's rounding
 _MOO_WIDE = tl.constexpr(0.5)  # the predictor's neighbourhood ||a s - mu|| <= 0.5 mu (the corrector's is 0.25)
 
@@ -556,7 +557,7 @@ MOO_MAXNREG = 128
 def _moo_op(grams: Tensor, method: int, normalize: int, losses: Tensor, magnitude: float) -> Tensor:
     """The ``G x M`` weights of MOO method ``method`` (index in ``MOO_METHODS``) from
     ``G x M x M`` float64 Gram matrices, one program per group."""
-    if method not in range(len(MOO_METHODS)) or normalize not in (0, 1, 2):
+    if method not in range(len(MOO_METHODS)) or normalize not in NORMALIZE_CODES.values():
         raise ValueError(f"method code {method} / normalize code {normalize}: the solver knows methods "
                          f"{dict(enumerate(MOO_METHODS))} and normalize 0-2")
     groups, mm = grams.shape[0], grams.shape[1]

@@ -13,9 +13,9 @@ import torch
 
 from .. import _validation as V
 
-# Evidence is clamped here so that every opinion keeps u > 0 in float32: the
+# Evidence is clamped to EVIDENCE_MAX so that every opinion keeps u > 0 in float32: the
 # Dempster-Shafer fold then never divides 0 by 0 (mmgrad's choice; README, "Spec notes").
-EVIDENCE_MAX = 1e30
+from .._constants import EVIDENCE_MAX
 
 Tensor = torch.Tensor
 

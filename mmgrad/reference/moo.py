@@ -16,8 +16,10 @@ from .. import _validation as V
 
 Tensor = torch.Tensor
 
+from .._constants import MOO_GAP_TOL as MGDA_GAP_TOL  # noqa: E402 - duality gap, relative to max_i K_ii
+from .._constants import MOO_METHODS
+
 MGDA_MAX_ITER = 1000
-MGDA_GAP_TOL = 1e-7  # duality gap, relative to max_i K_ii (SPEC §4)
 
 
 def gram(g: Tensor, *, group_offsets: Tensor | None = None) -> Tensor:
@@ -173,9 +175,6 @@ def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
     boost = max(1.0, float(np.sqrt(sum_sq / c_sq))) if c_sq > 0 else 1.0
     w[active] = c * boost * magnitude
     return torch.from_numpy(w).to(gram.device)
-
-
-MOO_METHODS = ("mgda", "mmpareto")
 
 
 def moo_weights(grams: Tensor, method: str, *, normalize: str = "none", losses: Tensor | Sequence[float] | None = None,

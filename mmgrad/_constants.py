@@ -1,0 +1,34 @@
+"""The numbers and option codes every backend shares, defined once.
+
+The C++ and CUDA kernels read theirs from ``csrc/mmgrad_math.h``; the CPU extension
+exports the header's values and ``tests/test_kernels_cpu.py`` holds these against them.
+The Triton kernels and the reference import them from here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+#: Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32 (README, spec notes)
+EVIDENCE_MAX = 1e30
+#: SPEC §4's certificate for the min-norm solve: the duality gap, relative to max_m K_mm
+MOO_GAP_TOL = 1e-7
+#: The device MOO solver holds one group's Gram matrix in registers: at most this many objectives
+MOO_MAX_OBJECTIVES = 16
+
+CONFIDENCE_MODES = ("belief", "certainty", "none")
+WEIGHT_MODES = ("belief", "precision")
+MGDA_NORMALIZATIONS = ("none", "l2", "loss")
+#: the Gramian methods the device solver knows, in the order of its method codes
+MOO_METHODS = ("mgda", "mmpareto")
+
+
+def _codes(names: Sequence[str]) -> Dict[str, int]:
+    return {name: code for code, name in enumerate(names)}
+
+
+#: each option's integer code in the kernels (mmgrad_math.h's enums)
+CONFIDENCE_CODES = _codes(CONFIDENCE_MODES)
+WEIGHT_CODES = _codes(WEIGHT_MODES)
+NORMALIZE_CODES = _codes(MGDA_NORMALIZATIONS)
+MOO_METHOD_CODES = _codes(MOO_METHODS)
