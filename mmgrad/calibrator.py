@@ -135,7 +135,10 @@ class FusedCalibrator:
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.backend = backend
         self._ops = backend_module(backend, self.device)
-        self.backend_name = self._ops.__name__.rsplit(".", 1)[-1]
+        self.backend_name: str = self._ops.NAME
+        why_not = METHODS[method].unsupported(self._ops, num_objectives)
+        if why_not:
+            raise ValueError(f"method={method!r} cannot run on backend {self.backend_name!r}: {why_not}")
         self.sync_free = self.options["sync_free"]
         if self.sync_free:
             if not METHODS[method].sync_free:

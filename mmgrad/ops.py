@@ -86,8 +86,7 @@ def _dispatching(name: str) -> Callable[..., Any]:
         module = backend_module(backend, _device_of(args, kwargs))
         if not implements(module, name):
             if backend != "auto":  # never the reference under a kernel backend's name
-                short = module.__name__.rsplit(".", 1)[-1].replace("triton_kernels", "triton")
-                raise NotImplementedError(f"backend {short!r} has no kernel for {name}; it computes "
+                raise NotImplementedError(f"backend {module.NAME!r} has no kernel for {name}; it computes "
                                           f"{', '.join(module.__all__)}. backend='reference' (or 'auto') runs "
                                           f"{name} in plain PyTorch on any device")
             module = reference

@@ -63,7 +63,7 @@ def pytest_configure(config) -> None:
 
 def builtin_methods() -> list[str]:
     """mmgrad's own methods (a test may register a toy Weighting of its own)."""
-    return sorted(n for n, c in mmgrad.methods.METHODS.items() if c.__module__.startswith("mmgrad.methods."))
+    return list(mmgrad.methods.BUILTIN)
 
 
 def kernel_backends() -> list[str]:

@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-METHODS = ("bogc", "mgda", "mmpareto", "mimo", "ogm", "sum", "mean")
-
 
 def small_step(method: str, backend: str, device, sync_free: bool = False) -> None:
     import torch
@@ -57,11 +55,11 @@ def main(argv=None) -> int:
         print(f"gpu_small_steps: no GPU backend runs on {device} here", file=sys.stderr)
         return 1
     for backend in names:
-        for method in METHODS:
+        for method in mmgrad.methods.BUILTIN:
             small_step(method, backend, device)
             print(f"{backend} {method}: one step", flush=True)
         if backend == "triton" and device.type == "cuda":
-            for method in ("bogc", "mgda", "mimo"):
+            for method in (m for m in mmgrad.methods.BUILTIN if mmgrad.methods.METHODS[m].sync_free):
                 small_step(method, backend, device, sync_free=True)
                 print(f"{backend} {method} sync_free: one step", flush=True)
     return 0

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The tests a mutation must fail, fastest-to-fail first (``-x`` stops at the first).
 TESTS = ["tests/test_options.py", "tests/test_pytorch_habits.py", "tests/test_calibrator.py", "tests/test_layout.py",
          "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py", "tests/test_dcp.py",
-         "tests/test_norm_matching.py"]
+         "tests/test_norm_matching.py", "tests/test_kernels_cpu.py", "tests/test_weighting.py"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ MUTATIONS = [
     Mutation("bogc ignores rescale", "mmgrad/methods/_bogc.py", 'if o["rescale"]:', "if True:"),
     Mutation("mgda ignores normalize", "mmgrad/methods/_moo.py", 'normalize=self.options["normalize"], losses=loss',
              'normalize="none", losses=None'),
-    Mutation("lagged is ignored", "mmgrad/methods/_moo.py", 'lagged = ctx.layout, self.options["lagged"]',
+    Mutation("lagged is ignored", "mmgrad/methods/_weighting.py", 'lagged = ctx.layout, self.options["lagged"]',
              "lagged = ctx.layout, False"),
     Mutation("mmpareto ignores magnitude", "mmgrad/methods/_moo.py", 'magnitude=self.options["magnitude"]',
              "magnitude=1.5"),
@@ -88,6 +88,14 @@ MUTATIONS = [
     Mutation("errors number named parameters", "mmgrad/params.py", 'if name:\n        return f"{name!r}', 'if False:\n        return f"{name!r}'),
     Mutation("unfreezing is not warned about", "mmgrad/calibrator.py", "            if names:\n                warnings.warn(",
              "            if False:\n                warnings.warn("),
+    Mutation("a named backend without a kernel runs the reference", "mmgrad/ops.py", 'if backend != "auto":',
+             "if False:"),
+    Mutation("a method's declared kernels and limits are not checked", "mmgrad/calibrator.py", "        if why_not:\n",
+             "        if False:\n"),
+    Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
+             "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
+             "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "
+             "losses=losses, magnitude=magnitude)"),
 ]
 
 

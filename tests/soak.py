@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import mmgrad
-from mmgrad.methods import METHODS
+from mmgrad.methods import BUILTIN, METHODS
 from mmgrad.tools.bench_step import M, UCI_DIMS, make_model
 
 NAN_EVERY, OVERFLOW_EVERY, ACCUMULATE_EVERY, BATCH = 97, 89, 5, 32
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python tests/soak.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--segment", type=int, default=400, help="steps per process between checkpoints")
-    p.add_argument("--methods", default=",".join(sorted(METHODS)))
+    p.add_argument("--methods", default=",".join(sorted(BUILTIN)))
     p.add_argument("--hidden", type=int, default=128, help="the bench model's encoder width (its full size: 2048)")
     p.add_argument("--embed", type=int, default=48, help="the bench model's embedding (its full size: 704)")
     p.add_argument("--seed", type=int, default=0)

@@ -107,3 +107,40 @@ def test_the_builtin_weightings_formula_is_the_reference(gen, method):
     grams = a @ a.transpose(1, 2)
     got = cls(dict(cls.defaults), None).weights(grams, torch.ones(3, dtype=torch.float64))
     assert torch.allclose(got, R.moo_weights(grams, method), rtol=0, atol=1e-12)
+
+
+def test_the_calibrator_reads_each_methods_declared_kernels_and_limits():
+    """A method says which backend functions its step calls (``kernels``) and its limits
+    (``unsupported``); the calibrator refuses, at construction and naming both, a backend
+    that cannot run it, instead of failing inside the first step."""
+    model = TwoView()
+
+    class NeedsOpinions(Weighting):
+        name = "test-needs-opinions"
+        kernels = (*Weighting.kernels, "opinions")
+
+        def weights(self, grams, losses):
+            return torch.full(grams.shape[:2], 1.0 / grams.shape[1], dtype=torch.float64)
+
+    register(NeedsOpinions)
+    try:
+        for backend in kernel_backends():
+            module = mmgrad.ops.backend_module(backend, torch.device("cpu"))
+            if mmgrad.ops.implements(module, "opinions"):
+                mmgrad.FusedCalibrator(model.groups(), 3, method="test-needs-opinions", backend=backend)
+            else:
+                with pytest.raises(ValueError, match=f"method='test-needs-opinions' cannot run on backend '{backend}': "
+                                                     "it has no kernel for opinions"):
+                    mmgrad.FusedCalibrator(model.groups(), 3, method="test-needs-opinions", backend=backend)
+    finally:
+        del METHODS["test-needs-opinions"]
+    # the device solver holds at most 16 objectives; the reference's Wolfe solver any M
+    params = [torch.nn.Parameter(torch.randn(4))]
+    for backend in kernel_backends():
+        with pytest.raises(ValueError, match=f"cannot run on backend '{backend}': its MOO solver takes at most 16 "
+                                             "objectives, not M = 17"):
+            mmgrad.FusedCalibrator(params, 17, method="mgda", backend=backend)
+    mmgrad.FusedCalibrator(params, 17, method="mgda", backend="reference")
+    assert {m: METHODS[m].family for m in mmgrad.methods.BUILTIN} == {
+        "bogc": "bogc", "mgda": "gramian", "mmpareto": "gramian", "mimo": "weighted", "ogm": "weighted",
+        "sum": "sum", "mean": "weighted"}

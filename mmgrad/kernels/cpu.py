@@ -14,6 +14,7 @@ import torch
 
 from .. import _validation as V
 from .._constants import CONFIDENCE_CODES, WEIGHT_CODES
+from .._constants import MOO_MAX_OBJECTIVES as _MOO_MAX_OBJECTIVES
 from ..backends import cpu_extension
 from ..reference.bogc import ema_weights, finish_output, raw_output
 from ..reference.finite import all_finite as exact_all_finite
@@ -35,8 +36,12 @@ __all__ = [
     "moo_weights",
     "opinions",
 ]
+#: the backend's name in ``backend=``
+NAME = "cpu"
 #: whether a step can run with no value read on the host (``sync_free=True``): the host is the device here
 SYNC_FREE = False
+#: the most objectives ``moo_weights`` solves (the solver holds a group's Gram in registers)
+MOO_MAX_OBJECTIVES = _MOO_MAX_OBJECTIVES
 
 
 

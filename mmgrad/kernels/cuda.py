@@ -15,6 +15,7 @@ import torch
 
 from .. import _validation as V
 from .._constants import CONFIDENCE_CODES, WEIGHT_CODES
+from .._constants import MOO_MAX_OBJECTIVES as _MOO_MAX_OBJECTIVES
 from ..backends import cuda_extension
 from ..reference.finite import all_finite  # noqa: F401 - torch's fused multi-tensor max-norm: one launch
 from .gpu_ops import GpuOps
@@ -23,8 +24,12 @@ Tensor = torch.Tensor
 
 #: what this backend computes in its own kernels (mmgrad.ops runs the rest on the reference)
 __all__ = ["all_finite", "bogc_sample_step", "bogc_step", "combine", "combine_and_gram", "gram", "moo_weights"]
+#: the backend's name in ``backend=``
+NAME = "cuda"
 #: whether a step can run with no value read on the host (``sync_free=True``): not yet here
 SYNC_FREE = False
+#: the most objectives ``moo_weights`` solves (the solver holds a group's Gram in registers)
+MOO_MAX_OBJECTIVES = _MOO_MAX_OBJECTIVES
 
 
 def _ext():

@@ -32,6 +32,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _validation as V
 from .._constants import CONFIDENCE_CODES, EVIDENCE_MAX, MOO_GAP_TOL, MOO_METHODS, NORMALIZE_CODES, WEIGHT_CODES
+from .._constants import MOO_MAX_OBJECTIVES as _MOO_MAX_OBJECTIVES
 from ..backends import triton_too_old, triton_version
 
 _TOO_OLD = triton_too_old()
@@ -50,8 +51,12 @@ Tensor = torch.Tensor
 #: what this backend computes in its own kernels (mmgrad.ops runs the rest on the reference)
 __all__ = ["all_finite", "bogc_sample_step", "bogc_step", "bogc_step_gated", "combine", "combine_and_gram", "gram",
            "moo_weights"]
+#: the backend's name in ``backend=``
+NAME = "triton"
 #: whether a step can run with no value read on the host (``sync_free=True``)
 SYNC_FREE = True
+#: the most objectives ``moo_weights`` solves (the solver holds a group's Gram in registers)
+MOO_MAX_OBJECTIVES = _MOO_MAX_OBJECTIVES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -8,7 +8,7 @@ method (Gram matrices in, weights out) derives ``Weighting`` and gives only its
 
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, Tuple, Type
 
 from ._base import Method, StepContext, StepResult
 from ._bogc import BOGC
@@ -19,6 +19,9 @@ from ._weighted import MIMO, Mean
 from ._weighting import Weighting
 
 METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (BOGC, MGDA, MMPareto, MIMO, OGM, Sum, Mean)}
+#: mmgrad's own methods, which the tools, benchmarks and tests run (``register`` adds to
+#: ``METHODS`` only)
+BUILTIN: Tuple[str, ...] = tuple(METHODS)
 
 
 def register(cls: Type[Method]) -> Type[Method]:
@@ -35,4 +38,4 @@ def register(cls: Type[Method]) -> Type[Method]:
     return cls
 
 
-__all__ = ["METHODS", "Method", "StepContext", "StepResult", "Weighting", "register"]
+__all__ = ["BUILTIN", "METHODS", "Method", "StepContext", "StepResult", "Weighting", "register"]

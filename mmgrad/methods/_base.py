@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..collect import GRADS
 from ..layout import Layout
+from ..ops import implements
 
 Tensor = torch.Tensor
 Flag = Union[bool, Tensor]  # a host bool, or a 0-dim device bool in the sync-free mode
@@ -62,6 +63,13 @@ class Method:
     row_state: Tuple[str, ...] = ()
     #: whether the step runs with ``sync_free=True`` (no value read on the host)
     sync_free: ClassVar[bool] = True
+    #: the fused pass the step is, which the benchmarks and the traffic model read: "bogc"
+    #: (rows and EMA state read once), "gramian" (the Gram, the weights, the combination:
+    #: rows read twice), "weighted" (weights from the losses, one combination), "sum"
+    #: (autograd's sum; no rows)
+    family: ClassVar[str] = "weighted"
+    #: the backend functions (``mmgrad.ops`` names) the step calls
+    kernels: ClassVar[Tuple[str, ...]] = ("combine_and_gram",)
 
     def __init__(self, options: Dict[str, Any], layout: Layout) -> None:
         self.options = options
@@ -70,6 +78,13 @@ class Method:
     @classmethod
     def check_options(cls, options: Dict[str, Any]) -> None:
         """Raise ValueError/TypeError naming the option that is wrong."""
+
+    @classmethod
+    def unsupported(cls, backend: ModuleType, num_objectives: int) -> Optional[str]:
+        """Why ``backend`` (an ``mmgrad.ops.backend_module``) cannot run this method with M
+        objectives, or None: by default, a function of ``kernels`` it has no kernel for."""
+        missing = [k for k in cls.kernels if not implements(backend, k)]
+        return f"it has no kernel for {', '.join(missing)}" if missing else None
 
     def step(self, ctx: StepContext) -> StepResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -27,6 +27,8 @@ STATE = ("mean", "var")
 
 class BOGC(Method):
     name = "bogc"
+    family = "bogc"
+    kernels = ("all_finite", "bogc_step", "bogc_sample_step")
     defaults = {"estimator": "ema", "beta": 0.9, "gamma": 1.0, "eps": 1e-8, "confidence": "belief",
                 "weights": "belief", "rescale": True, "state_dtype": torch.float32}
 

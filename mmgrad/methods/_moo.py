@@ -1,9 +1,11 @@
-"""MGDA and MMPareto (SPEC §4): Gramian weightings (``Weighting``) with the backends' own
-min-norm solvers (host Wolfe on the cpu backend, the device solver on triton and cuda)."""
+"""MGDA and MMPareto (SPEC §4): Gramian weightings (``Weighting``) solved by the backend's
+``moo_weights`` (csrc/mmgrad_math.h's interior-point solver on cpu and cuda, its Triton
+mirror on triton, Wolfe's method on the reference)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from types import ModuleType
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -15,10 +17,23 @@ from ._weighting import Weighting
 Tensor = torch.Tensor
 
 
-class MGDA(Weighting):
+class _DeviceSolved(Weighting):
+    """A weighting whose ``solve`` is the backend's ``moo_weights`` (sync-free on triton)."""
+
+    kernels = (*Weighting.kernels, "moo_weights")
+    sync_free = True
+
+    @classmethod
+    def unsupported(cls, backend: ModuleType, num_objectives: int) -> Optional[str]:
+        limit = getattr(backend, "MOO_MAX_OBJECTIVES", None)  # the reference's solver has none
+        if limit is not None and num_objectives > limit:
+            return f"its MOO solver takes at most {limit} objectives, not M = {num_objectives} (backend='reference' solves any M)"
+        return super().unsupported(backend, num_objectives)
+
+
+class MGDA(_DeviceSolved):
     name = "mgda"
     defaults = {"normalize": "none"}
-    sync_free = True
 
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:
@@ -33,10 +48,9 @@ class MGDA(Weighting):
         return ctx.ops.moo_weights(grams, "mgda", normalize=self.options["normalize"], losses=loss)
 
 
-class MMPareto(Weighting):
+class MMPareto(_DeviceSolved):
     name = "mmpareto"
     defaults = {"magnitude": 1.5}
-    sync_free = True
 
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:

@@ -12,6 +12,8 @@ from ._base import Method, StepContext, StepResult, all_ranks_ok, decide
 class Sum(Method):
     name = "sum"
     uses_rows = False
+    family = "sum"
+    kernels = ("all_finite",)
 
     def step(self, ctx: StepContext) -> StepResult:
         params = ctx.layout.params

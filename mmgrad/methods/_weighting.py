@@ -8,7 +8,7 @@ previous step's weights and takes the next Gram from the same read.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,8 @@ class Weighting(Method):
     """
 
     defaults: ClassVar[Dict[str, Any]] = {"lagged": False}
+    family: ClassVar[str] = "gramian"
+    kernels: ClassVar[Tuple[str, ...]] = ("gram", "combine_and_gram")
     #: whether ``weights`` (or ``solve``) runs without reading a value on the host
     sync_free: ClassVar[bool] = False
 

@@ -18,6 +18,8 @@ from .bogc import (
 )
 from .finite import all_finite
 
+#: the backend's name in ``backend=``
+NAME = "reference"
 #: no step on the reference runs without reading values on the host
 SYNC_FREE = False
 from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights,

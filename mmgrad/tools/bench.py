@@ -2,11 +2,12 @@
 reference, ``torch.compile(reference)`` and (mgda) TorchJD's ``MGDA``, measured in one
 run; a log-log scaling plot; then the end-to-end training step (``bench_step``).
 
-Bytes a fused step must move (fp32 gradients G of shape M x N):
+Bytes a fused step must move (fp32 gradients G of shape M x N), by the method's family:
   bogc      read G, read and write the 2 x M x N float32 EMA moments, write N outputs;
-  mgda, mmpareto  read G twice (the Gram, then the combination: the weights depend on
-            the whole Gram), write N;
-  mimo, sum read G once, write N (weights from the losses / equal weights).
+  gramian   (mgda, mmpareto) read G twice (the Gram, then the combination: the weights
+            depend on the whole Gram), write N;
+  weighted  (mimo, mean, ogm) read G once, write N (weights from the losses);
+  sum       read G once, write N.
 The memcpy baseline reads and writes as many bytes in total; "% of memcpy" is
 t_memcpy / t_step. Times are medians after a warm-up; the machine is shared and noisy,
 so only ratios measured in one run mean anything.
@@ -28,10 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import ops, reference
-from ..reference.moo import mgda_weights, mimo_weights, mmpareto_weights
+from ..methods import BUILTIN
+from ..methods import METHODS as REGISTRY
+from ..reference.moo import mimo_weights
 from . import describe
 
-METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum")
+METHODS = BUILTIN  # the registry's own methods
 
 # Eager/compiled reference only where their float64 temporaries fit in memory.
 MAX_REFERENCE_ELEMENTS = 2**25
@@ -80,57 +83,54 @@ class Case:
     torchjd: Optional[Callable[[], object]] = None
 
 
+#: how many times a step of each family (``Method.family``) reads the M x N rows
+READS_OF_ROWS = {"bogc": 1, "gramian": 2, "weighted": 1, "sum": 1}
+
+
 def step_bytes(method: str, m: int, n: int, dtype: torch.dtype = torch.float32) -> int:
+    """The bytes ``method``'s fused step must move: its family's reads of the rows, the EMA
+    state read and written (bogc), N outputs written."""
+    family = REGISTRY[method].family
     s = torch.empty(0, dtype=dtype).element_size()
-    reads_of_g = {"bogc": 1, "mgda": 2, "mmpareto": 2, "mimo": 1, "sum": 1}[method]
-    state = 2 * 2 * m * n * 4 if method == "bogc" else 0
-    return reads_of_g * m * n * s + state + n * s
+    state = 2 * 2 * m * n * 4 if family == "bogc" else 0
+    return READS_OF_ROWS[family] * m * n * s + state + n * s
 
 
 def _reference_bogc(g, m_state, v_state):
     return reference.bogc_step(g, m_state, v_state, 5)
 
 
-def _reference_gram_weighted(solve):
+def _reference_gramian(method: str):
     def run(g):
-        return reference.combine(g, solve(reference.gram(g)))
+        return reference.combine(g, reference.moo_weights(reference.gram(g)[None], method)[0])
     return run
 
 
-def _reference_mimo(g, losses):
-    return reference.combine(g, mimo_weights(losses))
+def _reference_weighted(g, weights):
+    return reference.combine(g, weights)
 
 
 def _reference_sum(g):
     return g.sum(dim=0)
 
 
-_REFERENCES: Dict[str, Callable[..., object]] = {
-    "bogc": _reference_bogc,
-    "mgda": _reference_gram_weighted(mgda_weights),
-    "mmpareto": _reference_gram_weighted(mmpareto_weights),
-    "mimo": _reference_mimo,
-    "sum": _reference_sum,
-}
-
-
-def make_case(method: str, m: int, n: int, backend: str = "cpu") -> Case:
-    """What the calibrator runs per step for ``method``, on fresh random fp32 gradients."""
+def make_case(method: str, m: int, n: int, backend: str = "cpu", device: str = "cpu") -> Case:
+    """What the calibrator runs per step for ``method`` (by its family), on fresh random
+    fp32 gradients on ``device``."""
+    family = REGISTRY[method].family
     gen = torch.Generator().manual_seed(0)
-    g = torch.randn(m, n, generator=gen)
-    out = torch.empty(n)
+    g = torch.randn(m, n, generator=gen).to(device)
+    out = torch.empty(n, device=device)
     nbytes = step_bytes(method, m, n)
-    if method == "bogc":
-        st = torch.randn(m, n, generator=gen)
+    if family == "bogc":
+        st = torch.randn(m, n, generator=gen).to(device)
         vst = st * st + 1.0
         mean_out, var_out = torch.empty_like(st), torch.empty_like(vst)
         fused = lambda: ops.bogc_step(g, st, vst, 5, mean_out=mean_out, var_out=var_out, out=out, backend=backend)
-        return Case(nbytes, fused, _REFERENCES[method], (g, st, vst))
-    if method in ("mgda", "mmpareto"):
-        solve = mgda_weights if method == "mgda" else mmpareto_weights
-
-        def fused():  # Gram kernel, M x M solve on the host, combination kernel
-            alpha = solve(ops.gram(g, backend=backend))
+        return Case(nbytes, fused, _reference_bogc, (g, st, vst))
+    if family == "gramian":
+        def fused():  # Gram kernel, the backend's M x M solve, combination kernel
+            alpha = ops.moo_weights(ops.gram(g, backend=backend)[None], method, backend=backend)[0]
             return ops.combine_and_gram(g, alpha, out=out, with_gram=False, backend=backend)
 
         torchjd = None
@@ -139,23 +139,24 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu") -> Case:
 
             aggregator = MGDA()
             torchjd = lambda: aggregator(g)
-        return Case(nbytes, fused, _REFERENCES[method], (g,), torchjd)
-    if method == "mimo":
+        return Case(nbytes, fused, _reference_gramian(method), (g,), torchjd)
+    if family == "weighted":  # one combination; the weights (from the losses) do not change its cost
         losses = torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
-        fused = lambda: ops.combine_and_gram(g, mimo_weights(losses), out=out, with_gram=False, backend=backend)
-        return Case(nbytes, fused, _REFERENCES[method], (g, losses))
-    ones = torch.ones(m, dtype=torch.float64)
+        weights = mimo_weights(losses).to(device)
+        fused = lambda: ops.combine_and_gram(g, weights, out=out, with_gram=False, backend=backend)
+        return Case(nbytes, fused, _reference_weighted, (g, weights))
+    ones = torch.ones(m, dtype=torch.float64, device=device)  # sum: the same pass with unit weights
     fused = lambda: ops.combine_and_gram(g, ones, out=out, with_gram=False, backend=backend)
-    return Case(nbytes, fused, _REFERENCES[method], (g,))
+    return Case(nbytes, fused, _reference_sum, (g,))
 
 
 _COMPILED: Dict[str, Callable[..., object]] = {}
 
 
-def _compiled(method: str) -> Callable[..., object]:
+def _compiled(method: str, reference_step: Callable[..., object]) -> Callable[..., object]:
     """One ``torch.compile`` per method's reference step, dynamic shapes (recompiles per M)."""
     if method not in _COMPILED:
-        _COMPILED[method] = torch.compile(_REFERENCES[method], dynamic=True)
+        _COMPILED[method] = torch.compile(reference_step, dynamic=True)
     return _COMPILED[method]
 
 
@@ -165,7 +166,7 @@ def bench_method(method: str, m: int, n: int, backend: str = "cpu", compare: boo
     row = Row(method, n, m, t, case.nbytes / t / 1e9, 100 * memcpy_seconds(case.nbytes) / t)
     if compare and m * n <= MAX_REFERENCE_ELEMENTS:
         row.x_eager = timeit(lambda: case.reference(*case.inputs), min_time=0.2, min_reps=2) / t
-        compiled = _compiled(method)
+        compiled = _compiled(method, case.reference)
         t0 = time.perf_counter()
         compiled(*case.inputs)
         row.compile_seconds = time.perf_counter() - t0

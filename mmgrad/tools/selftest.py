@@ -26,11 +26,10 @@ import torch
 from .. import ops
 from ..backends import backends
 from . import describe
-from .bench import step_bytes, timeit
+from .bench import METHODS, make_case, step_bytes, timeit
 from .verify import TOLERANCE, compare_all, random_case
 
 Tensor = torch.Tensor
-METHODS = ("bogc", "mgda", "mmpareto", "mimo", "sum")
 
 
 @dataclasses.dataclass
@@ -92,19 +91,6 @@ def _on(case, device: torch.device):
     return dataclasses.replace(case, **move)
 
 
-def _fused_step(method: str, backend: str, m: int, n: int, device: torch.device) -> Callable[[], object]:
-    g = torch.randn(m, n, device=device)
-    out = torch.empty(n, device=device)
-    if method == "bogc":
-        mom, sq = torch.zeros(m, n, device=device), torch.zeros(m, n, device=device)
-        return lambda: ops.bogc_step(g, mom, sq, 5, mean_out=mom, var_out=sq, out=out, backend=backend)
-    if method in ("mgda", "mmpareto"):
-        return lambda: ops.combine(g, ops.moo_weights(ops.gram(g, group_offsets=torch.tensor([0, n]), backend=backend),
-                                                      method, backend=backend)[0], out=out, backend=backend)
-    weights = torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
-    return lambda: ops.combine(g, weights, out=out, backend=backend)
-
-
 def check_speed(rep: Report, device: torch.device, quick: bool) -> None:
     sizes = (1 << 16, 1 << 18, 1 << 20) if quick else ((1 << 20, 1 << 22, 1 << 24) if device.type == "cpu"
                                                        else (1 << 22, 1 << 24, 1 << 26))
@@ -125,7 +111,7 @@ def check_speed(rep: Report, device: torch.device, quick: bool) -> None:
                 nbytes = step_bytes(method, m, n)
                 src = torch.ones(nbytes // 8, dtype=torch.float32, device=device)
                 dst = torch.ones_like(src)  # touched: the copy counts no page faults
-                step = _fused_step(method, b, m, n, device)
+                step = make_case(method, m, n, b, device).fused
                 t_step = timeit(lambda: (step(), _sync(device)), min_time=0.05 if quick else 0.3)
                 t_copy = timeit(lambda: (dst.copy_(src), _sync(device)), min_time=0.05 if quick else 0.3)
                 cells.append(f"{1e3 * t_step:8.2f} ms {100 * t_copy / t_step:5.0f} % cp")
