@@ -1,3 +1,3 @@
 """mmgrad's version: the one place it is written (setup.py reads this file, checkpoints carry it)."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

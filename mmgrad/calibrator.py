@@ -638,7 +638,7 @@ class FusedCalibrator:
                 return "unsharded" if shard is None else f"rank {shard['rank']} of {shard['world']}"
             raise ValueError(f"state shard: the state was saved {says(saved_shard)}, this calibrator is "
                              f"{says(self._shard_of)}; a sharded state resumes on the same rank of the same world size")
-        saved = state.get("options", {})
+        saved = METHODS[self.method].saved_options(state.get("options", {}))
         differ = sorted(k for k in saved if k not in _COMMON and (k not in self.options or saved[k] != self.options[k]))
         if differ:
             said = ", ".join(f"{k}={saved[k]!r} (this calibrator: {self.options.get(k, 'no such option')!r})" for k in differ)

@@ -58,12 +58,12 @@ class CalibratorState:
         # num_elements and group_offsets count whole parameters, sharded or not: world-size free
         out.update(format=FORMAT, version=local["version"], num_elements=local["num_elements"],
                    group_offsets=local["group_offsets"])
-        if hasattr(cal._method, "prev_alpha"):  # lagged MOO weights, G x M, the same on every rank
+        if hasattr(cal._method, "prev_alpha"):  # lagged MOO weights, the same on every rank
             # always a tensor, so that a loading calibrator's template has the key to load into
             prev = local.get("prev_alpha")
             out["has_prev_alpha"] = prev is not None
             out["prev_alpha"] = prev if prev is not None else torch.zeros(
-                lay.num_groups, lay.num_objectives, dtype=torch.float64, device=lay.device)
+                cal._method.weights_shape, dtype=torch.float64, device=lay.device)
         for name in cal._method.row_state:
             per_param = _dense_rows(lay, local[name], lay.buffer_dtype(name))
             for i, rows in enumerate(per_param):

@@ -69,6 +69,20 @@ class Segment:
     def numel(self) -> int:
         return self.hi - self.lo
 
+    @property
+    def tensor_offsets(self) -> Tensor:
+        """Local offsets of each parameter's range (int64, on the CPU): the segment cut per
+        tensor, as ``group_offsets`` cuts it per group."""
+        offsets = [0]
+        for shape in self.shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        return torch.tensor(offsets, dtype=torch.int64)
+
+    def parts(self, by: str) -> Tuple[List[int], Tensor]:
+        """The segment cut ``by`` "group" or "tensor": the parts' global indices (groups,
+        or parameters) and their local offsets."""
+        return (self.groups, self.group_offsets) if by == "group" else (self.index, self.tensor_offsets)
+
     def row_of(self, objective: int) -> Optional[int]:
         """Position of ``objective`` among the segment's rows, or None when it does not reach."""
         try:
@@ -327,8 +341,13 @@ class Layout:
         """Stored rows x elements: sum over segments of |R| * N_s."""
         return sum(len(seg.rows) * seg.numel for seg in self.segments)
 
-    def scatter_gram(self, seg: Segment, local: Tensor, into: Tensor) -> None:
-        """Add a segment's ``G_s x |R| x |R|`` Gram matrices to the global ``G x M x M``."""
+    def num_parts(self, by: str) -> int:
+        """How many groups (``by="group"``) or parameters (``"tensor"``) there are."""
+        return self.num_groups if by == "group" else len(self.params)
+
+    def scatter_gram(self, seg: Segment, local: Tensor, into: Tensor, by: str = "group") -> None:
+        """Add a segment's Gram matrices (one ``|R| x |R|`` per part, ``Segment.parts(by)``)
+        to the global ``parts x M x M``."""
         rows = torch.tensor(seg.rows, device=into.device)
-        for k, g in enumerate(seg.groups):
-            into[g].index_put_((rows[:, None], rows[None, :]), local[k].to(into.device), accumulate=True)
+        for k, part in enumerate(seg.parts(by)[0]):
+            into[part].index_put_((rows[:, None], rows[None, :]), local[k].to(into.device), accumulate=True)

@@ -91,3 +91,18 @@ def assert_bit_identical(a, b, where: str = "") -> None:
             assert_bit_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def tensor_offsets(params) -> torch.Tensor:
+    """Offsets of each parameter's range in the flat, given-order buffer."""
+    return torch.tensor([0, *torch.tensor([p.numel() for p in params]).cumsum(0).tolist()], dtype=torch.int64)
+
+
+def mmpareto_oracle(g: torch.Tensor, offsets: torch.Tensor, group_of, magnitude: float = 1.5):
+    """MMPareto's official step in float64 on the dense rows ``g`` (M x N, parameters in
+    order at ``offsets``): the reference's per-tensor weights, combined per tensor.
+    Returns (output, weights)."""
+    from mmgrad import reference as R
+
+    w = R.mmpareto_tensor_weights(R.gram(g, group_offsets=offsets), list(group_of), magnitude)
+    return R.combine(g, w, group_offsets=offsets), w

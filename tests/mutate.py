@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The tests a mutation must fail, fastest-to-fail first (``-x`` stops at the first).
 TESTS = ["tests/test_options.py", "tests/test_pytorch_habits.py", "tests/test_calibrator.py", "tests/test_layout.py",
          "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py", "tests/test_dcp.py",
-         "tests/test_norm_matching.py", "tests/test_kernels_cpu.py", "tests/test_weighting.py"]
+         "tests/test_norm_matching.py", "tests/test_kernels_cpu.py", "tests/test_weighting.py",
+         "tests/test_faithful.py"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ MUTATIONS = [
     Mutation("bogc ignores rescale", "mmgrad/methods/_bogc.py", 'if o["rescale"]:', "if True:"),
     Mutation("mgda ignores normalize", "mmgrad/methods/_moo.py", 'normalize=self.options["normalize"], losses=loss',
              'normalize="none", losses=None'),
-    Mutation("lagged is ignored", "mmgrad/methods/_weighting.py", 'lagged = ctx.layout, self.options["lagged"]',
-             "lagged = ctx.layout, False"),
+    Mutation("lagged is ignored", "mmgrad/methods/_weighting.py",
+             'lagged, by = ctx.layout, self.options["lagged"], self.scope', "lagged, by = ctx.layout, False, self.scope"),
     Mutation("mmpareto ignores magnitude", "mmgrad/methods/_moo.py", 'magnitude=self.options["magnitude"]',
              "magnitude=1.5"),
     Mutation("mimo ignores rho", "mmgrad/methods/_weighted.py", 'rho, tau = self.options["rho"], self.options["tau"]',
@@ -92,6 +93,8 @@ MUTATIONS = [
              "if False:"),
     Mutation("a method's declared kernels and limits are not checked", "mmgrad/calibrator.py", "        if why_not:\n",
              "        if False:\n"),
+    Mutation("mmpareto's magnitude rule per group, not per tensor", "mmgrad/methods/_moo.py",
+             'def scope(self) -> str:\n        return self.options["scope"]', 'def scope(self) -> str:\n        return "group"'),
     Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
              "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
              "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "

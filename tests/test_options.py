@@ -16,7 +16,7 @@ from mmgrad import reference as R
 from mmgrad.methods._ogm import ge_noise
 from mmgrad.verify import rel_err
 
-from conftest import kernel_backends
+from conftest import kernel_backends, mmpareto_oracle, tensor_offsets
 from toy_model import TwoView, batch
 
 STEPS = 3
@@ -26,7 +26,7 @@ CASES = [
     ("bogc", {"confidence": "certainty"}), ("bogc", {"confidence": "none"}), ("bogc", {"weights": "precision"}),
     ("bogc", {"rescale": False}),
     ("mgda", {"normalize": "l2"}), ("mgda", {"normalize": "loss"}), ("mgda", {"lagged": True}),
-    ("mmpareto", {"magnitude": 4.0}), ("mmpareto", {"lagged": True}),
+    ("mmpareto", {"magnitude": 4.0}), ("mmpareto", {"lagged": True}), ("mmpareto", {"scope": "group"}),
     ("mimo", {"rho": 0.2}), ("mimo", {"tau": 5.0}),
     ("ogm", {"alpha": 3.0}), ("ogm", {"unimodal": 0.7}), ("ogm", {"noise": False}), ("ogm", {"seed": 7}),
 ]
@@ -59,11 +59,16 @@ class Oracle:
                 confidence=o["confidence"], weights=o["weights"], rescale=o["rescale"], group_offsets=off)
             return out
         if self.method in ("mgda", "mmpareto"):
-            kw = {"normalize": o["normalize"], "losses": lv} if self.method == "mgda" else {"magnitude": o["magnitude"]}
-            fresh = R.moo_weights(R.gram(g, group_offsets=off), self.method, **kw)
+            if self.method == "mmpareto" and o["scope"] == "tensor":  # the official rule, per tensor
+                parts = self.tensor_offsets
+                _, fresh = mmpareto_oracle(g, parts, self.group_of, o["magnitude"])
+            else:
+                parts = off
+                kw = {"normalize": o["normalize"], "losses": lv} if self.method == "mgda" else {"magnitude": o["magnitude"]}
+                fresh = R.moo_weights(R.gram(g, group_offsets=off), self.method, **kw)
             alpha = self.prev if o["lagged"] and self.prev is not None else fresh
             self.prev = fresh  # lagged: the next step combines with these
-            return R.combine(g, alpha, group_offsets=off)
+            return R.combine(g, alpha, group_offsets=parts)
         if self.method == "mimo":
             return R.combine(g, R.mimo_weights(lv, o["rho"], o["tau"]).expand(groups, m).contiguous(), group_offsets=off)
         assert self.method == "ogm"
@@ -96,8 +101,9 @@ def _run(method, options, backend, gen_seed):
     sizes = [sum(p.numel() for p in grp) for grp in cal.groups]
     off = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
     oracle, default = Oracle(method, options, off), Oracle(method, {}, off)
-    for o in (oracle, default):  # OGM's noise is drawn per parameter
+    for o in (oracle, default):  # OGM's noise is drawn per parameter, MMPareto's rule applied per tensor
         o.index = {id(p): i for i, p in enumerate(params)}
+        o.tensor_offsets, o.group_of = tensor_offsets(params), cal.layout.group_of
         o.params_of_group = lambda grp: cal.groups[grp]
     gen = torch.Generator().manual_seed(gen_seed)
     for step in range(1, STEPS + 1):

@@ -80,6 +80,12 @@ class Method:
         """Raise ValueError/TypeError naming the option that is wrong."""
 
     @classmethod
+    def saved_options(cls, options: Dict[str, Any]) -> Dict[str, Any]:
+        """A checkpoint's options, with those its mmgrad did not write yet filled in as
+        they behaved then (so a changed default is noticed when it loads)."""
+        return dict(options)
+
+    @classmethod
     def unsupported(cls, backend: ModuleType, num_objectives: int) -> Optional[str]:
         """Why ``backend`` (an ``mmgrad.ops.backend_module``) cannot run this method with M
         objectives, or None: by default, a function of ``kernels`` it has no kernel for."""
@@ -155,26 +161,32 @@ def locate_nonfinite(layout: Layout) -> str:
     return "a per-objective gradient is not finite"
 
 
-def per_group_gram(ctx: StepContext) -> Tensor:
+def _zero_grams(lay: Layout, by: str) -> Tensor:
+    m = lay.num_objectives
+    return torch.zeros(lay.num_parts(by), m, m, dtype=torch.float64, device=lay.device)
+
+
+def per_group_gram(ctx: StepContext, by: str = "group") -> Tensor:
     """The ``G x M x M`` Gram matrices (float64) from every segment's rows, one read
-    (summed over the ranks when they are sharded)."""
+    (summed over the ranks when they are sharded); ``by="tensor"``: one per parameter,
+    ``P x M x M``, from the same read (a group's is the sum of its tensors')."""
     lay = ctx.layout
-    grams = torch.zeros(lay.num_groups, lay.num_objectives, lay.num_objectives, dtype=torch.float64, device=lay.device)
+    grams = _zero_grams(lay, by)
     for seg in lay.reached:
         if seg.numel:
-            lay.scatter_gram(seg, ctx.ops.gram(seg.buffers[GRADS], group_offsets=seg.group_offsets), grams)
+            lay.scatter_gram(seg, ctx.ops.gram(seg.buffers[GRADS], group_offsets=seg.parts(by)[1]), grams, by)
     return all_reduce_sum(ctx, [grams])[0]
 
 
-def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool,
+                     by: str = "group") -> Tuple[Tensor, Optional[Tensor]]:
     """``out = sum_m alpha[group, m] g_m`` over every segment (zeros where nothing reaches);
     returns the count of non-finite gradient entries and, ``with_gram``, the Gram
-    matrices from the same read (the lagged mode), both summed over sharded ranks."""
+    matrices from the same read (the lagged mode), both summed over sharded ranks.
+    ``by="tensor"``: ``alpha`` and the Gram matrices are per parameter (``P x M``)."""
     lay = ctx.layout
     nonfinite = torch.zeros((), dtype=torch.int64, device=lay.device)
-    grams = None
-    if with_gram:
-        grams = torch.zeros(lay.num_groups, lay.num_objectives, lay.num_objectives, dtype=torch.float64, device=lay.device)
+    grams = _zero_grams(lay, by) if with_gram else None
     alpha = alpha.to(lay.device)
     for seg in lay.segments:
         out = lay.out[seg.lo : seg.hi]
@@ -182,11 +194,12 @@ def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[
             out.zero_()
             continue
         rows = torch.tensor(seg.rows, device=lay.device)
-        a = alpha[torch.tensor(seg.groups, device=lay.device)].index_select(1, rows)
-        _, st = ctx.ops.combine_and_gram(seg.buffers[GRADS], a, group_offsets=seg.group_offsets, out=out, with_gram=with_gram)
+        parts, offsets = seg.parts(by)
+        a = alpha[torch.tensor(parts, device=lay.device)].index_select(1, rows)
+        _, st = ctx.ops.combine_and_gram(seg.buffers[GRADS], a, group_offsets=offsets, out=out, with_gram=with_gram)
         nonfinite = nonfinite + st["nonfinite"].to(lay.device)
         if with_gram:
-            lay.scatter_gram(seg, st["gram"], grams)
+            lay.scatter_gram(seg, st["gram"], grams, by)
     if with_gram:
         nonfinite, grams = all_reduce_sum(ctx, [nonfinite, grams])
     else:
@@ -194,9 +207,15 @@ def combine_segments(ctx: StepContext, alpha: Tensor, with_gram: bool) -> Tuple[
     return nonfinite, grams
 
 
-def weighted_diagnostics(alpha: Tensor, grams: Optional[Tensor]) -> Dict[str, Tensor]:
+def weighted_diagnostics(alpha: Tensor, grams: Optional[Tensor], group_of: Optional[List[int]] = None) -> Dict[str, Tensor]:
+    """What ``FusedCalibrator.diagnostics`` shows of a weighted step; with ``group_of``,
+    ``alpha`` and ``grams`` are per parameter (``tensor_weights``, and the groups' Gram
+    matrices summed from them)."""
     share = alpha / alpha.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    diag = {"weights": share.mean(dim=0), "group_weights": alpha}
+    diag = {"weights": share.mean(dim=0), "group_weights" if group_of is None else "tensor_weights": alpha}
+    if grams is not None and group_of is not None:
+        index = torch.tensor(group_of, device=grams.device)
+        grams = torch.zeros(max(group_of) + 1, *grams.shape[1:], dtype=grams.dtype, device=grams.device).index_add_(0, index, grams)
     if grams is not None:
         diag["gram"] = grams
     return diag

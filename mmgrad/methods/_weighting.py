@@ -81,36 +81,64 @@ class Weighting(Method):
                              f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
         return w.to(torch.float64)
 
+    @property
+    def scope(self) -> str:
+        """Where the weights apply: ``"group"`` (one M-vector per parameter group, from the
+        group's Gram), or ``"tensor"`` (one per parameter, from the group's Gram and the
+        parameter's own: ``solve_tensors``)."""
+        return "group"
+
+    @property
+    def weights_shape(self) -> tuple:
+        """``(parts, M)``: the shape of one step's weights (parts: groups or parameters)."""
+        return (self.layout.num_parts(self.scope), self.layout.num_objectives)
+
+    def solve_tensors(self, ctx: StepContext, group_grams: Tensor, tensor_grams: Tensor) -> Tensor:  # pragma: no cover
+        """``P x M`` per-parameter weights (``scope == "tensor"``)."""
+        raise NotImplementedError
+
+    def _solve(self, ctx: StepContext, grams: Tensor) -> Tensor:
+        """The weights of the scope's parts from their Gram matrices (NaN/inf zeroed in
+        the sync-free mode: the step's flag has already counted them)."""
+        grams = torch.nan_to_num(grams) if ctx.sync_free else grams
+        if self.scope == "group":
+            return self.solve(ctx, grams)
+        lay = ctx.layout
+        group_of = torch.tensor(lay.group_of, device=grams.device)
+        group_grams = torch.zeros(lay.num_groups, *grams.shape[1:], dtype=grams.dtype, device=grams.device)
+        return self.solve_tensors(ctx, group_grams.index_add_(0, group_of, grams), grams)
+
     def step(self, ctx: StepContext) -> StepResult:
-        lay, lagged = ctx.layout, self.options["lagged"]
+        lay, lagged, by = ctx.layout, self.options["lagged"], self.scope
         ok = torch.ones((), dtype=torch.bool, device=lay.device)
         grams = None
         if lagged and self.prev_alpha is not None:
             alpha = self.prev_alpha  # one read: combine with last step's weights, Gram for the next
         else:
-            grams = per_group_gram(ctx)
+            grams = per_group_gram(ctx, by)
             ok = torch.isfinite(grams).all()  # K_mm = sum g^2 is inf/NaN iff row m is
             if decide(ctx, ok) is False:
                 return StepResult(False, lambda: locate_nonfinite(lay))
-            alpha = self.solve(ctx, grams if not ctx.sync_free else torch.nan_to_num(grams))
-        nonfinite, next_grams = combine_segments(ctx, alpha, with_gram=lagged)
+            alpha = self._solve(ctx, grams)
+        nonfinite, next_grams = combine_segments(ctx, alpha, with_gram=lagged, by=by)
         ok = ok & (nonfinite == 0) & torch.isfinite(alpha).all()
         if decide(ctx, ok) is False:
             return StepResult(False, lambda: locate_nonfinite(lay))
         if lagged:
             grams = next_grams
-            fresh = self.solve(ctx, torch.nan_to_num(grams) if ctx.sync_free else grams)
+            fresh = self._solve(ctx, grams)
             self.prev_alpha = fresh if self.prev_alpha is None or not ctx.sync_free else torch.where(ok, fresh, self.prev_alpha)
-        return StepResult(ok, diagnostics=weighted_diagnostics(alpha, grams))
+        return StepResult(ok, diagnostics=weighted_diagnostics(alpha, grams, lay.group_of if by == "tensor" else None))
 
     def state_dict(self) -> Dict[str, Any]:
         return {} if self.prev_alpha is None else {"prev_alpha": self.prev_alpha.clone()}
 
     def check_state(self, state: Dict[str, Any], segments) -> None:
         prev = state.get("prev_alpha")
-        want = (self.layout.num_groups, self.layout.num_objectives)
+        want = self.weights_shape
         if prev is not None and (not isinstance(prev, Tensor) or tuple(prev.shape) != want):
-            raise ValueError(f"state prev_alpha must be the G x M = {want} lagged weights; got "
+            raise ValueError(f"state prev_alpha must be the {'G' if self.scope == 'group' else 'P'} x M = {want} lagged "
+                             "weights; got "
                              f"{tuple(prev.shape) if isinstance(prev, Tensor) else type(prev).__name__}")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

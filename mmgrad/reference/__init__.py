@@ -22,8 +22,8 @@ from .finite import all_finite
 NAME = "reference"
 #: no step on the reference runs without reading values on the host
 SYNC_FREE = False
-from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_weights, moo_weights,
-                  ogm_coefficients)
+from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_tensor_weights, mmpareto_weights,
+                  moo_weights, ogm_coefficients)
 
 __all__ = [
     "EVIDENCE_MAX",
@@ -39,6 +39,7 @@ __all__ = [
     "gram",
     "mgda_weights",
     "mimo_weights",
+    "mmpareto_tensor_weights",
     "mmpareto_weights",
     "moo_weights",
     "ogm_coefficients",

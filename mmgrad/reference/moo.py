@@ -150,8 +150,30 @@ def mgda_weights(gram: Tensor, normalize: str = "none", *, losses: Tensor | Sequ
     return torch.from_numpy(alpha).to(gram.device)
 
 
+def _mmpareto_direction(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The objectives that reach (``K_mm > 0``) and their direction weights ``c = n * alpha``:
+    uniform when every pair has a positive cosine, else MGDA's min-norm point."""
+    active = np.diag(k) > 0
+    n = int(active.sum())
+    if n == 0:
+        return active, np.zeros(0)
+    ka = k[np.ix_(active, active)]
+    d = np.sqrt(np.diag(ka))
+    cos = ka / np.outer(d, d)
+    alpha = np.full(n, 1.0 / n) if (cos > 0).all() else min_norm_solve(ka)
+    return active, n * alpha
+
+
+def _mmpareto_boost(k: np.ndarray, c: np.ndarray) -> float:
+    """MMPareto's magnitude rule: ``sum_m c_m g_m`` scaled up, never down, to ``||sum_m g_m||``
+    (``k``: their Gram matrix over the reaching objectives)."""
+    c_sq, sum_sq = c @ k @ c, k.sum()
+    return max(1.0, float(np.sqrt(sum_sq / c_sq))) if c_sq > 0 else 1.0
+
+
 def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
-    """MMPareto's combination weights for one parameter group (SPEC §4).
+    """MMPareto's combination weights for one parameter group, the rule applied once to the
+    whole group (``scope="group"``, mmgrad's variant; SPEC §4).
 
     Direction: uniform over the objectives that reach the group when every pair has
     a positive cosine, else MGDA's min-norm weights. Magnitude (MMPareto's rule):
@@ -160,21 +182,37 @@ def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
     """
     magnitude = V.check_positive("magnitude", magnitude)
     k = _check_gram(gram)
-    m = k.shape[0]
-    active = np.diag(k) > 0
-    n = int(active.sum())
-    w = np.zeros(m)
-    if n == 0:
-        return torch.from_numpy(w).to(gram.device)
-    ka = k[np.ix_(active, active)]
-    d = np.sqrt(np.diag(ka))
-    cos = ka / np.outer(d, d)
-    alpha = np.full(n, 1.0 / n) if (cos > 0).all() else min_norm_solve(ka)
-    c = n * alpha
-    c_sq, sum_sq = c @ ka @ c, ka.sum()
-    boost = max(1.0, float(np.sqrt(sum_sq / c_sq))) if c_sq > 0 else 1.0
-    w[active] = c * boost * magnitude
+    active, c = _mmpareto_direction(k)
+    w = np.zeros(k.shape[0])
+    if c.size:
+        w[active] = c * _mmpareto_boost(k[np.ix_(active, active)], c) * magnitude
     return torch.from_numpy(w).to(gram.device)
+
+
+def mmpareto_tensor_weights(tensor_grams: Tensor, group_of: Sequence[int], magnitude: float = 1.5) -> Tensor:
+    """MMPareto's weights as its official step computes them (``scope="tensor"``, the
+    default): the direction from each group's Gram matrix (the sum of its tensors'), the
+    magnitude rule per parameter tensor, from that tensor's own ``M x M`` Gram matrix.
+    ``tensor_grams``: ``P x M x M``; ``group_of[p]``: parameter p's group. Returns
+    ``P x M`` weights, ``out_p = sum_m w[p, m] g_m`` on parameter p.
+
+    >>> k = torch.tensor([[[4.0, -1.0], [-1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    >>> mmpareto_tensor_weights(k, [0, 0]).shape
+    torch.Size([2, 2])
+    """
+    magnitude = V.check_positive("magnitude", magnitude)
+    V.check_float_tensor("tensor_grams", tensor_grams, dim=3)
+    k = tensor_grams.detach().to("cpu", torch.float64).numpy()
+    if len(group_of) != k.shape[0]:
+        raise ValueError(f"group_of must name a group for each of the {k.shape[0]} tensors; got {len(group_of)}")
+    w = np.zeros(k.shape[:2])
+    for group in sorted(set(group_of)):
+        members = [p for p, g in enumerate(group_of) if g == group]
+        active, c = _mmpareto_direction(_check_gram(torch.from_numpy(sum(k[p] for p in members))))
+        for p in members:
+            if c.size:
+                w[p, active] = c * _mmpareto_boost(k[p][np.ix_(active, active)], c) * magnitude
+    return torch.from_numpy(w).to(tensor_grams.device)
 
 
 def moo_weights(grams: Tensor, method: str, *, normalize: str = "none", losses: Tensor | Sequence[float] | None = None,
