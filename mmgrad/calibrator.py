@@ -168,6 +168,7 @@ class FusedCalibrator:
         self._scaler: Any = None  # the GradScaler handed to backward(), for this step
         self._scaler_mark: Any = None  # its (scale, growth tracker) when it calibrated: update() changes them
         self._loss_sum: Optional[Tensor] = None
+        self._score_sum: Optional[Tensor] = None
         self._others: Dict[int, Tensor] = {}  # leaves outside the calibrator the losses reach
         self._reducing = False  # this step's all-reduces are launched, not yet waited for
         self._accumulating = False
@@ -267,7 +268,8 @@ class FusedCalibrator:
         finally:
             self._accumulating = previous
 
-    def backward(self, losses: Union[Sequence[Tensor], Tensor], scaler: Any = None) -> None:
+    def backward(self, losses: Union[Sequence[Tensor], Tensor], scaler: Any = None,
+                 scores: Optional[Union[Sequence[float], Tensor]] = None) -> None:
         """Add d loss_m / d params to the rows of objective m (each calibrated parameter it reaches).
 
         ``losses`` holds the M scalar losses (``[fusion, modality_1, ...]``); for
@@ -279,8 +281,13 @@ class FusedCalibrator:
         calibration runs at once on the unscaled gradients, because ``scaler.step``
         inspects ``.grad`` before ``optimizer.step()`` (README, "Mixed precision");
         to accumulate under a scaler, run the first micro-batches in ``accumulate()``.
+
+        ``scores``: per-view confidences for the methods that read them (``ogm``: the
+        summed true-class probabilities, ``mmgrad.methods.ogm_scores``), summed over
+        accumulated calls; a method that reads none refuses them.
         """
         rows = self._check_losses(losses)
+        scores = self._check_scores(scores)
         scaler = self._check_scaler(scaler)
         if scaler is not None and self.sync_free:
             raise ValueError("scaler: a GradScaler reads its scale on the host; it does not combine with sync_free=True")
@@ -306,6 +313,7 @@ class FusedCalibrator:
             self._watch_requires_grad()
         self._others.update((id(t), t) for t in others)
         self._record_losses(rows, samples, fresh=not accumulate)
+        self._record_scores(scores, fresh=not accumulate)
         if scaler is not None:
             rows = [scaler.scale(r) for r in rows]
         reduce = self._averager is not None and not self._accumulating
@@ -374,6 +382,30 @@ class FusedCalibrator:
             torch.distributed.all_reduce(values, group=self._group)
             values /= torch.distributed.get_world_size(self._group)
         self._loss_sum = values if fresh or self._loss_sum is None else self._loss_sum + values
+
+    def _check_scores(self, scores: Any) -> Optional[Tensor]:
+        if scores is None:
+            if self._phase == "pending" and self._score_sum is not None:
+                raise ValueError("scores: give them to every backward() of an accumulated step, or to none")
+            return None
+        if not self._method.takes_scores:
+            raise TypeError(f"scores: method {self.method!r} reads no scores (ogm does)")
+        t = torch.as_tensor(scores).detach()
+        if t.dim() != 1 or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"scores must be a 1-D sequence of real numbers; got shape {tuple(t.shape)}, {t.dtype}")
+        want = self._method.num_scores
+        if t.numel() != want:
+            raise ValueError(f"scores must hold {want} values (one per view of method {self.method!r}); got {t.numel()}")
+        if self._phase == "pending" and self._score_sum is None:
+            raise ValueError("scores: give them to every backward() of an accumulated step, or to none")
+        return t.to(device=self.device, dtype=torch.float64)
+
+    def _record_scores(self, scores: Optional[Tensor], fresh: bool) -> None:
+        """The scores a method reads: summed over accumulated calls and over ranks, as the
+        official scores are sums over the batch's samples."""
+        if scores is not None and self._group is not None:
+            torch.distributed.all_reduce(scores, group=self._group)
+        self._score_sum = scores if fresh or scores is None else self._score_sum + scores
 
     @property
     def _loss_values(self) -> Optional[Tensor]:
@@ -506,7 +538,8 @@ class FusedCalibrator:
         if self._method.uses_rows and scale * world != 1.0:  # one pass: average over ranks and unscale together
             torch._foreach_mul_(self.layout.buffers(GRADS), 1.0 / (scale * world))
         ctx = StepContext(self.layout, self._ops, self._loss_values, self._steps, self.sync_free,
-                          self._stats_group if self._method.uses_rows or self._fsdp is not None else None)
+                          self._stats_group if self._method.uses_rows or self._fsdp is not None else None,
+                          scores=self._score_sum if self._score_sum is None or self.sync_free else self._score_sum.cpu())
         result = self._method.step(ctx)
         self._diagnostics = result.diagnostics
         if self.sync_free:

@@ -36,7 +36,7 @@ from toy_model import TwoView, batch  # noqa: E402
 STEPS, FULL_BATCH, NAN_STEP, SPLIT = 10, 16, 3, 5
 # sharded setups split dim 0 over the ranks: 7 and 3 rows leave padded and (4 ranks) empty shards
 SIZES = {"hidden": 7, "extra": 3}
-OPTIONS = {"mmpareto": {"lagged": True}, "ogm": {"group_objectives": [1, 2, 1]}}
+OPTIONS = {"mmpareto": {"lagged": True}, "ogm": {"group_objectives": [1, 2, 1], "modulate": "all"}}
 
 
 def build(method: str, rank: int, world: int, wrap: str):

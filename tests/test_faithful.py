@@ -1,7 +1,8 @@
 """The baselines as their authors' code computes them: ``method="mmpareto"`` against a port
 of the official MMPareto training step (GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``),
-written here from reading it, on a small audio-visual model with convolutions, BatchNorm
-and linear layers, on every backend.
+and ``method="ogm"`` against a port of the official OGM-GE step (GeWu-Lab/OGM-GE_CVPR2022,
+``main.py``), each written here from reading the public code, on a small audio-visual
+model with convolutions, BatchNorm and linear layers, on every backend.
 
 The port: one backward per loss (fused, audio, visual), each encoder tensor's gradient
 kept per loss (float32, as autograd gives them to the calibrator too; the rule then in
@@ -15,13 +16,17 @@ tensor ``new = 2 k0 g_mm + 2 k1 g_uni``, ``r = ||summed grad|| / ||new||``, the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import mmgrad
+from mmgrad.methods import ogm_scores
+from mmgrad.methods._ogm import ge_noise
 from mmgrad.verify import rel_err
 
 from conftest import kernel_backends
@@ -172,3 +177,143 @@ def test_a_checkpoint_from_before_the_per_tensor_rule_resumes_only_its_own_rule(
     resumed = mmgrad.FusedCalibrator(groups(), 3, method="mmpareto", scope="group", lagged=True)
     resumed.load_state_dict(state)
     assert torch.equal(resumed._method.prev_alpha, old._method.prev_alpha)
+
+
+# ---------------------------------------------------------------------------------- OGM-GE
+class FusedAudioVisual(AudioVisual):
+    """OGM-GE's model: one fused linear head over the concatenated features; each
+    modality's logits are its half of that head (``a W_a^T + b / 2``), which score it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.head_audio, self.head_visual  # no unimodal heads
+
+    def forward(self, spec, image):
+        fa, fv = self.audio(spec), self.visual(image)
+        w, b = self.head.weight, self.head.bias
+        return self.head(torch.cat([fa, fv], dim=1)), fa @ w[:, :5].T + b / 2, fv @ w[:, 5:].T + b / 2
+
+
+def official_ogm_ge_step(model: FusedAudioVisual, data, alpha: float, noise: bool, seed: int = 0):
+    """The official OGM-GE step's gradients (float64): the fused loss alone is
+    backpropagated; the scores are each modality's summed true-class probability; the
+    dominant modality's convolution weights (4-D) are scaled by
+    ``1 - tanh(alpha * ratio)`` and, with GE, get ``N(0, std(unmodulated grad) + 1e-8)``.
+    The standard normal draws are mmgrad's (``ge_noise``, parameter by calibrator index,
+    step 1), so that both add the same noise; the official code draws from torch's RNG."""
+    spec, image, label = data
+    out, out_a, out_v = model(spec, image)
+    model.zero_grad()
+    nn.functional.cross_entropy(out, label).backward()
+    score_a = sum(torch.softmax(out_a, dim=1)[i, label[i]] for i in range(len(label)))
+    score_v = sum(torch.softmax(out_v, dim=1)[i, label[i]] for i in range(len(label)))
+    ratio_v = float((score_v / score_a).detach())
+    ratio_a = 1 / ratio_v
+    if ratio_v > 1:
+        coeff = {"audio": 1.0, "visual": 1 - math.tanh(alpha * max(ratio_v, 0.0))}
+    else:
+        coeff = {"audio": 1 - math.tanh(alpha * max(ratio_a, 0.0)), "visual": 1.0}
+    grads = {n: p.grad.detach().double() for n, p in model.named_parameters()}
+    index = {n: i for i, n in enumerate(n for n, _ in model.named_parameters() if n.split(".")[0] in coeff)}
+    for name, g in grads.items():
+        encoder = name.split(".")[0]
+        if encoder in coeff and g.dim() == 4:
+            grads[name] = g * coeff[encoder]
+            if noise:
+                draws = ge_noise(seed, 1, index[name], 0, g.numel(), "cpu").double().reshape(g.shape)
+                grads[name] = grads[name] + draws * (g.std() + 1e-8)
+    return grads, ratio_v
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+@pytest.mark.parametrize("noise", [False, True], ids=["ogm", "ogm-ge"])
+def test_ogm_with_scores_is_the_official_step(gen, backend, noise):
+    seed = int(torch.randint(0, 2**31, (), generator=gen))
+    for draw in range(4):
+        torch.manual_seed(seed + draw)
+        model = FusedAudioVisual()
+        port = copy.deepcopy(model)
+        data = batch(gen)
+        want, ratio = official_ogm_ge_step(port, data, alpha=0.8, noise=noise, seed=5)
+        cal = mmgrad.FusedCalibrator([{"params": model.audio.parameters()}, {"params": model.visual.parameters()}], 1,
+                                     method="ogm", alpha=0.8, noise=noise, seed=5, backend=backend)
+        out, out_a, out_v = model(data[0], data[1])
+        cal.backward([nn.functional.cross_entropy(out, data[2])], scores=ogm_scores([out_a, out_v], data[2]))
+        for name, p in model.named_parameters():
+            err = rel_err(p.grad.double(), want[name])
+            assert err <= 1e-6, f"draw {draw}, {name}: {err:.2e}"
+
+
+def test_ogm_modulates_and_noises_only_the_convolutions_by_default(gen):
+    """The official step leaves every tensor but the encoders' 4-D weights alone;
+    ``modulate="all"`` (mmgrad's variant) scales every encoder tensor."""
+    torch.manual_seed(0)
+    model = FusedAudioVisual()
+    data = batch(gen)
+    grads = {}
+    for modulate in ("conv", "all"):
+        net = copy.deepcopy(model)
+        cal = mmgrad.FusedCalibrator([{"params": net.audio.parameters()}, {"params": net.visual.parameters()}], 1,
+                                     method="ogm", alpha=2.0, noise=False, modulate=modulate)
+        out, out_a, out_v = net(data[0], data[1])
+        cal.backward([nn.functional.cross_entropy(out, data[2])], scores=ogm_scores([out_a, out_v], data[2]))
+        grads[modulate] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    plain = copy.deepcopy(model)
+    out, _, _ = plain(data[0], data[1])
+    nn.functional.cross_entropy(out, data[2]).backward()
+    k = cal.diagnostics["ogm_coefficients"]
+    assert float(k.min()) < 0.9 and float(k.max()) == 1.0  # one modality is modulated, the other not
+    for name, p in plain.named_parameters():
+        encoder = name.split(".")[0]
+        modulated = encoder in ("audio", "visual") and float(k[["audio", "visual"].index(encoder)]) < 1.0
+        assert torch.equal(grads["conv"][name], p.grad) == (not (modulated and p.dim() == 4)), name
+        assert torch.equal(grads["all"][name], p.grad) == (not modulated), name
+
+
+def test_ogm_scores_are_checked_and_named():
+    torch.manual_seed(0)
+    model = FusedAudioVisual()
+    groups = [{"params": model.audio.parameters()}, {"params": model.visual.parameters()}]
+    cal = mmgrad.FusedCalibrator(groups, 1, method="ogm")
+    out, _, _ = model(torch.randn(2, 1, 7, 9), torch.randn(2, 3, 6, 6))
+    loss = out.pow(2).mean()
+    with pytest.raises(ValueError, match="scores must hold 2 values"):
+        cal.backward([loss], scores=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="ogm with M = 1 needs the views' scores"):
+        cal.backward([loss])
+    model.zero_grad()
+    with pytest.raises(ValueError, match="with M = 1 each parameter group is its own view"):
+        mmgrad.FusedCalibrator([{"params": FusedAudioVisual().audio.parameters()}], 1, method="ogm", group_objectives=[1])
+    lin = torch.nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="scores: method 'mgda' reads no scores"):
+        mmgrad.FusedCalibrator(lin.parameters(), 2, method="mgda").backward(
+            [lin(torch.randn(4, 3)).mean(), lin(torch.randn(4, 3)).pow(2).mean()], scores=[1.0, 1.0])
+
+
+def test_ogm_scores_add_up_over_accumulated_micro_batches(gen):
+    """The official scores are sums over the batch's samples: two accumulated halves with
+    their own scores equal one backward of the whole batch with its scores."""
+    torch.manual_seed(0)
+    model = FusedAudioVisual()
+    twin = copy.deepcopy(model)
+    data = batch(gen, n=8)
+    halves = [tuple(t[:4] for t in data), tuple(t[4:] for t in data)]
+    kw = dict(method="ogm", alpha=1.5, seed=3)
+    cal = mmgrad.FusedCalibrator([{"params": model.audio.parameters()}, {"params": model.visual.parameters()}], 1, **kw)
+    one = mmgrad.FusedCalibrator([{"params": twin.audio.parameters()}, {"params": twin.visual.parameters()}], 1, **kw)
+    model.eval(), twin.eval()  # BatchNorm on running statistics: the halves then see what the whole batch sees
+    for k, (spec, image, label) in enumerate(halves):
+        out, out_a, out_v = model(spec, image)
+        step = cal.accumulate() if k == 0 else contextlib.nullcontext()
+        with step:
+            cal.backward([nn.functional.cross_entropy(out, label, reduction="sum") / 8],
+                         scores=ogm_scores([out_a, out_v], label))
+    out, out_a, out_v = twin(data[0], data[1])
+    one.backward([nn.functional.cross_entropy(out, data[2])], scores=ogm_scores([out_a, out_v], data[2]))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5, name
+    with cal.accumulate():
+        out, out_a, out_v = model(data[0], data[1])
+        cal.backward([nn.functional.cross_entropy(out, data[2])], scores=ogm_scores([out_a, out_v], data[2]))
+    with pytest.raises(ValueError, match="scores: give them to every backward"):
+        cal.backward([nn.functional.cross_entropy(model(data[0], data[1])[0], data[2])])

@@ -74,6 +74,8 @@ def test_calibrated_training_on_cuda_matches_the_reference_on_cpu(backend, metho
         opt = torch.optim.Adam(params, lr=1e-2, fused=device == "cuda") if sync_free else torch.optim.SGD(
             params, lr=0.1, momentum=0.9)
         kw = {"sync_free": True, "skip_nonfinite": True} if sync_free and device == "cuda" else {}
+        if method == "ogm":  # linear encoders: every tensor modulated, so the noise is exercised
+            kw["modulate"] = "all"
         cal = mmgrad.FusedCalibrator([{"params": [wa, ba]}, {"params": [wb, bb]}], 3, method=method, backend=b,
                                      **kw).attach(opt)
         gen = torch.Generator().manual_seed(1)

@@ -1,5 +1,8 @@
 """OGM-GE (SPEC §4): the reference against hand-worked cases, the calibrator on every
-backend against the dense computation, the GE noise reproducible and resumed exactly."""
+backend against the dense computation, the GE noise reproducible and resumed exactly.
+The model here is linear: ``modulate="all"`` makes every tensor modulated (and noised);
+the official defaults are held against a port of the official step in
+``tests/test_faithful.py``."""
 
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def _losses(model, gen):
 def test_calibrator_is_the_modulated_combination(gen, backend, unimodal):
     model = _model()
     cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", backend=backend, noise=False,
-                                 unimodal=unimodal, alpha=0.7)
+                                 unimodal=unimodal, alpha=0.7, modulate="all")  # the model has no convolution
     off = cal.group_offsets.tolist()
     for step in range(3):
         ls = _losses(model, gen)
@@ -89,7 +92,7 @@ def test_ge_noise_has_the_groups_spread_and_is_reproducible(gen):
     runs = {}
     for name, opts in (("quiet", {"noise": False}), ("a", {"seed": 3}), ("b", {"seed": 3}), ("c", {"seed": 4})):
         model = _model()
-        cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", **opts)
+        cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", modulate="all", noise_std="group", **opts)
         runs[name] = (_run(cal, model, torch.Generator().manual_seed(seed), 1)[0], cal.diagnostics)
         del cal
     quiet, noisy = runs["quiet"][0], runs["a"][0]
@@ -105,13 +108,13 @@ def test_ge_noise_has_the_groups_spread_and_is_reproducible(gen):
 def test_checkpoint_resumes_the_noise_exactly(gen):
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     model = _model()
-    cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11)
+    cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11, modulate="all")
     data = torch.Generator().manual_seed(seed)
     _run(cal, model, data, 3)
     state, data_state = cal.state_dict(), data.get_state()
     tail = _run(cal, model, data, 2)
     del cal
-    resumed = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11)
+    resumed = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11, modulate="all")
     resumed.load_state_dict(state)
     data.set_state(data_state)
     assert all(torch.equal(a, b) for a, b in zip(_run(resumed, model, data, 2), tail))
@@ -139,7 +142,7 @@ def test_a_skipped_step_leaves_the_next_steps_noise_as_it_was(gen):
     outs = []
     for poison in (False, True):
         model = _model()
-        cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11, skip_nonfinite=True)
+        cal = mmgrad.FusedCalibrator(model.param_groups(), 4, method="ogm", seed=11, skip_nonfinite=True, modulate="all")
         data = torch.Generator().manual_seed(seed)
         if poison:
             losses = _losses(model, data)

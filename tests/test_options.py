@@ -29,7 +29,10 @@ CASES = [
     ("mmpareto", {"magnitude": 4.0}), ("mmpareto", {"lagged": True}), ("mmpareto", {"scope": "group"}),
     ("mimo", {"rho": 0.2}), ("mimo", {"tau": 5.0}),
     ("ogm", {"alpha": 3.0}), ("ogm", {"unimodal": 0.7}), ("ogm", {"noise": False}), ("ogm", {"seed": 7}),
+    ("ogm", {"noise_std": "group"}), ("ogm", {"modulate": "conv"}),
 ]
+# TwoView has no convolution: OGM modulates every tensor here unless a case says otherwise
+OGM_BASE = {"modulate": "all"}
 
 
 def _ids(case):
@@ -74,20 +77,26 @@ class Oracle:
         assert self.method == "ogm"
         views = sorted(set(OGM_OBJECTIVES))
         k_view, _ = R.ogm_coefficients(lv[views], o["alpha"])
-        alpha = torch.zeros(groups, m, dtype=torch.float64)
-        for grp, view in enumerate(OGM_OBJECTIVES):
-            alpha[grp, 0] = k_view[views.index(view)]
-            alpha[grp, view] += o["unimodal"]
-        out = R.combine(g, alpha, group_offsets=off)
-        if o["noise"]:  # GE: N(0, sigma_g^2), sigma_g the group output's unbiased std
-            for grp in range(groups):
-                lo, hi = int(off[grp]), int(off[grp + 1])
-                sigma = out[lo:hi].std()
-                at = lo
-                for i, p in enumerate(self.params_of_group(grp)):
-                    n = p.numel()
-                    out[at:at + n] += ge_noise(o["seed"], self.steps, self.index[id(p)], 0, n, "cpu").double() * sigma
-                    at += n
+        toff = self.tensor_offsets
+        modulated = [o["modulate"] == "all" or p.dim() == 4 for p in self.params]
+        alpha = torch.zeros(len(modulated), m, dtype=torch.float64)  # per tensor
+        for i, grp in enumerate(self.group_of):
+            view = OGM_OBJECTIVES[grp]
+            alpha[i, 0] = k_view[views.index(view)] if modulated[i] else 1.0
+            alpha[i, view] += o["unimodal"]
+        out = R.combine(g, alpha, group_offsets=toff)
+        if o["noise"]:  # GE on the modulated tensors
+            group_std = [out[int(off[grp]):int(off[grp + 1])].std() for grp in range(groups)]  # before any noise
+            for i, grp in enumerate(self.group_of):
+                lo, hi = int(toff[i]), int(toff[i + 1])
+                if not modulated[i]:
+                    continue
+                if o["noise_std"] == "tensor":  # N(0, std + 1e-8), std of the unmodulated gradient
+                    view = OGM_OBJECTIVES[grp]
+                    scale = (g[0, lo:hi] + o["unimodal"] * g[view, lo:hi]).std() + 1e-8
+                else:  # the group output's unbiased std
+                    scale = group_std[grp]
+                out[lo:hi] += ge_noise(o["seed"], self.steps, i, 0, hi - lo, "cpu").double() * scale
         return out
 
 
@@ -96,14 +105,16 @@ def _run(method, options, backend, gen_seed):
     torch.manual_seed(0)
     model = TwoView()
     extra = {"group_objectives": OGM_OBJECTIVES} if method == "ogm" else {}
+    if method == "ogm":
+        options = {**OGM_BASE, **options}
     cal = mmgrad.FusedCalibrator(model.groups(), 3, method=method, backend=backend, **extra, **options)
     params = cal.params
     sizes = [sum(p.numel() for p in grp) for grp in cal.groups]
     off = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
-    oracle, default = Oracle(method, options, off), Oracle(method, {}, off)
+    oracle, default = Oracle(method, options, off), Oracle(method, OGM_BASE if method == "ogm" else {}, off)
     for o in (oracle, default):  # OGM's noise is drawn per parameter, MMPareto's rule applied per tensor
         o.index = {id(p): i for i, p in enumerate(params)}
-        o.tensor_offsets, o.group_of = tensor_offsets(params), cal.layout.group_of
+        o.tensor_offsets, o.group_of, o.params = tensor_offsets(params), cal.layout.group_of, params
         o.params_of_group = lambda grp: cal.groups[grp]
     gen = torch.Generator().manual_seed(gen_seed)
     for step in range(1, STEPS + 1):

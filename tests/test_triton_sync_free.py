@@ -61,7 +61,7 @@ def _train(method, sync_free, data, poison_at=None, options=None):
 
 
 @pytest.mark.parametrize("method, options", [("bogc", {}), ("mgda", {}), ("mmpareto", {"lagged": True}), ("mimo", {}),
-                                             ("bogc", {"estimator": "sample"}), ("ogm", {"group_objectives": [1, 2, 2]}),
+                                             ("bogc", {"estimator": "sample"}), ("ogm", {"group_objectives": [1, 2, 2], "modulate": "all"}),
                                              ("mean", {})])
 def test_sync_free_step_trains_like_the_host_step_and_skips_on_device(gen, method, options):
     sample = options.get("estimator") == "sample"

@@ -13,7 +13,7 @@ from typing import Dict, Tuple, Type
 from ._base import Method, StepContext, StepResult
 from ._bogc import BOGC
 from ._moo import MGDA, MMPareto
-from ._ogm import OGM
+from ._ogm import OGM, ogm_scores
 from ._sum import Sum
 from ._weighted import MIMO, Mean
 from ._weighting import Weighting
@@ -38,4 +38,4 @@ def register(cls: Type[Method]) -> Type[Method]:
     return cls
 
 
-__all__ = ["BUILTIN", "METHODS", "Method", "StepContext", "StepResult", "Weighting", "register"]
+__all__ = ["BUILTIN", "METHODS", "Method", "StepContext", "StepResult", "Weighting", "ogm_scores", "register"]

@@ -38,6 +38,8 @@ class StepContext:
     steps: Union[int, Tensor]
     sync_free: bool
     group: Any = None
+    #: per-view scores from ``backward(..., scores=)`` (float64), summed like the losses; or None
+    scores: Optional[Tensor] = None
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Method:
     uses_rows: ClassVar[bool] = True
     #: True when ``backward`` takes S >= 2 micro-batches of M losses (BOGC's sample estimator)
     takes_samples: bool = False
+    #: True when ``backward(..., scores=)`` takes ``num_scores`` per-view scores (OGM-GE)
+    takes_scores: ClassVar[bool] = False
+    num_scores: int = 0
     #: the layout buffers holding per-row state that checkpoints carry (BOGC's EMA)
     row_state: Tuple[str, ...] = ()
     #: whether the step runs with ``sync_free=True`` (no value read on the host)

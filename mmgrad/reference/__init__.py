@@ -23,7 +23,7 @@ NAME = "reference"
 #: no step on the reference runs without reading values on the host
 SYNC_FREE = False
 from .moo import (combine, combine_and_gram, gram, mgda_weights, mimo_weights, mmpareto_tensor_weights, mmpareto_weights,
-                  moo_weights, ogm_coefficients)
+                  moo_weights, ogm_coefficients, ogm_coefficients_from_scores)
 
 __all__ = [
     "EVIDENCE_MAX",
@@ -43,6 +43,7 @@ __all__ = [
     "mmpareto_weights",
     "moo_weights",
     "ogm_coefficients",
+    "ogm_coefficients_from_scores",
     "opinions",
     "sample_moments",
     "state_from_moments",

@@ -265,11 +265,32 @@ def ogm_coefficients(view_losses: Tensor | Sequence[float], alpha: float = 0.5) 
     f = torch.as_tensor(view_losses).detach().to(torch.float64)
     if f.dim() != 1 or f.numel() < 1:
         raise ValueError(f"view_losses must be 1-D with >= 1 loss; got shape {tuple(f.shape)}")
-    v = f.numel()
-    if v == 1:
-        return torch.ones_like(f), torch.ones_like(f)
     # s_v / s_u = exp(f_u - f_v): in the log domain, no underflow of exp(-f) for large losses
-    ratios = torch.exp(f[None, :] - f[:, None])  # [v, u] = s_v / s_u
+    return _ogm_from_ratios(torch.exp(f[None, :] - f[:, None]), alpha)
+
+
+def ogm_coefficients_from_scores(scores: Tensor | Sequence[float], alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    """OGM-GE's modulation from the views' scores ``s_v`` (the official step's summed
+    true-class probabilities, ``mmgrad.methods.ogm_scores``): ``rho_v = mean_{u != v}
+    s_v / s_u`` and ``k_v = 1 - tanh(alpha * rho_v)`` where ``rho_v > 1``, else 1. With two
+    views this is the official step's ``ratio_v = score_v / score_a`` rule.
+
+    >>> k, rho = ogm_coefficients_from_scores(torch.tensor([30.0, 10.0]))
+    >>> [round(float(x), 4) for x in rho], [round(float(x), 4) for x in k]
+    ([3.0, 0.3333], [0.0949, 1.0])
+    """
+    alpha = V.check_positive("alpha", alpha)
+    s = torch.as_tensor(scores).detach().to(torch.float64)
+    if s.dim() != 1 or s.numel() < 1:
+        raise ValueError(f"scores must be 1-D with >= 1 score; got shape {tuple(s.shape)}")
+    return _ogm_from_ratios(s[:, None] / s[None, :], alpha)
+
+
+def _ogm_from_ratios(ratios: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """``(k, rho)`` from the ``V x V`` ratios ``[v, u] = s_v / s_u``; one view alone is never modulated."""
+    v = ratios.shape[0]
+    if v == 1:
+        return torch.ones(1, dtype=torch.float64, device=ratios.device), torch.ones(1, dtype=torch.float64, device=ratios.device)
     rho = (ratios.sum(dim=1) - 1.0) / (v - 1)  # the diagonal is s_v / s_v = 1
     k = torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(rho))
     return k, rho

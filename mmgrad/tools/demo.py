@@ -58,6 +58,11 @@ METHODS: Dict[str, Tuple[str, Optional[str], str, Optional[Tuple[str, Tuple]]]] 
     "i2m2 (sum)": ("i2m2", None, "all", None),
     "i2m2 + bogc": ("i2m2", "bogc", "all", ("confidence", ("belief", "certainty", "none"))),
 }
+# options a row always takes: the views here are feature vectors and the encoders MLPs, so
+# OGM-GE's official rule (modulate the convolution weights, scored by the fused head's
+# split logits) has nothing to act on; the row runs mmgrad's variant (every encoder tensor,
+# the views' own losses as scores, the group's spread for GE)
+FIXED_OPTIONS: Dict[str, Dict[str, object]] = {"ogm-ge": {"modulate": "all", "noise_std": "group"}}
 BASELINE = "fused + unimodal (sum)"
 # each calibrated row's control: the same model on the same objectives, summed
 CONTROLS = {m: ("i2m2 (sum)" if spec[0] == "i2m2" else BASELINE) for m, spec in METHODS.items() if spec[1] is not None}
@@ -111,7 +116,7 @@ def run_job(job: Job) -> Result:
         opt = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=0.9, weight_decay=1e-4)
     cal = None
     if cal_method is not None:
-        options = dict([job.knob]) if job.knob else {}
+        options = {**FIXED_OPTIONS.get(job.method, {}), **(dict([job.knob]) if job.knob else {})}
         if cal_method == "bogc-sample":
             cal_method, options["estimator"] = "bogc", "sample"
         cal = mmgrad.FusedCalibrator(model.param_groups(), 1 + len(views), method=cal_method, **options).attach(opt)
