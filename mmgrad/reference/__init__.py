@@ -16,6 +16,7 @@ from .bogc import (
     sample_moments,
     state_from_moments,
 )
+from . import gramian  # the Gramian baselines' weights (upgrad_weights, ...)
 from .finite import all_finite
 
 #: the backend's name in ``backend=``

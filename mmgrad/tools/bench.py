@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import ops, reference
+from .._constants import MOO_METHODS
 from ..methods import BUILTIN
 from ..methods import METHODS as REGISTRY
 from ..reference.moo import mimo_weights
@@ -100,9 +101,18 @@ def _reference_bogc(g, m_state, v_state):
     return reference.bogc_step(g, m_state, v_state, 5)
 
 
+def _host_weights(method: str, grams: torch.Tensor) -> torch.Tensor:
+    """A Gramian method's weights on the host, with its default options (the methods the
+    device solver does not know)."""
+    cls = REGISTRY[method]
+    return cls(dict(cls.defaults), None).weights(grams.double().cpu(), None).to(grams.device)
+
+
 def _reference_gramian(method: str):
     def run(g):
-        return reference.combine(g, reference.moo_weights(reference.gram(g)[None], method)[0])
+        grams = reference.gram(g)[None]
+        alpha = reference.moo_weights(grams, method) if method in MOO_METHODS else _host_weights(method, grams)
+        return reference.combine(g, alpha[0])
     return run
 
 
@@ -129,8 +139,10 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu", device: str = "
         fused = lambda: ops.bogc_step(g, st, vst, 5, mean_out=mean_out, var_out=var_out, out=out, backend=backend)
         return Case(nbytes, fused, _reference_bogc, (g, st, vst))
     if family == "gramian":
-        def fused():  # Gram kernel, the backend's M x M solve, combination kernel
-            alpha = ops.moo_weights(ops.gram(g, backend=backend)[None], method, backend=backend)[0]
+        def fused():  # Gram kernel, the backend's M x M solve (the host's for the others), combination kernel
+            grams = ops.gram(g, backend=backend)[None]
+            alpha = (ops.moo_weights(grams, method, backend=backend) if method in MOO_METHODS
+                     else _host_weights(method, grams))[0]
             return ops.combine_and_gram(g, alpha, out=out, with_gram=False, backend=backend)
 
         torchjd = None

@@ -1,0 +1,34 @@
+"""Aligned-MTL (Senushkin et al., CVPR 2023), per parameter group: the preference weights
+through the balance transformation of the Gramian's eigen-decomposition."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from .. import _validation as V
+from ..reference.gramian import ALIGNED_MTL_SCALES, aligned_mtl_weights
+from ._dual_cone import check_pref_length, check_pref_vector
+from ._weighting import Weighting
+
+Tensor = torch.Tensor
+
+
+class AlignedMTL(Weighting):
+    name = "aligned_mtl"
+    defaults = {"pref_vector": None, "scale_mode": "min"}
+
+    @classmethod
+    def check_options(cls, o: Dict[str, Any]) -> None:
+        super().check_options(o)
+        check_pref_vector(o["pref_vector"])
+        V.check_choice("scale_mode", o["scale_mode"], ALIGNED_MTL_SCALES)
+
+    def __init__(self, options: Dict[str, Any], layout) -> None:
+        super().__init__(options, layout)
+        check_pref_length(options["pref_vector"], layout)
+
+    def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
+        return torch.stack([aligned_mtl_weights(k.cpu(), self.options["pref_vector"], self.options["scale_mode"])
+                            for k in grams]).to(grams.device)
