@@ -220,6 +220,20 @@ def format_table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(name: str, res: dict) -> str:
+    """The table as the README prints it."""
+    pct = lambda ms: "–" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+    lines = [f"**{name}: strongest view {res['strongest']!r} (by single-view validation accuracy)**", "",
+             "| method | fused acc % | weak-view probe % | w/o strongest % | vs its control (fused / w/o strongest) "
+             "| vs LateFusion sum | chosen setting |", "|---|---|---|---|---|---|---|"]
+    for m, r in res["methods"].items():
+        setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
+        versus = (f"{r['vs_control']} / {r['without_vs_control']} (vs {CONTROLS[m]})" if r["vs_control"] else "–")
+        lines.append(f"| {m} | {pct(r['fused'])} | {pct(r['weak_probe'])} | {pct(r['without_strongest'])} | {versus} "
+                     f"| {r['vs_sum']} | {setting} |")
+    return "\n".join(lines)
+
+
 def plot(results: Dict[str, dict], path: str) -> None:
     import matplotlib
 
@@ -267,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="results")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, 1 trial per method: a smoke test")
+    p.add_argument("--markdown", action="store_true", help="print the tables as the README's markdown")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = 1, 3
@@ -275,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {}
     for name in args.tasks:
         results[name] = run_view_set(name, TASKS[name][1], args)
-        print(format_table(name, results[name]), flush=True)
+        print(format_markdown(name, results[name]) if args.markdown else format_table(name, results[name]), flush=True)
     elapsed = time.perf_counter() - t0
     meta = {"seeds": args.seeds, "epochs": args.epochs, "optimizer": args.optimizer, "seconds": elapsed, "torch": torch.__version__}
     with open(os.path.join(args.out, "demo.json"), "w") as f:
