@@ -3,7 +3,7 @@ certificate on ill-conditioned Gram matrices, next to the host's Wolfe solver.
 
     python benchmarks/solver_certificate.py [--draws 20000] [--seed 0]
 
-Draws ``mmgrad.verify.ill_conditioned_gram`` of every kind at M = 3..16, solves each with
+Draws ``mmgrad.tools.verify.ill_conditioned_gram`` of every kind at M = 3..16, solves each with
 both, and prints per kind the worst duality gap of each (relative to max K_mm; the
 certificate is 1e-7) and the mean time per solve. docs/solver.md quotes its output.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmgrad.backends import cpu_extension  # noqa: E402
 from mmgrad.reference.moo import MGDA_GAP_TOL, min_norm_solve  # noqa: E402
-from mmgrad.verify import ILL_CONDITIONED_KINDS, duality_gap, ill_conditioned_gram  # noqa: E402
+from mmgrad.tools.verify import ILL_CONDITIONED_KINDS, duality_gap, ill_conditioned_gram  # noqa: E402
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmgrad
-from mmgrad.bench import METHODS, make_case, step_bytes
+from mmgrad.tools.bench import METHODS, make_case, step_bytes
 
 N = 2**22
 needs_cpu = pytest.mark.skipif(not mmgrad.backends()["cpu"].available, reason="C++ extension not built")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mmgrad {backends,build,verify,selftest,demo,bench}`` and ``--version``."""
+"""Command line: ``python -m mmgrad {backends,build,verify,selftest,demo,bench,bench-step}`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ COMMANDS = {
     "selftest": "a short check of every method on every backend, for a new install or GPU",
     "demo": "train on the UCI multiple-features digits with each method",
     "bench": "kernel timings against memcpy and the reference",
+    "bench-step": "a calibrated training step against a plain one, per method",
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m mmgrad COMMAND [options]   (COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:9s} {what}" for name, what in COMMANDS.items()]
+    lines += [f"  {name:10s} {what}" for name, what in COMMANDS.items()]
     lines += ["", "  --version  print mmgrad's version"]
     return "\n".join(lines)
 
@@ -74,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tools.demo import main as run
     elif cmd == "bench":
         from .tools.bench import main as run
+    elif cmd == "bench-step":
+        from .tools.bench_step import main as run
     elif cmd == "build":
         run = build
     else:

@@ -10,7 +10,7 @@ from torch import nn
 
 import mmgrad
 from mmgrad import reference as R
-from mmgrad.verify import TOLERANCE, rel_err
+from mmgrad.tools.verify import TOLERANCE, rel_err
 
 from conftest import assert_bit_identical, kernel_backends, mmpareto_oracle, tensor_offsets
 from toy_model import TwoView, batch
@@ -293,7 +293,7 @@ def test_float64_and_half_parameters(gen, dtype):
     got = torch.cat([p.grad.reshape(-1) for p in cal.params]).double()
     zeros = torch.zeros_like(g)
     want, _, _, _ = R.bogc_step(g, zeros, zeros, 1, group_offsets=_groups_offsets(model))
-    assert rel_err(got, want) <= TOLERANCE[dtype]  # fp64 1e-10, half 1e-2 (mmgrad.verify)
+    assert rel_err(got, want) <= TOLERANCE[dtype]  # fp64 1e-10, half 1e-2 (mmgrad.tools.verify)
 
 
 @pytest.mark.parametrize("method", ["bogc", "mgda", "sum"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mmgrad
-from mmgrad.data import UCI_VIEWS, load_uci_views, stratified_split, synthetic_multiview, uci_data_dir, uci_digits
-from mmgrad.models import I2M2, LateFusion
-from mmgrad.train import evaluate, fit
+from mmgrad.training.data import UCI_VIEWS, load_uci_views, stratified_split, synthetic_multiview, uci_data_dir, uci_digits
+from mmgrad.training.models import I2M2, LateFusion
+from mmgrad.training.train import evaluate, fit
 
 DIMS = {"fac": 216, "fou": 76, "kar": 64, "mor": 6, "pix": 240, "zer": 47}
 
@@ -67,7 +67,7 @@ def test_synthetic_imbalance_is_controlled_by_snr():
 
 
 def data_view(data, v):
-    from mmgrad.data import MultiViewData, Split
+    from mmgrad.training.data import MultiViewData, Split
 
     pick = lambda s: Split({v: s.x[v]}, s.y)
     return MultiViewData(data.name, (v,), data.num_classes, pick(data.train), pick(data.val), pick(data.test))
@@ -100,7 +100,7 @@ def test_fit_with_every_calibrator_method_on_i2m2():
 @pytest.mark.parametrize("task", ["UCI, 4 views (fac fou zer mor)", "UCI, 4 views, 5 % training split",
                                   "complementary synthetic, 3 views"])
 def test_quick_demo_end_to_end(tmp_path, task):
-    from mmgrad.demo import CONTROLS, main
+    from mmgrad.tools.demo import CONTROLS, main
 
     assert main(["--quick", "--workers", "1", "--out", str(tmp_path), "--tasks", task]) == 0
     res = json.loads((tmp_path / "demo.json").read_text())

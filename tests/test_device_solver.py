@@ -19,7 +19,7 @@ from mmgrad.backends import cpu_extension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mmgrad.reference.moo import MGDA_GAP_TOL, MOO_METHODS, min_norm_solve
-from mmgrad.verify import ILL_CONDITIONED_KINDS, duality_gap, ill_conditioned_gram
+from mmgrad.tools.verify import ILL_CONDITIONED_KINDS, duality_gap, ill_conditioned_gram
 
 NORMALIZE = {"none": 0, "l2": 1, "loss": 2}
 

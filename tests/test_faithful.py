@@ -27,7 +27,7 @@ from torch import nn
 import mmgrad
 from mmgrad.methods import ogm_scores
 from mmgrad.methods._ogm import ge_noise
-from mmgrad.verify import rel_err
+from mmgrad.tools.verify import rel_err
 
 from conftest import kernel_backends
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import mmgrad
 from mmgrad import ops
 from mmgrad import reference as R
-from mmgrad.verify import TOLERANCE, rel_err, stable_floor
+from mmgrad.tools.verify import TOLERANCE, rel_err, stable_floor
 
 EXAMPLES = int(os.environ.get("MMGRAD_FUZZ_EXAMPLES", "500"))
 # The interpreter runs a Triton example in ~0.1 s: fewer examples, same strategy.

@@ -22,7 +22,7 @@ import mmgrad
 from mmgrad.methods import METHODS
 from mmgrad.methods._pcgrad import pcgrad_orders
 from mmgrad.reference import gramian as RG
-from mmgrad.verify import rel_err
+from mmgrad.tools.verify import rel_err
 
 torchjd = pytest.importorskip("torchjd.aggregation", reason="torchjd==0.18.0 is a test dependency (make test installs it)")
 

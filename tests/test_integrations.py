@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mmgrad
-from mmgrad.models import LateFusion
-from mmgrad.verify import rel_err
+from mmgrad.training.models import LateFusion
+from mmgrad.tools.verify import rel_err
 
 DIMS = {"a": 5, "b": 4, "c": 3}
 

@@ -1,6 +1,6 @@
 """CPU kernels against the float64 reference (issue: C++/OpenMP fused kernels).
 
-Tolerances (normwise max relative error, mmgrad.verify.TOLERANCE): float32 <= 1e-5,
+Tolerances (normwise max relative error, mmgrad.tools.verify.TOLERANCE): float32 <= 1e-5,
 bf16/fp16 <= 1e-2 (the output is rounded to the gradient dtype), float64 <= 1e-10.
 Outputs are poisoned with NaN before the kernel writes them.
 """
@@ -13,7 +13,7 @@ import torch
 import mmgrad
 from mmgrad import ops
 from mmgrad import reference as R
-from mmgrad.verify import TOLERANCE, combine_floor, compare_all, norm_sq_floor, random_case, rel_err
+from mmgrad.tools.verify import TOLERANCE, combine_floor, compare_all, norm_sq_floor, random_case, rel_err
 
 from conftest import requires_cpu_kernels
 

@@ -18,8 +18,8 @@ from torch import nn
 import mmgrad
 from mmgrad import reference as R
 from mmgrad.collect import graph_reach
-from mmgrad.models import I2M2, LateFusion
-from mmgrad.verify import rel_err
+from mmgrad.training.models import I2M2, LateFusion
+from mmgrad.tools.verify import rel_err
 
 from mmgrad.methods._pcgrad import pcgrad_orders
 

@@ -13,8 +13,8 @@ import torch
 
 import mmgrad
 from mmgrad import reference as R
-from mmgrad.models import LateFusion
-from mmgrad.verify import rel_err
+from mmgrad.training.models import LateFusion
+from mmgrad.tools.verify import rel_err
 
 from test_layout import BACKENDS, dense_grads, written
 

@@ -14,7 +14,7 @@ import torch
 import mmgrad
 from mmgrad import reference as R
 from mmgrad.methods._ogm import ge_noise
-from mmgrad.verify import rel_err
+from mmgrad.tools.verify import rel_err
 
 from mmgrad.methods._pcgrad import pcgrad_orders
 

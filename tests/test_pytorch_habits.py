@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmgrad
-from mmgrad.verify import rel_err
+from mmgrad.tools.verify import rel_err
 
 from conftest import builtin_methods
 from toy_model import TwoView, batch

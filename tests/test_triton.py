@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import mmgrad
 from mmgrad import ops
 from mmgrad import reference as R
-from mmgrad.verify import TOLERANCE, combine_floor, norm_sq_floor, random_case, rel_err
+from mmgrad.tools.verify import TOLERANCE, combine_floor, norm_sq_floor, random_case, rel_err
 
 
 def f64(t):

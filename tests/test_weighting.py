@@ -9,7 +9,7 @@ import torch
 import mmgrad
 from mmgrad import reference as R
 from mmgrad.methods import METHODS, Weighting, register
-from mmgrad.verify import rel_err
+from mmgrad.tools.verify import rel_err
 
 from conftest import kernel_backends
 from toy_model import TwoView, batch

@@ -1,6 +1,6 @@
 """mmgrad's tools: ``verify`` (every backend against the oracle), ``bench`` (kernel tables),
 ``bench_step`` (the end-to-end step and memory) and ``demo`` (the real-data comparison).
-Run them as ``python -m mmgrad {verify,bench,demo}`` or ``python -m mmgrad.bench_step``."""
+Run them as ``python -m mmgrad {verify,bench,demo}`` or ``python -m mmgrad bench-step``."""
 
 
 def describe(doc: str) -> str:

@@ -1,6 +1,6 @@
 """Calibrator memory per rank and bytes communicated per step, by distributed setup.
 
-The model and batch of ``mmgrad.bench_step`` (LateFusion on the six UCI views, ~10 M
+The model and batch of ``mmgrad.tools.bench_step`` (LateFusion on the six UCI views, ~10 M
 parameters, M = 7, every encoder calibrated), trained for a few AdamW steps by 1, 2 and 4
 gloo ranks on this machine's CPU, each rank on 1/world of the batch, in three setups:
 

@@ -12,15 +12,17 @@ is mmgrad 0.1's step on the same inputs in the same run: the same kernels over t
 ``M x N`` buffer, with two slots of EMA state (``dense_step``).
 
 Run by ``python -m mmgrad bench`` after the kernel tables, or alone:
-``python -m mmgrad.bench_step``.
+``python -m mmgrad bench-step``.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,7 +30,8 @@ from .. import ops
 from ..calibrator import FusedCalibrator
 from ..collect import GRADS, graph_reach
 from ..training.models import LateFusion
-from .bench import timeit
+from . import describe
+from .timing import timeit
 
 # The six UCI multiple-features views and their widths (mmgrad.training.data).
 UCI_DIMS = {"fac": 216, "fou": 76, "kar": 64, "mor": 6, "pix": 240, "zer": 47}
@@ -175,7 +178,10 @@ def _verdict(value: float, target: Optional[float]) -> str:
     return "met" if value <= target else f"MISSED by {value / target:.2f}x"
 
 
-def main(reps: int = 5) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmgrad bench-step", description=describe(__doc__))
+    p.add_argument("--reps", type=int, default=5, help="timed steps per row (medians; default 5)")
+    reps = p.parse_args([] if argv is None else argv).reps
     model = make_model()
     x, y = make_batch()
     n_params = sum(p.numel() for p in model.parameters())
@@ -221,7 +227,8 @@ def main(reps: int = 5) -> None:
     print(f"\nall-reduce volume per step under data parallelism (loop or batched), MiB: reached rows "
           f"{rows_b / 2**20:.0f} + uncalibrated grads {others_b / 2**20:.0f} = {(rows_b + others_b) / 2**20:.0f}; "
           f"0.1's dense buffer {(dense_b + others_b) / 2**20:.0f}; plain DDP {allreduce['params'] / 2**20:.0f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,7 +26,8 @@ import torch
 from .. import ops
 from ..backends import backends
 from . import describe
-from .bench import METHODS, make_case, step_bytes, timeit
+from .bench import METHODS, make_case, step_bytes
+from .timing import timeit
 from .verify import TOLERANCE, compare_all, random_case
 
 Tensor = torch.Tensor

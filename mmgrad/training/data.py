@@ -1,7 +1,7 @@
 """Multi-view data: the UCI multiple-features digits, and a synthetic generator with a
 controllable imbalance.
 
->>> from mmgrad.data import synthetic_multiview
+>>> from mmgrad.training.data import synthetic_multiview
 >>> data = synthetic_multiview(n=300, snr=(3.0, 0.5), seed=0)
 >>> data.views, data.train.x["v0"].shape
 (('v0', 'v1'), torch.Size([180, 16]))

@@ -4,7 +4,7 @@ Both models take a dict ``{view: n x d_view tensor}`` and predict from any subse
 their views (a missing view's embedding is zero; its experts drop out).
 
 >>> import torch
->>> from mmgrad.models import LateFusion
+>>> from mmgrad.training.models import LateFusion
 >>> model = LateFusion({"a": 5, "b": 3}, num_classes=4)
 >>> x, y = {"a": torch.randn(8, 5), "b": torch.randn(8, 3)}, torch.randint(0, 4, (8,))
 >>> [round(float(l), 2) >= 0 for l in model.losses(x, y)]   # [fused, view a, view b]

@@ -1,9 +1,9 @@
 """A thin training loop for multi-view models, with or without a ``FusedCalibrator``.
 
 >>> import torch, mmgrad
->>> from mmgrad.data import synthetic_multiview
->>> from mmgrad.models import LateFusion
->>> from mmgrad.train import fit, evaluate
+>>> from mmgrad.training.data import synthetic_multiview
+>>> from mmgrad.training.models import LateFusion
+>>> from mmgrad.training.train import fit, evaluate
 >>> data = synthetic_multiview(n=400, snr=(3.0, 0.5), seed=0)
 >>> model = LateFusion(data.dims, data.num_classes)
 >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
