@@ -142,6 +142,15 @@ def test_a_dcp_checkpoint_resumes_at_another_world_size(tmp_path, setup):
                     assert torch.allclose(p, q, rtol=0, atol=1e-6), (world, method, (p - q).abs().max())
 
 
+def test_dtensor_parameters_it_cannot_take_are_refused_by_name(tmp_path):
+    for result in run_ranks(tmp_path, ["bogc"], "fsdp_refusals"):
+        mixed, replicated, batched, group = result["refusals"]
+        assert "some are DTensors (fully_shard) and some plain tensors" in mixed
+        assert "placed (Replicate(),)" in replicated
+        assert batched.startswith("backward_mode: FSDP2")
+        assert group.startswith("process_group: FSDP2")
+
+
 def test_ddp_without_no_sync_fails_with_the_way_out(tmp_path):
     for result in run_ranks(tmp_path, ["bogc"], "ddp"):
         assert "no_sync" in result["error"] and "DistributedDataParallel" in result["error"]
