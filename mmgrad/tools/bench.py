@@ -1,5 +1,6 @@
 """``python -m mmgrad bench``: every method's fused step against a memcpy, the eager
-reference, ``torch.compile(reference)`` and (mgda) TorchJD's ``MGDA``, measured in one
+reference, ``torch.compile(reference)`` and TorchJD's aggregator of the same name (mgda,
+upgrad, dualproj, pcgrad, imtl_g, aligned_mtl), measured in one
 run; a log-log scaling plot; then the end-to-end training step (``bench_step``).
 
 Bytes a fused step must move (fp32 gradients G of shape M x N), by the method's family:
@@ -67,6 +68,10 @@ class Case:
     torchjd: Optional[Callable[[], object]] = None
 
 
+#: TorchJD's aggregator for each method it also has (the "x TorchJD" column)
+TORCHJD_AGGREGATORS = {"mgda": "MGDA", "upgrad": "UPGrad", "dualproj": "DualProj", "pcgrad": "PCGrad", "imtl_g": "IMTLG",
+                       "aligned_mtl": "AlignedMTL"}
+
 #: how many times a step of each family (``Method.family``) reads the M x N rows
 READS_OF_ROWS = {"bogc": 1, "gramian": 2, "weighted": 1, "sum": 1}
 
@@ -129,10 +134,10 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu", device: str = "
             return ops.combine_and_gram(g, alpha, out=out, with_gram=False, backend=backend)
 
         torchjd = None
-        if method == "mgda" and importlib.util.find_spec("torchjd") is not None:
-            from torchjd.aggregation import MGDA
+        if method in TORCHJD_AGGREGATORS and importlib.util.find_spec("torchjd") is not None:
+            import torchjd.aggregation
 
-            aggregator = MGDA()
+            aggregator = getattr(torchjd.aggregation, TORCHJD_AGGREGATORS[method])()
             torchjd = lambda: aggregator(g)
         return Case(nbytes, fused, _reference_gramian(method), (g,), torchjd)
     if family == "weighted":  # one combination; the weights (from the losses) do not change its cost
