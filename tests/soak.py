@@ -43,6 +43,7 @@ from mmgrad.tools.bench_step import M, UCI_DIMS, make_model
 
 NAN_EVERY, OVERFLOW_EVERY, ACCUMULATE_EVERY, BATCH = 97, 89, 5, 32
 RAISING = ("bogc", "mimo", "ogm", "mean")  # the others skip: skip_nonfinite=True
+OPTIONS = {"ogm": {"modulate": "all"}}  # MLP encoders: every tensor modulated (and noised)
 
 
 def batch(seed: int, step: int, micro: int = 0):
@@ -54,7 +55,8 @@ def batch(seed: int, step: int, micro: int = 0):
 def build(method: str, args) -> tuple:
     model = make_model(args.hidden, args.embed, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cal = mmgrad.FusedCalibrator(model.param_groups(), M, method=method, skip_nonfinite=method not in RAISING).attach(opt)
+    cal = mmgrad.FusedCalibrator(model.param_groups(), M, method=method, skip_nonfinite=method not in RAISING,
+                                 **OPTIONS.get(method, {})).attach(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=50)
     return model, opt, cal, scaler
 
