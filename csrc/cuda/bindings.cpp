@@ -74,10 +74,10 @@ void bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor&
   if (samples == 0)
     for (const at::Tensor* t : {&mean_in, &var_in, &mean_out, &var_out})
       TORCH_CHECK_VALUE(t->numel() == g.numel() && t->scalar_type() == at::kFloat, "mean and var must be float32 M x N");
+  const mmgrad::math::StatsLayout block_stats{m, 1};  // one block's statistics (a braced init splits a macro's arguments)
   TORCH_CHECK_VALUE(partials.dim() == 3 && partials.size(0) == group_offsets.numel() - 1 &&
-                        partials.size(2) == mmgrad::math::StatsLayout{m, 1}.size() &&
-                        partials.scalar_type() == at::kDouble,
-                    "partials must be float64 G x blocks x StatsLayout{M, 1}.size() (6 + M + M*M)");
+                        partials.size(2) == block_stats.size() && partials.scalar_type() == at::kDouble,
+                    "partials must be float64 G x blocks x (6 + M + M*M), the statistics layout of mmgrad_math.h");
   mmgrad::cuda::BogcStepArgs a{};
   a.n = n;
   a.samples = samples;
@@ -91,7 +91,7 @@ void bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor&
                                          m, a, part, blocks, kThreads, stream));
     if (m > 8)  // the runtime-M kernel leaves the Gram to the pairs kernel
       check(mmgrad::cuda::launch_gram_pairs(dtype_of(g), g.data_ptr(), n, lo, hi, m, width,
-                                            mmgrad::math::StatsLayout{m, 1}.gram(), part, blocks, kThreads, stream));
+                                            block_stats.gram(), part, blocks, kThreads, stream));
   });
 }
 
