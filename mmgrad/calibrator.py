@@ -550,9 +550,13 @@ class FusedCalibrator:
             self._write_grads()
             self._phase = "calibrated"
             return True
-        ok = bool(result.ok) or (self._scaler is not None and not self._method.uses_rows)  # the scaler checks sums itself
+        # autograd's sum under a GradScaler: an inf is the scaler's to skip (no error), and no committed step
+        scaler_skips = not bool(result.ok) and self._scaler is not None and not self._method.uses_rows
+        ok = bool(result.ok) or scaler_skips
+        if scaler_skips:
+            self._diagnostics = {"skipped": torch.tensor(True)}
         if ok:
-            self._steps += 1
+            self._steps += 0 if scaler_skips else 1
             if self._method.uses_rows:
                 if scale != 1.0:  # the scaler unscales .grad again in scaler.step
                     self.layout.out.mul_(scale)

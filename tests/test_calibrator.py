@@ -322,7 +322,7 @@ def test_grad_scaler_calibrates_unscaled_gradients(gen, method):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("method", ["bogc", "mgda", "mimo"])
+@pytest.mark.parametrize("method", ["bogc", "mgda", "mimo", "sum"])
 def test_grad_scaler_overflow_skips_and_leaves_calibrator_state(gen, method):
     torch.manual_seed(0)
     model = TwoView()
