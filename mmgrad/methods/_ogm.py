@@ -175,8 +175,7 @@ class OGM(Method):
                     x += c * seg.buffers[GRADS][row, lo:hi].to(torch.float64)
             sums[i, 0] = hi - lo
             sums[i, 1], sums[i, 2] = x.sum(), (x * x).sum()
-        n, s1, s2 = all_reduce_sum(ctx, [sums])[0].unbind(1)
-        return torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n.clamp_min(1.0)) / torch.clamp_min(n - 1, 1.0), 0.0))
+        return _std_from_sums(ctx, sums)
 
     def _add_noise(self, ctx: StepContext, sigma: Optional[Tensor]) -> Tensor:
         """GE on the modulated tensors: ``N(0, sigma + 1e-8)`` per tensor (``noise_std="tensor"``,
@@ -189,8 +188,7 @@ class OGM(Method):
             for i, g in enumerate(lay.group_of):
                 x = views[i].to(torch.float64)
                 sums[g] += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=lay.device), x.sum(), (x * x).sum()])
-            n, s1, s2 = all_reduce_sum(ctx, [sums])[0].unbind(1)
-            sigma = torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n) / torch.clamp_min(n - 1, 1.0), 0.0))
+            sigma = _std_from_sums(ctx, sums)
             scale = sigma[torch.tensor(lay.group_of, device=sigma.device)]
         else:
             scale = sigma + 1e-8  # the official N(0, std + 1e-8)
@@ -206,6 +204,13 @@ class OGM(Method):
 
     # No state: the noise is a function of (seed, step count), and the checkpoint has the
     # step count. Checkpoints of earlier versions carry a "generator" state, ignored.
+
+
+def _std_from_sums(ctx: StepContext, sums: Tensor) -> Tensor:
+    """Unbiased standard deviations from per-part ``[n, sum, sum of squares]`` rows,
+    summed over the ranks first (each holds a slice of the elements)."""
+    n, s1, s2 = all_reduce_sum(ctx, [sums])[0].unbind(1)
+    return torch.sqrt(torch.clamp_min((s2 - s1 * s1 / n.clamp_min(1.0)) / torch.clamp_min(n - 1, 1.0), 0.0))
 
 
 _M32 = 0xFFFFFFFF

@@ -262,9 +262,7 @@ def ogm_coefficients(view_losses: Tensor | Sequence[float], alpha: float = 0.5) 
     ([2.0138, 0.4966], [0.2355, 1.0])
     """
     alpha = V.check_positive("alpha", alpha)
-    f = torch.as_tensor(view_losses).detach().to(torch.float64)
-    if f.dim() != 1 or f.numel() < 1:
-        raise ValueError(f"view_losses must be 1-D with >= 1 loss; got shape {tuple(f.shape)}")
+    f = _view_vector("view_losses", "loss", view_losses)
     # s_v / s_u = exp(f_u - f_v): in the log domain, no underflow of exp(-f) for large losses
     return _ogm_from_ratios(torch.exp(f[None, :] - f[:, None]), alpha)
 
@@ -280,10 +278,16 @@ def ogm_coefficients_from_scores(scores: Tensor | Sequence[float], alpha: float 
     ([3.0, 0.3333], [0.0949, 1.0])
     """
     alpha = V.check_positive("alpha", alpha)
-    s = torch.as_tensor(scores).detach().to(torch.float64)
-    if s.dim() != 1 or s.numel() < 1:
-        raise ValueError(f"scores must be 1-D with >= 1 score; got shape {tuple(s.shape)}")
+    s = _view_vector("scores", "score", scores)
     return _ogm_from_ratios(s[:, None] / s[None, :], alpha)
+
+
+def _view_vector(name: str, noun: str, values) -> Tensor:
+    """One value per view, as a float64 vector (ValueError naming ``name`` otherwise)."""
+    t = torch.as_tensor(values).detach().to(torch.float64)
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with >= 1 {noun}; got shape {tuple(t.shape)}")
+    return t
 
 
 def _ogm_from_ratios(ratios: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
