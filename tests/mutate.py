@@ -106,7 +106,8 @@ MUTATIONS = [
     Mutation("aligned_mtl ignores scale_mode", "mmgrad/methods/_aligned_mtl.py", 'self.options["scale_mode"])', '"min")'),
     Mutation("pcgrad ignores seed", "mmgrad/methods/_pcgrad.py", 'pcgrad_orders(self.options["seed"], step,',
              "pcgrad_orders(0, step,"),
-    Mutation("pcgrad's orders ignore the step", "mmgrad/methods/_pcgrad.py", "step = int(ctx.steps) + 1", "step = 1"),
+    Mutation("pcgrad's orders ignore the step", "mmgrad/methods/_pcgrad.py", "self._weights_on_step(grams, int(ctx.steps) + 1)",
+             "self._weights_on_step(grams, 1)"),
     Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
              "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
              "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "

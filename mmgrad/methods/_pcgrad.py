@@ -33,12 +33,13 @@ class PCGrad(Weighting):
             raise ValueError(f"seed must be an int >= 0; got {o['seed']!r}")
 
     def solve(self, ctx: StepContext, grams: Tensor) -> Tensor:
-        step = int(ctx.steps) + 1  # the step being taken (the lagged solve's too: it serves the next)
-        m = grams.shape[1]
-        return torch.stack([pcgrad_weights(k.cpu(), pcgrad_orders(self.options["seed"], step, g, m))
-                            for g, k in enumerate(grams)]).to(grams.device)
+        # the step being taken (the lagged solve's too: it serves the next)
+        return self._weights_on_step(grams, int(ctx.steps) + 1)
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:  # the orders of step 1
+        return self._weights_on_step(grams, 1)
+
+    def _weights_on_step(self, grams: Tensor, step: int) -> Tensor:
         m = grams.shape[1]
-        return torch.stack([pcgrad_weights(k.cpu(), pcgrad_orders(self.options["seed"], 1, g, m))
+        return torch.stack([pcgrad_weights(k.cpu(), pcgrad_orders(self.options["seed"], step, g, m))
                             for g, k in enumerate(grams)]).to(grams.device)
