@@ -84,7 +84,8 @@ class FusedCalibrator:
         num_objectives: M, the number of losses ``backward`` receives.
         method: a name of ``mmgrad.methods.METHODS``: ``"bogc"``, ``"mgda"``,
             ``"mmpareto"``, ``"mimo"``, ``"ogm"``, ``"sum"``, ``"mean"``, ``"upgrad"``,
-            ``"dualproj"``, ``"pcgrad"``, ``"imtl_g"`` or ``"aligned_mtl"``.
+            ``"dualproj"``, ``"pcgrad"``, ``"cagrad"``, ``"imtl_g"``, ``"aligned_mtl"`` or
+            ``"nash_mtl"``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
         process_group: ranks to average gradients over. ``None`` (default): the world
             when ``torch.distributed`` is initialised with more than one rank; ``False``:
@@ -219,8 +220,8 @@ class FusedCalibrator:
             raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes {sorted(allowed)}")
         opts = {**allowed, **options}
         V.check_choice("backward_mode", opts["backward_mode"], BACKWARD_MODES)
-        for flag in _FLAGS:
-            if flag in opts and not isinstance(opts[flag], bool):
+        for flag in _FLAGS:  # a flag of some method; another may take a number by the same name (cagrad's rescale)
+            if flag in opts and isinstance(allowed[flag], bool) and not isinstance(opts[flag], bool):
                 raise TypeError(f"{flag} must be a bool; got {type(opts[flag]).__name__}")
         cls.check_options(opts)
         return opts

@@ -108,6 +108,12 @@ MUTATIONS = [
              "pcgrad_orders(0, step,"),
     Mutation("pcgrad's orders ignore the step", "mmgrad/methods/_pcgrad.py", "self._weights_on_step(grams, int(ctx.steps) + 1)",
              "self._weights_on_step(grams, 1)"),
+    Mutation("cagrad ignores c", "mmgrad/methods/_cagrad.py", 'cagrad_weights(k.cpu(), o["c"],', "cagrad_weights(k.cpu(), 0.5,"),
+    Mutation("cagrad ignores rescale", "mmgrad/methods/_cagrad.py", 'o["c"], o["rescale"],', 'o["c"], 1,'),
+    Mutation("nash_mtl ignores max_norm", "mmgrad/methods/_nash_mtl.py", 'nash_mtl_weights(k.cpu(), self.options["max_norm"])',
+             "nash_mtl_weights(k.cpu(), 1.0)"),
+    Mutation("nash_mtl stops after one Newton step", "mmgrad/reference/gramian.py", "        if dec < tol:\n",
+             "        if True:\n"),
     Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
              "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
              "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "

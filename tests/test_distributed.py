@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
 ALL = ("bogc", "mgda", "mmpareto", "mimo")
+GRAMIAN_BASELINES = ("upgrad", "dualproj", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "nash_mtl")
 
 
 def run_ranks(tmp_path, methods, wrap: str, world: int = 2, ckpt: str = "") -> list:
@@ -79,7 +80,7 @@ def test_all_reduce_path_equals_one_process(tmp_path, methods, wrap):
 @pytest.mark.parametrize("wrap, methods, world", [
     ("shard", (*ALL, "ogm", "sum", "mean"), 2), ("shard", ("bogc",), 4), ("shard_batched", ("bogc",), 2),
     ("shard_accum", ("bogc", "mgda"), 2), ("fsdp", (*ALL, "sum", "mean"), 2), ("fsdp", ("bogc", "ogm"), 4),
-    ("fsdp_accum", ("bogc", "mgda"), 2)])
+    ("fsdp_accum", ("bogc", "mgda"), 2), ("shard", GRAMIAN_BASELINES, 2), ("fsdp", GRAMIAN_BASELINES, 2)])
 def test_sharded_rows_equal_one_process(tmp_path, wrap, methods, world):
     results = run_ranks(tmp_path, methods, wrap, world)
     assert_like_one_process(results, methods)

@@ -34,8 +34,9 @@ CASES = [
     ("ogm", {"noise_std": "group"}), ("ogm", {"modulate": "conv"}),
     ("upgrad", {"pref_vector": [0.7, 0.2, 0.1]}), ("upgrad", {"reg_eps": 0.5}), ("dualproj", {"pref_vector": [0.7, 0.2, 0.1]}),
     ("aligned_mtl", {"scale_mode": "rmse"}), ("aligned_mtl", {"pref_vector": [0.7, 0.2, 0.1]}), ("pcgrad", {"lagged": True}),
+    ("cagrad", {"c": 1.5}), ("cagrad", {"rescale": 0}), ("nash_mtl", {"max_norm": 0.0}),
 ]
-GRAMIAN = {"upgrad", "dualproj", "aligned_mtl", "pcgrad", "imtl_g"}
+GRAMIAN = {"upgrad", "dualproj", "aligned_mtl", "pcgrad", "imtl_g", "cagrad", "nash_mtl"}
 # TwoView has no convolution: OGM modulates every tensor here unless a case says otherwise
 OGM_BASE = {"modulate": "all"}
 

@@ -144,4 +144,4 @@ def test_the_calibrator_reads_each_methods_declared_kernels_and_limits():
     assert {m: METHODS[m].family for m in mmgrad.methods.BUILTIN} == {
         "bogc": "bogc", "mgda": "gramian", "mmpareto": "gramian", "mimo": "weighted", "ogm": "weighted",
         "sum": "sum", "mean": "weighted", "upgrad": "gramian", "dualproj": "gramian", "pcgrad": "gramian",
-        "imtl_g": "gramian", "aligned_mtl": "gramian"}
+        "imtl_g": "gramian", "aligned_mtl": "gramian", "cagrad": "gramian", "nash_mtl": "gramian"}

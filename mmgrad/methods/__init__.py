@@ -13,9 +13,11 @@ from typing import Dict, Tuple, Type
 from ._base import Method, StepContext, StepResult
 from ._aligned_mtl import AlignedMTL
 from ._bogc import BOGC
+from ._cagrad import CAGrad
 from ._dual_cone import DualProj, UPGrad
 from ._imtl_g import IMTLG
 from ._moo import MGDA, MMPareto
+from ._nash_mtl import NashMTL
 from ._ogm import OGM, ogm_scores
 from ._pcgrad import PCGrad
 from ._sum import Sum
@@ -23,7 +25,7 @@ from ._weighted import MIMO, Mean
 from ._weighting import Weighting
 
 METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (BOGC, MGDA, MMPareto, MIMO, OGM, Sum, Mean, UPGrad, DualProj,
-                                                                 PCGrad, IMTLG, AlignedMTL)}
+                                                                 PCGrad, CAGrad, IMTLG, AlignedMTL, NashMTL)}
 #: mmgrad's own methods, which the tools, benchmarks and tests run (``register`` adds to
 #: ``METHODS`` only)
 BUILTIN: Tuple[str, ...] = tuple(METHODS)

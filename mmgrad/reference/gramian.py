@@ -9,6 +9,8 @@ methods of the same names, and their host solvers (tiny: M is a few objectives).
 * ``pcgrad_weights``: PCGrad (Yu et al., NeurIPS 2020), in the Gramian.
 * ``imtl_g_weights``: IMTL-G (Liu et al., ICLR 2021).
 * ``aligned_mtl_weights``: Aligned-MTL (Senushkin et al., CVPR 2023).
+* ``cagrad_weights``: CAGrad (Liu et al., NeurIPS 2021).
+* ``nash_mtl_weights``: Nash-MTL (Navon et al., ICML 2022).
 
 The projection onto the dual cone is the quadratic program ``min_v v^T G v`` subject to
 ``v >= u`` (Proposition 1 of the UPGrad paper), solved exactly by an active-set method
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from .moo import min_norm_solve
 
 Tensor = torch.Tensor
 
@@ -164,3 +167,220 @@ def aligned_mtl_weights(gram: Tensor, pref_vector: Optional[Sequence[float]] = N
     scale = {"min": lam[-1], "median": torch.median(lam), "rmse": lam.mean()}[scale_mode]
     b = scale.sqrt() * vec @ torch.diag(1 / lam.sqrt()) @ vec.T
     return (b @ u).to(gram.device)
+
+
+CAGRAD_RESCALES = (0, 1, 2)
+
+
+def cagrad_weights(gram: Tensor, c: float = 0.5, rescale: int = 1, norm_eps: float = 1e-4) -> Tensor:
+    """CAGrad: the update ``g0 + (sqrt_phi / ||g_w||) g_w`` (``g0`` the mean gradient,
+    ``sqrt_phi = c ||g0||``, ``g_w = J^T w``), ``w`` the exact minimiser over the simplex of
+    ``w^T G u + sqrt_phi sqrt(w^T G w)`` (``u = 1/M``); divided by 1, ``1 + c^2`` or
+    ``1 + c`` (``rescale`` 0, 1, 2, as the official code). G is normalised to unit trace
+    (zero below ``norm_eps``, as TorchJD poses it); ``||g_w|| < norm_eps`` gives zero weights.
+    An objective with a zero gradient (one that reaches none of the group) takes weight 0
+    and the others are averaged alone, as mmgrad's MGDA does: in the Gramian it would be
+    a Pareto-stationary point, and the whole group's update zero.
+
+    ``c = 0`` is the mean. The solve is exact (``cagrad_simplex_solve``), where TorchJD
+    calls a conic solver and the official code SciPy's SLSQP.
+
+    >>> j = torch.tensor([[1.0, 0.0], [-0.5, 1.0]], dtype=torch.float64)
+    >>> [round(float(x), 4) for x in cagrad_weights(j @ j.T, c=0.4, rescale=0)]
+    [0.7448, 0.6384]
+    """
+    k = _gram(gram)
+    out = np.zeros(k.shape[0])
+    live = _live_rows(k)
+    if live.any():
+        idx = np.where(live)[0]
+        out[idx] = _cagrad_live(k[np.ix_(idx, idx)], c, norm_eps) / (1.0, 1.0 + c * c, 1.0 + c)[rescale]
+    return torch.from_numpy(out).to(gram.device)
+
+
+def _cagrad_live(k: np.ndarray, c: float, norm_eps: float) -> np.ndarray:
+    m = k.shape[0]
+    u = np.full(m, 1.0 / m)
+    trace = float(np.trace(k))
+    k = np.zeros_like(k) if trace < norm_eps else k / trace
+    sqrt_phi = c * float(np.sqrt(max(u @ k @ u, 0.0)))
+    w = cagrad_simplex_solve(k, k @ u, sqrt_phi)
+    norm = float(np.sqrt(max(w @ k @ w, 0.0)))
+    return u + (sqrt_phi / norm) * w if norm >= norm_eps else np.zeros(m)
+
+
+def _live_rows(k: np.ndarray) -> np.ndarray:
+    """The objectives with a gradient in this group (a zero row: one that reaches none of it)."""
+    diag = np.diag(k)
+    return diag > 1e-14 * float(diag.max()) if diag.size and diag.max() > 0 else np.zeros(diag.size, dtype=bool)
+
+
+def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
+    """``argmin_{w in simplex} b^T w + s sqrt(w^T K w)`` for ``b = K u``, exactly.
+
+    Its KKT conditions, with ``v = (s / ||R^T w||) w`` (K = R R^T), are those of the
+    nonnegative QP ``min_{v >= 0} v^T K v / 2 + (b - lam)^T v`` plus ``v^T K v = s^2``, and
+    ``w = v / sum(v)``; ``lam`` is then the optimal value. ``v^T K v`` grows with ``lam``
+    (its derivative on a support is ``2 sum(v)``); on a fixed support S, ``v_S = lam
+    K_SS^-1 1 - K_SS^-1 b_S``, and ``v^T K v = s^2`` is a quadratic in ``lam``. So: bisect
+    on ``lam`` with the exact nonnegative QP (``nonnegative_qp``) until the support's root
+    satisfies every KKT condition, and return that closed-form point.
+
+    Where the gradients are Pareto-stationary (some ``w`` in the simplex has ``K w = 0``,
+    so ``b^T w = 0``), the value is at most 0 and ``lam < 0``; if no ``lam < 0`` reaches
+    ``s^2``, that minimum-norm point is the minimiser. ``s = 0`` (or K = 0) gives the
+    vertex of the smallest ``b``."""
+    m = b.size
+    peak = float(np.abs(k).max())
+    if s <= 0.0 or peak == 0.0:
+        w = np.zeros(m)
+        w[int(np.argmin(b))] = 1.0
+        return w
+    q = k + 1e-15 * float(np.trace(k)) * np.eye(m)  # positive definite for the active-set solves
+    lo = float(b.min())  # v = 0 here: v^T K v = 0 < s^2
+    hi = lo + max(1.0, float(np.abs(b).max()))
+    nearest = min_norm_solve(k)
+    if float(nearest @ k @ nearest) <= 1e-24 * float(np.trace(k)):  # Pareto-stationary: lam* < 0
+        hi = 0.0
+        if lo >= 0.0 or _cagrad_norm2(q, b, -1e-300) < s * s:
+            return nearest
+    while _cagrad_norm2(q, b, hi) < s * s:
+        hi = lo + 2 * (hi - lo)
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        v = nonnegative_qp(q, b - lam)
+        exact = _cagrad_on_support(k, q, b, s, v > 0)
+        if exact is not None:
+            return exact / exact.sum()
+        if float(v @ q @ v) < s * s:
+            lo = lam
+        else:
+            hi = lam
+        if not lo < (lo + hi) / 2 < hi:  # pragma: no cover - every support failed by rounding
+            break
+    v = nonnegative_qp(q, b - (lo + hi) / 2)  # pragma: no cover
+    return v / v.sum()
+
+
+def _cagrad_norm2(q: np.ndarray, b: np.ndarray, lam: float) -> float:
+    v = nonnegative_qp(q, b - lam)
+    return float(v @ q @ v)
+
+
+def _cagrad_on_support(k: np.ndarray, q: np.ndarray, b: np.ndarray, s: float, support: np.ndarray) -> Optional[np.ndarray]:
+    """The KKT point with ``v`` supported on ``support`` and ``v^T K v = s^2``, or None if
+    that support holds none (a negative ``v``, a negative multiplier off the support).
+    Solved with K itself: its entries on a support can be large where the gradients'
+    norms span decades, and K + eps I would then be another problem. A singular K_SS
+    (rank-deficient gradients) is solved with ``q``, K's regularised copy."""
+    idx = np.where(support)[0]
+    if idx.size == 0:
+        return None
+    for mat in (k, q):
+        ks = mat[np.ix_(idx, idx)]
+        try:
+            with np.errstate(all="ignore"):
+                v = _support_point(mat, ks, idx, b, s)
+        except np.linalg.LinAlgError:
+            continue
+        if v is None or not np.isfinite(v).all():
+            continue
+        lam = float((mat @ v + b)[idx].mean())
+        mult = k @ v + b - lam
+        slack = 1e-12 * max(1.0, float(np.abs(b).max()), abs(lam))
+        if (v[idx] < -slack).any() or (mult[~support] < -slack).any() or v.sum() <= 0:
+            return None
+        return np.maximum(v, 0.0)
+    return None
+
+
+def _support_point(mat: np.ndarray, ks: np.ndarray, idx: np.ndarray, b: np.ndarray, s: float) -> Optional[np.ndarray]:
+    p = _scaled_solve(ks, np.ones(idx.size))
+    r = _scaled_solve(ks, b[idx])
+    # (lam p - r)^T K (lam p - r) = lam^2 1.p - 2 lam 1.r + b.r = s^2
+    a2, a1, a0 = float(p.sum()), -2.0 * float(r.sum()), float(b[idx] @ r) - s * s
+    disc = a1 * a1 - 4 * a2 * a0
+    if not a2 > 0 or not disc >= 0:
+        return None
+    lam = (-a1 + np.sqrt(disc)) / (2 * a2)  # the larger root: sum(v) = lam 1.p - 1.r > 0 there
+    v = np.zeros(b.size)
+    for _ in range(4):  # Newton on v^T K v = s^2 (derivative 2 sum(v)): the formula's root cancels digits
+        v[idx] = _scaled_solve(ks, lam - b[idx])
+        total = float(v.sum())
+        if not total > 0:
+            return None
+        lam -= (float(v @ mat @ v) - s * s) / (2 * total)
+    v[idx] = _scaled_solve(ks, lam - b[idx])
+    return v
+
+
+def _scaled_solve(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``a^-1 rhs`` for a positive definite ``a`` through its unit-diagonal scaling (a Gramian
+    of gradients whose norms span decades is ill-conditioned mostly by its diagonal), with
+    one step of iterative refinement."""
+    d = np.sqrt(np.diag(a))
+    c = a / np.outer(d, d)
+    x = np.linalg.solve(c, rhs / d) / d
+    return x + np.linalg.solve(c, (rhs - a @ x) / d) / d
+
+
+def nash_mtl_weights(gram: Tensor, max_norm: float = 1.0, tol: float = 1e-12) -> Tensor:
+    """Nash-MTL: the Nash bargaining weights ``alpha > 0`` with ``alpha_i (G alpha)_i = 1``
+    for every objective, found exactly (``nash_mtl_solve``), then scaled so that
+    ``||J^T alpha|| <= max_norm`` (0: no clipping), as the official code clips.
+
+    An objective with a zero gradient takes weight 0 and the others bargain alone; where
+    no solution exists (a non-negative combination of the gradients is zero: the point
+    is Pareto-stationary), the weights are zero.
+
+    >>> j = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> [round(float(x), 4) for x in nash_mtl_weights(j @ j.T, max_norm=0)]
+    [0.5, 2.0]
+    """
+    k = _gram(gram)
+    m = k.shape[0]
+    live = _live_rows(k)
+    alpha = np.zeros(m)
+    if live.any():
+        idx = np.where(live)[0]
+        alpha[idx] = nash_mtl_solve(k[np.ix_(idx, idx)], tol)
+    norm = float(np.sqrt(max(alpha @ k @ alpha, 0.0)))
+    if max_norm > 0 and norm > max_norm:
+        alpha = alpha * (max_norm / norm)
+    return torch.from_numpy(alpha).to(gram.device)
+
+
+def nash_mtl_solve(k: np.ndarray, tol: float = 1e-12, max_iter: int = 200) -> np.ndarray:
+    """``alpha > 0`` with ``alpha * (K alpha) = 1``: the minimiser of the self-concordant
+    ``f(a) = a^T K a / 2 - sum(log a)`` by damped Newton (Nesterov's step ``1 / (1 +
+    lambda)``, ``lambda`` the Newton decrement), which needs at most ``(f(a0) - f*) / 0.09``
+    damped steps and then converges quadratically.
+
+    ``f`` has no minimiser when some ``d >= 0, d != 0`` has ``K d = 0`` (the point is
+    Pareto-stationary): the iterates then run off along d, and the gradients cancel in
+    ``J^T alpha``. A solution has ``alpha^T K alpha = M``; where that is below
+    ``CANCELLATION`` times ``(sum_i alpha_i ||g_i||)^2`` (the norm with no cancellation),
+    the Nash point is one of rounding in a numerically singular K, and the solve returns
+    zeros, as it does when the iterates diverge."""
+    m = k.shape[0]
+    scale = float(np.trace(k)) / m  # solve for K / scale, then alpha / sqrt(scale)
+    ks = k / scale
+    norms = np.sqrt(np.diag(ks))
+    a = 1.0 / norms
+    for _ in range(max_iter):
+        grad = ks @ a - 1.0 / a
+        try:
+            step = np.linalg.solve(ks + np.diag(1.0 / (a * a)), grad)
+        except np.linalg.LinAlgError:  # the iterates ran off to infinity along K's null space
+            break
+        dec = float(np.sqrt(max(grad @ step, 0.0)))
+        if dec < tol:
+            return a / np.sqrt(scale) if m >= CANCELLATION * float(a @ norms) ** 2 else np.zeros(m)
+        a = a - step / (1.0 + dec) if dec > 0.25 else a - step
+        if not np.isfinite(a).all() or (a <= 0).any() or m < 1e-3 * CANCELLATION * float(a @ norms) ** 2:
+            break
+    return np.zeros(m)
+
+
+#: the smallest ``||J^T alpha||^2 / (sum_i alpha_i ||g_i||)^2`` of a Nash point not taken for rounding
+CANCELLATION = 1e-10

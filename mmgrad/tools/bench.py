@@ -1,6 +1,6 @@
 """``python -m mmgrad bench``: every method's fused step against a memcpy, the eager
 reference, ``torch.compile(reference)`` and TorchJD's aggregator of the same name (mgda,
-upgrad, dualproj, pcgrad, imtl_g, aligned_mtl), measured in one
+upgrad, dualproj, pcgrad, cagrad, imtl_g, aligned_mtl, nash_mtl), measured in one
 run; a log-log scaling plot; then the end-to-end training step (``bench_step``).
 
 Bytes a fused step must move (fp32 gradients G of shape M x N), by the method's family:
@@ -25,6 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -68,9 +69,12 @@ class Case:
     torchjd: Optional[Callable[[], object]] = None
 
 
-#: TorchJD's aggregator for each method it also has (the "x TorchJD" column)
-TORCHJD_AGGREGATORS = {"mgda": "MGDA", "upgrad": "UPGrad", "dualproj": "DualProj", "pcgrad": "PCGrad", "imtl_g": "IMTLG",
-                       "aligned_mtl": "AlignedMTL"}
+#: TorchJD's aggregator for each method it also has (the "x TorchJD" column), from
+#: ``torchjd.aggregation`` and M, with mmgrad's defaults where TorchJD has none
+TORCHJD_AGGREGATORS: Dict[str, Callable[[ModuleType, int], Callable]] = {
+    "mgda": lambda tj, m: tj.MGDA(), "upgrad": lambda tj, m: tj.UPGrad(), "dualproj": lambda tj, m: tj.DualProj(),
+    "pcgrad": lambda tj, m: tj.PCGrad(), "imtl_g": lambda tj, m: tj.IMTLG(), "aligned_mtl": lambda tj, m: tj.AlignedMTL(),
+    "cagrad": lambda tj, m: tj.CAGrad(c=0.5), "nash_mtl": lambda tj, m: tj.NashMTL(n_tasks=m)}
 
 #: how many times a step of each family (``Method.family``) reads the M x N rows
 READS_OF_ROWS = {"bogc": 1, "gramian": 2, "weighted": 1, "sum": 1}
@@ -137,7 +141,7 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu", device: str = "
         if method in TORCHJD_AGGREGATORS and importlib.util.find_spec("torchjd") is not None:
             import torchjd.aggregation
 
-            aggregator = getattr(torchjd.aggregation, TORCHJD_AGGREGATORS[method])()
+            aggregator = TORCHJD_AGGREGATORS[method](torchjd.aggregation, m)
             torchjd = lambda: aggregator(g)
         return Case(nbytes, fused, _reference_gramian(method), (g,), torchjd)
     if family == "weighted":  # one combination; the weights (from the losses) do not change its cost
