@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import reference
+from ._constants import MOO_METHODS
 from .backends import resolve
 
 __all__ = [
@@ -116,8 +117,20 @@ gram = _dispatching("gram")
 combine = _dispatching("combine")
 combine_and_gram = _dispatching("combine_and_gram")
 # The M x M solves: mgda_weights, mmpareto_weights and mimo_weights are the reference's
-# host code; moo_weights is mmgrad_math.h's solver on cpu and cuda, and its Triton mirror.
+# host code; moo_weights is mmgrad_math.h's solver on cpu and cuda, and its Triton mirror,
+# for mgda and mmpareto, and the host solvers of the other Gramian baselines.
 mgda_weights = _dispatching("mgda_weights")
 mmpareto_weights = _dispatching("mmpareto_weights")
 mimo_weights = _dispatching("mimo_weights")
-moo_weights = _dispatching("moo_weights")
+_device_moo_weights = _dispatching("moo_weights")
+
+
+@functools.wraps(_device_moo_weights)
+def moo_weights(grams: torch.Tensor, method: str, *, backend: str = "auto", **options: Any) -> torch.Tensor:
+    if method in MOO_METHODS:
+        unknown = sorted(set(options) - {"normalize", "losses", "magnitude"})
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes normalize, losses and magnitude")
+        return _device_moo_weights(grams, method, backend=backend, **options)
+    resolve(backend, grams.device if isinstance(grams, torch.Tensor) else torch.device("cpu"))  # a valid name
+    return reference.moo_weights(grams, method, **options)  # every backend solves these on the host

@@ -26,7 +26,7 @@ import torch
 
 import mmgrad
 from mmgrad.methods import METHODS
-from mmgrad.methods._pcgrad import pcgrad_orders
+from mmgrad.reference.gramian import pcgrad_orders
 from mmgrad.reference import gramian as RG
 from mmgrad.tools.verify import rel_err
 
@@ -275,3 +275,30 @@ def test_nash_mtl_clips_the_update_and_handles_zero_and_stationary_objectives():
                           torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64))
     opposed = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)  # Pareto-stationary: no Nash point
     assert float(RG.nash_mtl_weights(opposed @ opposed.T).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["auto", *[b for b, i in mmgrad.backends().items() if i.available and "cpu" in i.devices]])
+def test_ops_moo_weights_solves_every_baseline_as_its_method_does(gen, backend):
+    """``mmgrad.ops.moo_weights(grams, name, **options)``: per group, the reference's
+    function with those options, on every backend (each solves them on the host)."""
+    grams = torch.stack([(lambda j: j @ j.T)(torch.randn(4, 9, generator=gen, dtype=torch.float64)) for _ in range(3)])
+    cases = {"upgrad": {"reg_eps": 1e-3}, "dualproj": {"pref_vector": [0.4, 0.3, 0.2, 0.1]}, "cagrad": {"c": 0.9},
+             "imtl_g": {}, "aligned_mtl": {"scale_mode": "median"}, "nash_mtl": {"max_norm": 0.0}}
+    for name, options in cases.items():
+        got = mmgrad.ops.moo_weights(grams, name, backend=backend, **options)
+        want = torch.stack([getattr(RG, f"{name}_weights")(k, **options) for k in grams])
+        assert got.dtype == torch.float64 and torch.equal(got, want), name
+    got = mmgrad.ops.moo_weights(grams, "pcgrad", seed=4, step=9, backend=backend)
+    assert torch.equal(got, torch.stack([RG.pcgrad_weights(k, pcgrad_orders(4, 9, g, 4)) for g, k in enumerate(grams)]))
+
+
+def test_ops_moo_weights_names_a_wrong_method_or_option():
+    grams = torch.eye(2, dtype=torch.float64)[None]
+    with pytest.raises(ValueError, match="method must be one of .*'cagrad'.*'nash_mtl'"):
+        mmgrad.ops.moo_weights(grams, "cagrd")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['cc'\] for method='cagrad'; it takes \['c', 'norm_eps', 'rescale'\]"):
+        mmgrad.ops.moo_weights(grams, "cagrad", cc=1.0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['c'\] for method='mgda'"):
+        mmgrad.ops.moo_weights(grams, "mgda", c=1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mmgrad.ops.moo_weights(grams, "upgrad", backend="gpu")

@@ -21,7 +21,7 @@ from mmgrad.collect import graph_reach
 from mmgrad.training.models import I2M2, LateFusion
 from mmgrad.tools.verify import rel_err
 
-from mmgrad.methods._pcgrad import pcgrad_orders
+from mmgrad.reference.gramian import pcgrad_orders
 
 from conftest import assert_bit_identical, builtin_methods, kernel_backends, tensor_offsets
 from toy_model import TwoView, batch

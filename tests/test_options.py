@@ -16,7 +16,7 @@ from mmgrad import reference as R
 from mmgrad.methods._ogm import ge_noise
 from mmgrad.tools.verify import rel_err
 
-from mmgrad.methods._pcgrad import pcgrad_orders
+from mmgrad.reference.gramian import pcgrad_orders
 
 from conftest import kernel_backends, mmpareto_oracle, tensor_offsets
 from toy_model import TwoView, batch

@@ -8,7 +8,7 @@ from typing import Any, Dict
 import torch
 
 from .. import _validation as V
-from ..reference.gramian import ALIGNED_MTL_SCALES, aligned_mtl_weights
+from ..reference.gramian import ALIGNED_MTL_SCALES, gramian_weights
 from ._dual_cone import check_pref_length, check_pref_vector
 from ._weighting import Weighting
 
@@ -30,5 +30,5 @@ class AlignedMTL(Weighting):
         check_pref_length(options["pref_vector"], layout)
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return torch.stack([aligned_mtl_weights(k.cpu(), self.options["pref_vector"], self.options["scale_mode"])
-                            for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name, pref_vector=self.options["pref_vector"],
+                               scale_mode=self.options["scale_mode"])

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..reference.gramian import CAGRAD_RESCALES, cagrad_weights
+from ..reference.gramian import CAGRAD_RESCALES, gramian_weights
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -34,4 +34,4 @@ class CAGrad(Weighting):
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
         o = self.options
-        return torch.stack([cagrad_weights(k.cpu(), o["c"], o["rescale"], o["norm_eps"]) for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name, c=o["c"], rescale=o["rescale"], norm_eps=o["norm_eps"])

@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 
 from .. import _validation as V
-from ..reference.gramian import dualproj_weights, upgrad_weights
+from ..reference.gramian import gramian_weights
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -58,7 +58,7 @@ class UPGrad(_DualCone):
     name = "upgrad"
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return torch.stack([upgrad_weights(k.cpu(), **self._options()) for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name, **self._options())
 
 
 class DualProj(_DualCone):
@@ -67,4 +67,4 @@ class DualProj(_DualCone):
     name = "dualproj"
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return torch.stack([dualproj_weights(k.cpu(), **self._options()) for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name, **self._options())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.gramian import imtl_g_weights
+from ..reference.gramian import gramian_weights
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -15,4 +15,4 @@ class IMTLG(Weighting):
     name = "imtl_g"
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return torch.stack([imtl_g_weights(k.cpu()) for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name)

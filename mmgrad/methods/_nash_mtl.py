@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..reference.gramian import nash_mtl_weights
+from ..reference.gramian import gramian_weights
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -34,4 +34,4 @@ class NashMTL(Weighting):
             raise ValueError(f"max_norm must be a finite number >= 0 (0: no clipping); got {v!r}")
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return torch.stack([nash_mtl_weights(k.cpu(), self.options["max_norm"]) for k in grams]).to(grams.device)
+        return gramian_weights(grams, self.name, max_norm=self.options["max_norm"])

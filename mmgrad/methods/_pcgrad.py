@@ -5,21 +5,17 @@ or a sync-checked run draws the same ones with no generator state to carry."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
-from ..reference.gramian import pcgrad_weights
+from ..reference.gramian import gramian_weights, pcgrad_orders
 from ._base import StepContext
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
 
-
-def pcgrad_orders(seed: int, step: int, group: int, m: int) -> List[List[int]]:
-    """The projection order of each of the M objectives in ``group`` on ``step``."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + group)
-    return [torch.randperm(m, generator=gen).tolist() for _ in range(m)]
+__all__ = ["PCGrad", "pcgrad_orders"]
 
 
 class PCGrad(Weighting):
@@ -40,6 +36,4 @@ class PCGrad(Weighting):
         return self._weights_on_step(grams, 1)
 
     def _weights_on_step(self, grams: Tensor, step: int) -> Tensor:
-        m = grams.shape[1]
-        return torch.stack([pcgrad_weights(k.cpu(), pcgrad_orders(self.options["seed"], step, g, m))
-                            for g, k in enumerate(grams)]).to(grams.device)
+        return gramian_weights(grams, "pcgrad", seed=self.options["seed"], step=step)

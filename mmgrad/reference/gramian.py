@@ -20,7 +20,8 @@ The projection onto the dual cone is the quadratic program ``min_v v^T G v`` sub
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -384,3 +385,44 @@ def nash_mtl_solve(k: np.ndarray, tol: float = 1e-12, max_iter: int = 200) -> np
 
 #: the smallest ``||J^T alpha||^2 / (sum_i alpha_i ||g_i||)^2`` of a Nash point not taken for rounding
 CANCELLATION = 1e-10
+
+
+def pcgrad_orders(seed: int, step: int, group: int, m: int) -> List[List[int]]:
+    """PCGrad's projection order of each of the M objectives in ``group`` on ``step``: a
+    function of (seed, step, group) alone, so a resumed run draws the same ones."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + group)
+    return [torch.randperm(m, generator=gen).tolist() for _ in range(m)]
+
+
+def _pcgrad_on_step(gram: Tensor, seed: int = 0, step: int = 1, *, group: int = 0) -> Tensor:
+    return pcgrad_weights(gram, pcgrad_orders(seed, step, group, gram.shape[0]))
+
+
+#: the Gramian baselines solved on the host: name -> the weights of one group's Gram
+HOST_SOLVED: Dict[str, Callable[..., Tensor]] = {
+    "upgrad": upgrad_weights, "dualproj": dualproj_weights, "pcgrad": _pcgrad_on_step, "cagrad": cagrad_weights,
+    "imtl_g": imtl_g_weights, "aligned_mtl": aligned_mtl_weights, "nash_mtl": nash_mtl_weights}
+
+
+def gramian_weights(grams: Tensor, method: str, **options: Any) -> Tensor:
+    """``G x M`` float64 weights of a host-solved Gramian baseline (``HOST_SOLVED``) from
+    ``G x M x M`` Gram matrices, per group, with the method's options (``pcgrad``: ``seed``
+    and ``step``, which pick its orders).
+
+    >>> k = torch.tensor([[[1.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
+    >>> gramian_weights(k, "nash_mtl", max_norm=0)
+    tensor([[1.0000, 0.5000]], dtype=torch.float64)
+    """
+    V.check_choice("method", method, tuple(HOST_SOLVED))
+    V.check_float_tensor("grams", grams, dim=3)
+    solve = HOST_SOLVED[method]
+    extra = [name for name in options if name not in _option_names(solve)]
+    if extra:
+        raise TypeError(f"unknown option(s) {sorted(extra)} for method={method!r}; it takes {sorted(_option_names(solve))}")
+    weights = [solve(k.cpu(), **options, **({"group": g} if method == "pcgrad" else {})) for g, k in enumerate(grams)]
+    return torch.stack(weights).to(device=grams.device, dtype=torch.float64)
+
+
+def _option_names(solve: Callable[..., Tensor]) -> List[str]:
+    """The options a host solver takes: its parameters after the Gram, but keyword-only ones."""
+    return [p.name for p in list(inspect.signature(solve).parameters.values())[1:] if p.kind is not p.KEYWORD_ONLY]

@@ -7,7 +7,7 @@ CPU backend alike.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -216,16 +216,28 @@ def mmpareto_tensor_weights(tensor_grams: Tensor, group_of: Sequence[int], magni
 
 
 def moo_weights(grams: Tensor, method: str, *, normalize: str = "none", losses: Tensor | Sequence[float] | None = None,
-                magnitude: float = 1.5) -> Tensor:
-    """Per-group weights of ``method`` ("mgda" or "mmpareto") from ``G x M x M`` Gram matrices: ``G x M``.
+                magnitude: float = 1.5, **options: Any) -> Tensor:
+    """Per-group weights of a Gramian ``method`` from ``G x M x M`` Gram matrices: ``G x M``.
 
-    The calibrator's one call per step; the triton backend solves all groups in one
-    kernel on the device (no host synchronisation).
+    ``"mgda"`` and ``"mmpareto"`` (with ``normalize``/``losses`` and ``magnitude``): the
+    calibrator's one call per step, which the triton backend solves for all groups in one
+    kernel on the device (no host synchronisation). Every other Gramian baseline
+    (``mmgrad.reference.gramian.HOST_SOLVED``: ``"upgrad"``, ``"cagrad"``, ...) takes its
+    options as keywords and is solved on the host, on every backend.
 
     >>> moo_weights(torch.tensor([[[1.0, -1.0], [-1.0, 4.0]]], dtype=torch.float64), "mgda")
     tensor([[0.7143, 0.2857]], dtype=torch.float64)
+    >>> moo_weights(torch.tensor([[[1.0, 0.0], [0.0, 4.0]]], dtype=torch.float64), "upgrad")
+    tensor([[0.5000, 0.5000]], dtype=torch.float64)
     """
-    V.check_choice("method", method, MOO_METHODS)
+    from .gramian import HOST_SOLVED, gramian_weights  # gramian imports this module's min-norm solver
+
+    V.check_choice("method", method, (*MOO_METHODS, *HOST_SOLVED))
+    if method in HOST_SOLVED:
+        return gramian_weights(grams, method, **options)
+    if options:
+        raise TypeError(f"unknown option(s) {sorted(options)} for method={method!r}; it takes normalize, losses "
+                        "and magnitude")
     V.check_float_tensor("grams", grams, dim=3)
     if method == "mgda":
         return torch.stack([mgda_weights(k, normalize, losses=losses) for k in grams])
