@@ -7,9 +7,11 @@ is calibrated, and each is reached by two objectives (its view's loss and the fu
 Per method, one step splits into forward, the per-objective backward (``"loop"``, and
 ``"batched"`` for comparison; both include finding the reach), calibration
 (``cal.step()``, after a ``backward`` run inside ``cal.accumulate()`` so that it does not
-calibrate itself) and the optimizer step; the plain summed step is the baseline. "Before"
+calibrate itself) and the optimizer step; the plain summed step is the baseline. "0.1"
 is mmgrad 0.1's step on the same inputs in the same run: the same kernels over the dense
-``M x N`` buffer, with two slots of EMA state (``dense_step``).
+``M x N`` buffer, with two slots of EMA state (``dense_step``). "x mimo" is each
+method's calibration time over mimo's (MIMO's claim is that the MOO baselines cost many
+times what it does; the Gramian baselines' rows measure it in mmgrad's terms).
 
 Run by ``python -m mmgrad bench`` after the kernel tables, or alone:
 ``python -m mmgrad bench-step``.
@@ -29,6 +31,7 @@ import torch
 from .. import ops
 from ..calibrator import FusedCalibrator
 from ..collect import GRADS, graph_reach
+from ..reference.gramian import HOST_SOLVED
 from ..training.models import LateFusion
 from . import describe
 from .timing import timeit
@@ -39,6 +42,10 @@ M = len(UCI_DIMS) + 1
 # (label, method, options): mgda also lagged (the Gram of this step's read serves the next)
 CASES = (("bogc", "bogc", {}), ("bogc bf16", "bogc", {"state_dtype": torch.bfloat16}), ("mgda", "mgda", {}),
          ("mgda lagged", "mgda", {"lagged": True}), ("mmpareto", "mmpareto", {}), ("mimo", "mimo", {}), ("sum", "sum", {}))
+# the Gramian baselines solved on the host: timed (their cost against mimo's), their memory is mgda's
+BASELINE_CASES = tuple((name, name, {}) for name in HOST_SOLVED)
+# mmgrad 0.1's methods: the only ones with a "0.1" column
+METHODS_OF_0_1 = ("bogc", "mgda", "mmpareto", "mimo")
 # the targets: extra memory over plain training, calibration time over a plain step
 MEMORY_TARGETS = {"bogc": 1.5, "bogc bf16": 1.0, "mgda": 0.6, "mgda lagged": 0.6, "mmpareto": 0.6, "mimo": 0.6}
 TIME_TARGETS = {"bogc": 0.40, "bogc bf16": 0.40, "mgda": 0.15, "mgda lagged": 0.15, "mmpareto": 0.15, "mimo": 0.10}
@@ -136,7 +143,7 @@ def time_calibrated_step(model: LateFusion, x, y, label: str, method: str, optio
             if mode == "loop":
                 times["calibrate"].append(t3 - t2)
                 times["optimizer"].append(t4 - t3)
-        if mode == "loop" and method != "sum" and label != "bogc bf16":  # 0.1 had no bf16 state
+        if mode == "loop" and method in METHODS_OF_0_1 and label != "bogc bf16":  # 0.1 had no bf16 state
             with cal.accumulate():
                 cal.backward(model.losses(x, y))
             before = timeit(dense_step(cal, method, options), min_time=0.0, min_reps=reps, max_reps=reps)
@@ -189,19 +196,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nend-to-end step: LateFusion on the 6 UCI views, {n_params / 1e6:.1f} M parameters "
           f"({n_cal / 1e6:.1f} M calibrated), batch 256, AdamW, M = {M}; medians of {reps} steps, ms")
     first = time_plain_step(model, x, y, reps)
-    rows = [time_calibrated_step(model, x, y, label, m, opts, reps) for label, m, opts in CASES]
+    rows = [time_calibrated_step(model, x, y, label, m, opts, reps) for label, m, opts in (*CASES, *BASELINE_CASES)]
     last = time_plain_step(model, x, y, reps)  # the baseline before and after, averaged: the machine drifts
     plain = StepTimes("plain sum", *[(getattr(first, k) + getattr(last, k)) / 2 for k in
                                      ("forward", "backward", "backward_batched", "calibrate", "optimizer")])
     ms = lambda s: f"{1e3 * s:8.1f}"  # noqa: E731
+    mimo = next(r.calibrate for r in rows if r.method == "mimo")
     print(f"{'method':11s} {'forward':>8s} {'backward':>9s} {'(batched)':>9s} {'calibrate':>9s} {'optimizer':>9s} "
-          f"{'total':>8s} {'calib/plain':>11s} {'0.1 calib':>9s} {'0.1/plain':>9s} {'target':>7s}")
+          f"{'total':>8s} {'calib/plain':>11s} {'x mimo':>6s} {'0.1 calib':>9s} {'0.1/plain':>9s} {'target':>7s}")
     for r in [plain, *rows]:
         share, target = r.calibrate / plain.total, TIME_TARGETS.get(r.method)
         old = f"{ms(r.before)} {100 * r.before / plain.total:8.0f}%" if r.before else f"{'':8s} {'':9s}"
         tgt = f"{100 * target:6.0f}%" if target else f"{'':7s}"
+        vs_mimo = f"{r.calibrate / mimo:6.2f}" if r.calibrate else f"{'':6s}"
         print(f"{r.method:11s} {ms(r.forward)} {ms(r.backward)} {ms(r.backward_batched)} {ms(r.calibrate)} "
-              f"{ms(r.optimizer)} {ms(r.total)} {100 * share:10.0f}% {old} {tgt} {_verdict(share, target)}", flush=True)
+              f"{ms(r.optimizer)} {ms(r.total)} {100 * share:10.0f}% {vs_mimo} {old} {tgt} {_verdict(share, target)}",
+              flush=True)
     walk = reach_seconds(model, x, y, reps)
     print(f"finding the reach (a walk over the {M} losses' autograd graphs, inside backward): "
           f"{1e3 * walk:.2f} ms per step, {100 * walk / plain.total:.2f}% of a plain step")
