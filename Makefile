@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test gpu-proofs matrix-check device-check mutate flake-hunt random-order soak demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
+.PHONY: install build test docs gpu-proofs matrix-check device-check mutate flake-hunt random-order soak demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -127,6 +127,16 @@ demo: build
 
 verify: build
 	$(PY) -m mmgrad verify
+
+# The documentation site (docs/, the README as its home page, the API from the docstrings)
+# into build/site, warnings as errors: a broken link or reference fails it.
+DOCS_STAMP := $(VENV)/.mmgrad-docs-deps
+$(DOCS_STAMP): | $(PY)
+	$(PIP) install -q mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocstrings-python==2.0.11
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # TorchJD is an optional benchmark dependency (its aggregators are the "x TorchJD" column).
 BENCH_STAMP := $(VENV)/.mmgrad-bench-deps

@@ -8,7 +8,7 @@ both kernels on the same inputs, alternately, with a memcpy of the same bytes in
 memory already touched (``mmgrad.tools.bench.memcpy_seconds``: the warm-up call takes the
 page faults). bogc_step moves (5M + 1) N floats: G read, the two EMA rows read and
 written, the output written; the Gram reads G once. Builds before the EMA kept
-``mean, var`` (README, Spec note 3) take the step count and beta instead of the step's
+``mean, var`` (docs/spec.md, decision 3) take the step count and beta instead of the step's
 weights; each is called its own way, on the same bytes.
 """
 

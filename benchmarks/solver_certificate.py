@@ -1,4 +1,4 @@
-"""The device MOO solver (csrc/mmgrad_math.h, through the CPU build) against SPEC §4's
+"""The device MOO solver (csrc/mmgrad_math.h, through the CPU build) against docs/spec.md §4's
 certificate on ill-conditioned Gram matrices, next to the host's Wolfe solver.
 
     python benchmarks/solver_certificate.py [--draws 20000] [--seed 0]

@@ -1,4 +1,4 @@
-// Element math of mmgrad (SPEC.md §3), shared by the C++ CPU kernels and the CUDA kernels.
+// Element math of mmgrad (docs/spec.md §3), shared by the C++ CPU kernels and the CUDA kernels.
 //
 // Every function takes and returns values (no out-parameters): OpenMP lowers a simd loop
 // before inlining, and any local whose address is taken becomes a per-lane array that
@@ -31,7 +31,7 @@ namespace mmgrad {
 namespace math {
 
 // Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32, so the
-// Dempster-Shafer fold never meets 0/0 (README, "Spec notes").
+// Dempster-Shafer fold never meets 0/0 (docs/spec.md, §9).
 constexpr double kEvidenceMax = 1e30;
 
 // Runtime-M kernels keep per-objective values in registers/stack arrays of this size.
@@ -70,10 +70,10 @@ struct BogcParams {
   int confidence, weights;
 };
 
-// SPEC §3.1's EMA, kept as the bias-corrected mean and the variance themselves (Spec
-// note 3): with alpha = (1-beta)/(1-beta^t), m_hat' = m_hat + alpha*d and
+// docs/spec.md §3.1's EMA, kept as the bias-corrected mean and the variance themselves
+// (decision 3): with alpha = (1-beta)/(1-beta^t), m_hat' = m_hat + alpha*d and
 // var' = (1-alpha)(var + alpha*d^2) for d = g - m_hat, which equals v_hat - m_hat^2 of
-// SPEC's (m, v) but sums only non-negative terms: no cancellation, so it runs in the
+// the (m, v) moments but sums only non-negative terms: no cancellation, so it runs in the
 // gradient's precision. alpha and 1-alpha (formed apart, in double) come from the host.
 template <typename T>
 struct EmaResult {
@@ -88,7 +88,7 @@ MMGRAD_HD EmaResult<T> ema_update(T g, T mean0, T var0, T alpha, T one_minus_alp
   return {mean0 + ad, one_minus_alpha * var0 + (one_minus_alpha * ad) * d};
 }
 
-// SPEC §3.2: 0 where the objective does not reach the coordinate (mu = var = 0 exactly).
+// docs/spec.md §3.2: 0 where the objective does not reach the coordinate (mu = var = 0 exactly).
 // Written without branches (| not ||, selects) so that the CPU loops vectorise.
 template <typename T>
 MMGRAD_HD T precision(T mu, T var, T eps) {
@@ -96,7 +96,7 @@ MMGRAD_HD T precision(T mu, T var, T eps) {
   return ((mu != T(0)) | (var != T(0))) ? lam : T(0);
 }
 
-// SPEC §3.3, clamped to kEvidenceMax (an overflow to inf clamps too).
+// docs/spec.md §3.3, clamped to kEvidenceMax (an overflow to inf clamps too).
 // Formed as (lambda mu) mu: mu^2 alone overflows float32 for |mu| > 1.8e19 even where the
 // evidence itself (with a large variance) is moderate.
 template <typename T>
@@ -105,7 +105,7 @@ MMGRAD_HD T evidence(T mu, T lam, T gamma) {
   return e < T(kEvidenceMax) ? e : T(kEvidenceMax);
 }
 
-// SPEC §3.4: all evidence supports sign(mu); u = 2/(e+2).
+// docs/spec.md §3.4: all evidence supports sign(mu); u = 2/(e+2).
 template <typename T>
 MMGRAD_HD Opinion<T> opinion(T mu, T e) {
   const T strength = e + T(2);
@@ -113,7 +113,7 @@ MMGRAD_HD Opinion<T> opinion(T mu, T e) {
   return {mu > T(0) ? b : T(0), mu < T(0) ? b : T(0), T(2) / strength};
 }
 
-// SPEC §3.5: reduced Dempster-Shafer rule for two opinions. The three unnormalised
+// docs/spec.md §3.5: reduced Dempster-Shafer rule for two opinions. The three unnormalised
 // masses are divided by their sum kept = 1 - C (never formed as a difference). Two
 // dogmatic opposite opinions (sum 0) give a vacuous result.
 template <typename T>
@@ -157,7 +157,7 @@ MMGRAD_HD T confidence_scale(T b_pos, T b_neg, ConfidenceMix<T> c) {
 // ---- The fused step's Dempster-Shafer fold, in the gradient's own precision ----------
 // Each BOGC opinion supports one sign only: (b, 0, u) for mu > 0, (0, b, u) for mu < 0,
 // vacuous for mu = 0. Dempster's rule is associative, so the left-to-right fold of
-// SPEC §3.5 equals, exactly, combining the positive opinions into (1 - U+, 0, U+), the
+// docs/spec.md §3.5 equals, exactly, combining the positive opinions into (1 - U+, 0, U+), the
 // negative ones into (0, 1 - U-, U-) with U = prod u, and then the two:
 //   kept = U+ + U- - U+ U-,  b+ = (1 - U+) U- / kept,  b- = (1 - U-) U+ / kept,
 //   u = U+ U- / kept,  conflict = 1 - kept = (1 - U+)(1 - U-).
@@ -165,7 +165,7 @@ MMGRAD_HD T confidence_scale(T b_pos, T b_neg, ConfidenceMix<T> c) {
 // so it is kept as mantissa * 2^exponent (an int): it cannot flush to zero, and the
 // division by kept happens once, after normalising by the larger U. B = 1 - U is kept
 // directly (B' = b + B u), so no belief is formed as a difference of near-1 numbers.
-// Float32 gradients then need no float64 per coordinate (README, "Spec notes" 12).
+// Float32 gradients then need no float64 per coordinate (docs/spec.md, decision 12).
 
 template <typename T>
 struct FloatBits;
@@ -248,7 +248,7 @@ struct FoldStep {
   T weight;            // its raw weight: belief b = 1 - u (formed without cancellation) or lambda
 };
 
-// SPEC §3.2-3.4 for objective k of one coordinate, joined to the fold: two divisions
+// docs/spec.md §3.2-3.4 for objective k of one coordinate, joined to the fold: two divisions
 // (the precision, and 1/(e + 2) for both b and u).
 template <typename T>
 MMGRAD_HD FoldStep<T> fold_objective(FoldState<T> s, T mu, T var, BogcParams<T> prm) {
@@ -311,14 +311,14 @@ MMGRAD_HD T share_of(T w, ShareScale<T> sc) {
   return (w * sc.scale) * sc.inv;
 }
 
-// SPEC §3.6: ghat = confidence * n * sum_m share_m mu_m (weighted_mu is that sum).
+// docs/spec.md §3.6: ghat = confidence * n * sum_m share_m mu_m (weighted_mu is that sum).
 // (Scalars, not the Fused struct: GCC does not vectorise a loop passing that by value.)
 template <typename T>
 MMGRAD_HD T calibrated(T b_pos, T b_neg, T n_reach, T weighted_mu, ConfidenceMix<T> confidence) {
   return confidence_scale(b_pos, b_neg, confidence) * (n_reach * weighted_mu);
 }
 
-// SPEC §3.2-3.6 for one coordinate, as a GPU thread runs it: mu_at(k), var_at(k) give
+// docs/spec.md §3.2-3.6 for one coordinate, as a GPU thread runs it: mu_at(k), var_at(k) give
 // objective k's mean and variance, weight_at(k) is storage (T&) that ends holding its
 // share. The CPU kernel makes the same calls objective by objective over a block of
 // coordinates (structure of arrays, so its loops vectorise).
@@ -354,7 +354,7 @@ MMGRAD_UNROLL
 
 
 // ------------------------------------------------------------------------------------
-// SPEC §4: MGDA / MMPareto weights from one group's M x M Gram matrix (M <= 16), without
+// docs/spec.md §4: MGDA / MMPareto weights from one group's M x M Gram matrix (M <= 16), without
 // host help, so a GPU solves them in one block with no synchronisation.
 //
 // The min-norm problem  min a^T K a  over the simplex is a convex QP. It is solved by the
@@ -369,7 +369,7 @@ MMGRAD_UNROLL
 // mmgrad/kernels/triton_kernels.py's solver (Triton cannot include this header). The CPU
 // extension binds it too (moo_weights_device), so the CPU tests cover it.
 constexpr int kMooMaxObjectives = 16;
-constexpr double kMooGapTol = 1e-7;             // SPEC §4's certificate, relative to max_m K_mm
+constexpr double kMooGapTol = 1e-7;             // docs/spec.md §4's certificate, relative to max_m K_mm
 constexpr double kMooGapTarget = kMooGapTol / 8;  // where the solver stops: margin for the caller's rounding
 constexpr int kMooIterations = 150;  // the proof's bound at n = 16 is 149 (docs/solver.md); runs stop far sooner
 constexpr int kMooBisections = 30;   // the predictor's step length, to 2^-30
@@ -413,7 +413,7 @@ MMGRAD_HD double moo_active_min(const MooVector& g, const bool* act, int m) {
   return lowest;
 }
 
-// a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap (Frank-Wolfe's certificate).
+// a^T K a - min_{i active} (K a)_i: docs/spec.md §4's duality gap (Frank-Wolfe's certificate).
 MMGRAD_HD double moo_gap(const double* K, const MooVector& a, const bool* act, int m) {
   const MooVector g = moo_matvec(K, a, m);
   return moo_dot(a, g, m) - moo_active_min(g, act, m);
@@ -542,7 +542,7 @@ MMGRAD_HD_CALL MooVector moo_min_norm(const double* K, const bool* act, int m) {
   return a;
 }
 
-// SPEC §4 weights of one group: K is its m x m Gram (row-major), losses the M losses
+// docs/spec.md §4 weights of one group: K is its m x m Gram (row-major), losses the M losses
 // (normalize = kNormalizeLoss only). Objectives with K_mm = 0 get weight 0.
 MMGRAD_HD_CALL MooVector moo_weights(const double* K, int m, int method, int normalize, const double* losses, double magnitude) {
   bool act[kMooMaxObjectives];

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-#: Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32 (README, spec notes)
+#: Largest evidence an opinion may carry: keeps u = 2/(e+2) > 0 in float32 (docs/spec.md, decision 1)
 EVIDENCE_MAX = 1e30
-#: SPEC §4's certificate for the min-norm solve: the duality gap, relative to max_m K_mm
+#: docs/spec.md §4's certificate for the min-norm solve: the duality gap, relative to max_m K_mm
 MOO_GAP_TOL = 1e-7
 #: The device MOO solver holds one group's Gram matrix in registers: at most this many objectives
 MOO_MAX_OBJECTIVES = 16

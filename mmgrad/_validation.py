@@ -16,7 +16,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 from ._constants import (CONFIDENCE_MODES, MGDA_NORMALIZATIONS, MOO_MAX_OBJECTIVES, MOO_METHOD_CODES,  # noqa: F401
                          MOO_METHODS, NORMALIZE_CODES, WEIGHT_MODES)
 
-# eps below this makes 1/eps overflow float32 (mmgrad's own bound, see README).
+# eps below this makes 1/eps overflow float32 (mmgrad's own bound).
 MIN_EPS = 1e-30
 
 

@@ -157,7 +157,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         # On CUDA tensors, triton first: the test suite executes its whole kernel logic
         # (under the interpreter), while the CUDA kernels are compiled and linked here but
-        # never run (SPEC §5; README, "Backends").
+        # never run (docs/spec.md §5; docs/backends.md).
         for name in ("triton", "cuda") if device.type == "cuda" else ("cpu",):
             if info[name].available:
                 return name

@@ -9,7 +9,7 @@ one part's job:
 * ``mmgrad.collect.GradientCollector`` — reach from the graph, backward passes, accumulation;
 * ``mmgrad.methods`` — one module per method family, each with its options and step;
 * ``mmgrad.distributed.GradientAverager`` — bucketed, overlapped averaging across ranks;
-* ``mmgrad.sharding.RowSharder`` / ``mmgrad.fsdp`` — rows sharded across ranks (SPEC §8).
+* ``mmgrad.sharding.RowSharder`` / ``mmgrad.fsdp`` — rows sharded across ranks (docs/spec.md §8).
 
 >>> import torch, mmgrad
 >>> audio, video, head = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.nn.Linear(8, 3)
@@ -89,14 +89,14 @@ class FusedCalibrator:
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ...; see ``mmgrad.backends()``.
         process_group: ranks to average gradients over. ``None`` (default): the world
             when ``torch.distributed`` is initialised with more than one rank; ``False``:
-            never. See README, "Distributed training".
+            never. See docs/guide.md, "Distributed training".
         bucket_bytes: size of one asynchronous all-reduce (default 25 MiB, as DDP).
         shard: hold the rows and the EMA state of this rank's ``1/world`` slice only
-            (ZeRO-2, SPEC §8): rows are reduce-scattered, the calibrated slices
+            (ZeRO-2, docs/spec.md §8): rows are reduce-scattered, the calibrated slices
             all-gathered into ``.grad``. Parameters of ``fully_shard``-ed (FSDP2) modules
-            are sharded that way whatever ``shard`` says. See README, "Which distributed
+            are sharded that way whatever ``shard`` says. See docs/guide.md, "Which distributed
             setup to pick".
-        **options: the method's options (README, "Options"), ``skip_nonfinite``,
+        **options: the method's options (docs/methods.md, "Methods and options"), ``skip_nonfinite``,
             ``sync_free`` and ``backward_mode`` (``"loop"``: one backward per objective,
             accumulating into views of the rows; ``"batched"``: one vmapped ``autograd.grad``).
 
@@ -104,7 +104,7 @@ class FusedCalibrator:
     leaves its own: clip, log or unscale between it and ``optimizer.step()`` as usual.
     Parameters not handed to the calibrator receive the plain summed gradient. Without
     ``zero_grad`` between steps, every parameter accumulates, calibrated or not. Rows are
-    kept only where an objective reaches a parameter (``self.layout``, SPEC §2).
+    kept only where an objective reaches a parameter (``self.layout``, docs/spec.md §2).
     """
 
     def __init__(
@@ -261,7 +261,7 @@ class FusedCalibrator:
         micro-batch: the averaging across ranks, and the calibration under a GradScaler.
 
         ``backward`` called k times before a step already sums each objective's rows
-        (SPEC §7); wrap the first k - 1 in this, as one wraps them in DDP's ``no_sync()``,
+        (docs/spec.md §7); wrap the first k - 1 in this, as one wraps them in DDP's ``no_sync()``,
         to communicate once per step, and to accumulate under a ``GradScaler`` at all.
         """
         previous, self._accumulating = self._accumulating, True
@@ -277,11 +277,11 @@ class FusedCalibrator:
         ``losses`` holds the M scalar losses (``[fusion, modality_1, ...]``); for
         ``estimator="sample"``, an ``S x M`` nested sequence or tensor (S >= 2
         micro-batches). Parameters not handed to the calibrator accumulate the sum.
-        Called again before the optimizer step, it accumulates (SPEC §7).
+        Called again before the optimizer step, it accumulates (docs/spec.md §7).
 
         ``scaler``: a ``torch.amp.GradScaler``. The losses are scaled here, and the
         calibration runs at once on the unscaled gradients, because ``scaler.step``
-        inspects ``.grad`` before ``optimizer.step()`` (README, "Mixed precision");
+        inspects ``.grad`` before ``optimizer.step()`` (docs/guide.md, "Mixed precision");
         to accumulate under a scaler, run the first micro-batches in ``accumulate()``.
 
         ``scores``: per-view confidences for the methods that read them (``ogm``: the
@@ -300,7 +300,7 @@ class FusedCalibrator:
             # the rows now would calibrate twice and advance the method's state twice
             raise RuntimeError("backward() again before optimizer.step(): backward() calibrates the step and writes "
                                ".grad, so to accumulate micro-batches run all but the last in `with cal.accumulate():` "
-                               "(README, \"Gradient accumulation\")")
+                               "(docs/guide.md, \"Gradient accumulation\")")
         accumulate = self._phase == "pending"
         if accumulate and (scaler is None) != (self._scaler is None):
             raise ValueError("scaler: pass the same GradScaler (or none) to every backward() of an accumulated step")
@@ -412,7 +412,7 @@ class FusedCalibrator:
     @property
     def _loss_values(self) -> Optional[Tensor]:
         """Summed over accumulated calls, as one backward of the summed losses would see
-        them (README, "Spec notes": SPEC §7 says the mean)."""
+        them (docs/spec.md, decision 21)."""
         if self._loss_sum is None:
             return None
         return self._loss_sum if self.sync_free else self._loss_sum.cpu()
@@ -642,7 +642,7 @@ class FusedCalibrator:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a ``state_dict`` of a calibrator built with the same parameters, method and
-        method options (checkpoints of mmgrad 0.1 and 0.2, which held SPEC's raw moments,
+        method options (checkpoints of mmgrad 0.1 and 0.2, which held the raw EMA moments,
         load too). The whole state is checked first: a mismatch is a ``ValueError`` naming
         the key, and leaves this calibrator exactly as it was.
 

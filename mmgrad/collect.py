@@ -1,11 +1,11 @@
 """Per-objective gradients into the layout's rows: reach, backward passes, accumulation.
 
 ``graph_reach`` reads, from the losses' autograd graphs, which objectives reach which
-parameters (SPEC §2: from the graph, never from zero values). ``GradientCollector``
+parameters (docs/spec.md §2: from the graph, never from zero values). ``GradientCollector``
 then fills each segment's ``grads`` rows, by one ``backward`` per objective
 (``"loop"``: autograd adds straight into views of the rows, no copy) or by one vmapped
 ``autograd.grad`` (``"batched"``), adding to what earlier micro-batches left there when
-accumulating (SPEC §7).
+accumulating (docs/spec.md §7).
 
 >>> import torch
 >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
@@ -75,7 +75,7 @@ def add_to_rows(layout: Layout, objective: int, sample: int, grads: Dict[int, Te
 class GradientCollector:
     """Fills the layout's ``grads`` rows from M (or S x M) losses; see the module docstring.
 
-    Sharded (SPEC §8), the rows hold this rank's slice only: with a ``sharder``
+    Sharded (docs/spec.md §8), the rows hold this rank's slice only: with a ``sharder``
     (``mmgrad.sharding.RowSharder``) each objective's full gradients are reduce-scattered
     into them; with ``fsdp`` (``mmgrad.fsdp.FSDPGradients``) FSDP2's sharded gradients
     are moved in. Either way autograd writes ``.grad``, not views of the rows.
@@ -130,7 +130,7 @@ class GradientCollector:
                     raise RuntimeError(
                         "a second backward through a DistributedDataParallel model failed: DDP reduces once per "
                         "forward. Run the forward and cal.backward(losses) under `with ddp_model.no_sync():` and let "
-                        "the calibrator average the gradients (README, \"Distributed training\")") from err
+                        "the calibrator average the gradients (docs/guide.md, \"Distributed training\")") from err
                 raise
             finally:
                 if self.fsdp is not None:

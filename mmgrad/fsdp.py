@@ -48,7 +48,7 @@ def fsdp_sharding(params: Sequence[Tensor]) -> Optional[FSDPSharding]:
         return None
     if not all(is_dt):
         raise ValueError("params: some are DTensors (fully_shard) and some plain tensors; give the calibrator the "
-                         "parameters of fully_shard-ed modules only, or none (README, \"Which distributed setup to pick\")")
+                         "parameters of fully_shard-ed modules only, or none (docs/guide.md, \"Which distributed setup to pick\")")
     mesh = params[0].device_mesh
     if mesh.ndim != 1:
         raise ValueError(f"params: FSDP2 parameters on a {mesh.ndim}-D device mesh (HSDP) are not supported; use a 1-D mesh")

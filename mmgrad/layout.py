@@ -1,4 +1,4 @@
-"""Where the calibrator keeps its rows: parameters grouped into segments by reach (SPEC §2).
+"""Where the calibrator keeps its rows: parameters grouped into segments by reach (docs/spec.md §2).
 
 Objective m *reaches* a parameter when the autograd graph of loss m leads to it. A
 *segment* holds the parameters that share one reach set R (possibly from several
@@ -142,7 +142,7 @@ class Layout:
     Args:
         groups: the calibrator's parameter groups (lists of leaf tensors).
         num_objectives: M.
-        shards: for a sharded calibrator (SPEC §8), the rows ``[start, stop)`` of each
+        shards: for a sharded calibrator (docs/spec.md §8), the rows ``[start, stop)`` of each
             parameter's dim 0 this rank holds; the layout then holds only those
             (``num_elements`` counts them, ``total_elements`` the whole parameters).
         names: the parameters' names (None where unknown), for ``label``.

@@ -1,4 +1,4 @@
-"""The dispatcher: SPEC.md §6's pure functions, each with a ``backend=`` argument.
+"""The dispatcher: docs/spec.md §6's pure functions, each with a ``backend=`` argument.
 
 ``backend="auto"`` picks the fastest available backend for the tensors' device
 (``cpu`` kernels on CPU tensors; ``cuda``/``triton`` on GPU tensors) and falls back to

@@ -1,4 +1,4 @@
-"""ZeRO-2 rows (SPEC §8, ``FusedCalibrator(..., shard=True)``): each rank holds a slice.
+"""ZeRO-2 rows (docs/spec.md §8, ``FusedCalibrator(..., shard=True)``): each rank holds a slice.
 
 Every calibrated parameter is split along dim 0 as FSDP2 splits it (``layout.dim0_rows``);
 rank r's layout holds, per segment and objective, only the rows of its parameters'

@@ -281,7 +281,7 @@ def test_step_then_clip_then_optimizer_step(gen):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_float64_and_half_parameters(gen, dtype):
     """The gradient written in the parameters' dtype is the reference step of the same
-    per-objective gradients (one output rounding for half dtypes, README note 11)."""
+    per-objective gradients (one output rounding for half dtypes, docs/spec.md, decision 11)."""
     torch.manual_seed(0)
     model = TwoView(dtype)
     cal = mmgrad.FusedCalibrator(model.groups(), 3)

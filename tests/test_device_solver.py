@@ -2,7 +2,7 @@
 method with a proven iteration bound, docs/solver.md), against the host reference
 (Wolfe's active set), in both of its implementations: Triton (in the interpreter) and
 csrc/mmgrad_math.h (the CUDA kernel's code, through the CPU build). Every draw is held
-to SPEC §4's duality-gap certificate, the one the host meets, for every M <= 16.
+to docs/spec.md §4's duality-gap certificate, the one the host meets, for every M <= 16.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_device_mgda_meets_the_certificate_and_the_reference_direction(gen, impl
         assert torch.all(a >= 0) and math.isclose(float(a.sum()), 1.0, rel_tol=1e-12)
         top = float(kk.diagonal().max())
         ka = (kk @ a)[kk.diagonal() > 0]  # over the objectives that reach the group
-        assert float(a @ kk @ a - ka.min()) <= MGDA_GAP_TOL * top  # SPEC §4's certificate
+        assert float(a @ kk @ a - ka.min()) <= MGDA_GAP_TOL * top  # docs/spec.md §4's certificate
         # the host meets it too, so the combined directions are within sqrt(gap * max K_mm) each
         assert combined_distance(kk, a, b) <= 2 * math.sqrt(MGDA_GAP_TOL * top)
 

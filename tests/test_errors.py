@@ -1,4 +1,4 @@
-"""Every misuse a user can hit gives a clear error naming the argument (README, "Errors")."""
+"""Every misuse a user can hit gives a clear error naming the argument (docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def test_cuda_backend_without_cuda_says_why():
 
 
 def test_auto_prefers_the_gpu_backend_whose_kernels_the_tests_execute(monkeypatch):
-    """SPEC §5: on CUDA tensors "auto" picks triton (its whole kernel logic runs under the
+    """docs/spec.md §5: on CUDA tensors "auto" picks triton (its whole kernel logic runs under the
     interpreter here) before cuda (compiled and linked, never run); cuda when triton is out."""
     import importlib
 

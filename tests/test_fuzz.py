@@ -9,7 +9,7 @@ Errors are normwise relative, with an absolute floor where float32/half cannot f
 the float64 oracle: when every gradient of a step is below ~1e-19, the belief-scaled
 output (|b+ - b-| * mu) underflows in float32 and norm matching has nothing to rescale,
 so the step comes out as zeros where float64 keeps a gradient of that size (README,
-"Spec notes"). The floor (1e-13 for float32 arithmetic) covers exactly that.
+docs/spec.md §9). The floor (1e-13 for float32 arithmetic) covers exactly that.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def check_backend(b, case, pools):
     ema = dict(beta=case["beta"])
     ref_mean, ref_var = R.ema_moments(_f64(g), _f64(mean_state), _f64(var_state), case["step"], **ema)
     # A variance beyond the state dtype's range (|g - mean| above ~1e19 in float32) cannot be
-    # stored, in SPEC's m, v either: it saturates to inf (test_kernels_cpu pins that), so the
+    # stored, in the raw moments m, v either: it saturates to inf (test_kernels_cpu pins that), so the
     # steps are compared where the next variance fits; those columns are left unreached.
     over = (ref_var > torch.finfo(state_dt).max).any(0)
     for t in (g, mu, var, mean_state, var_state):
@@ -132,7 +132,7 @@ def check_backend(b, case, pools):
                                                      **ema, **kw)
     assert torch.isfinite(step_out).all(), (b, "bogc_step non-finite")
     assert rel_err(step_out, ref_step, floor) <= tol, (b, "bogc_step")
-    # the state in float32 arithmetic (Spec note 3): the mean, a sum that may cancel, to its
+    # the state in float32 arithmetic (decision 3 (docs/spec.md)): the mean, a sum that may cancel, to its
     # terms' size; the variance, a sum of non-negative terms, to its own; both at least the
     # dtype's smallest normal: arithmetic on subnormals is exact only to the last subnormal
     # bit (m = 1, subnormal g around 4e-41, seed 249393225: one bit is 1.3e-5 of them), and
@@ -147,10 +147,10 @@ def check_backend(b, case, pools):
 
 @pytest.mark.parametrize("backend", ["reference", *AVAILABLE])
 def test_a_variance_beyond_the_state_dtype_saturates_and_the_objective_goes_vacuous(backend):
-    """|g - mean| = 2e30: the variance (~1e60) does not fit float32 state (SPEC's v = g^2
+    """|g - mean| = 2e30: the variance (~1e60) does not fit float32 state (the raw moment v = g^2
     would not either). It is stored as inf, so the precision there is 0 and the objective
     gives no opinion on that coordinate: the step equals the other objective's alone, and
-    every output and every other state entry stays finite (README, Spec note 3)."""
+    every output and every other state entry stays finite (docs/spec.md, decision 3)."""
     g = torch.tensor([[1e30, 2.0, -3.0], [1.0, 1.0, 1.0]])
     mean, var = torch.zeros(2, 3), torch.full((2, 3), 0.5)
     mean[0, 0] = -1e30

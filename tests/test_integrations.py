@@ -1,5 +1,5 @@
 """The training code people already have: a ``torch.compile``d model, and a PyTorch
-Lightning ``LightningModule`` with manual optimization (README, "Training loops you have")."""
+Lightning ``LightningModule`` with manual optimization (docs/guide.md, "Training loops you have")."""
 
 from __future__ import annotations
 

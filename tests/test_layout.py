@@ -1,4 +1,4 @@
-"""The reach-aware layout (SPEC §2) and gradient accumulation (SPEC §7).
+"""The reach-aware layout (docs/spec.md §2) and gradient accumulation (docs/spec.md §7).
 
 Every method on every backend against the dense ``M x N`` computation in float64: the
 gradients each objective's loss gives by ``autograd.grad`` (``None`` -> zeros), fed to
@@ -75,7 +75,7 @@ def dense_grads(losses, params):
 
 
 class DenseOracle:
-    """The calibration on the dense M x N buffer with dense state (SPEC §3-4): in float64
+    """The calibration on the dense M x N buffer with dense state (docs/spec.md §3-4): in float64
     on the reference (the oracle), or in float32 on ``backend`` (what the calibrator
     computed there before it kept only reached rows)."""
 
@@ -400,14 +400,14 @@ def test_state_dict_round_trip_after_the_reach_grew(gen):
 
 
 def _raw_moments(mean, var, steps, beta=0.9):
-    """SPEC §3.1's m, v (what mmgrad 0.1 and 0.2 saved) for the state mean, var, in float32."""
+    """docs/spec.md §3.1's m, v (what mmgrad 0.1 and 0.2 saved) for the state mean, var, in float32."""
     bias = 1.0 - beta**steps
     return (mean.double() * bias).float(), ((var.double() + mean.double() ** 2) * bias).float()
 
 
 def _assert_state_close(got, want):
     """A state restored from raw float32 moments: the mean within float32 rounding, the
-    variance within the eps * m_hat^2 that v_hat - m_hat^2 cancels (Spec note 3)."""
+    variance within the eps * m_hat^2 that v_hat - m_hat^2 cancels (decision 3 (docs/spec.md))."""
     for (gm, gv), (wm, wv) in zip(zip(got["mean"], got["var"]), zip(want["mean"], want["var"])):
         assert (gm - wm).abs().max() <= 1e-6 * wm.abs().max()
         assert (gv - wv).abs().max() <= 1e-6 * (wm.abs().max() ** 2 + wv.abs().max())
@@ -463,10 +463,10 @@ def test_a_checkpoint_of_mmgrad_0_2_loads(gen, steps):
 
 # ------------------------------------------------------------------ bf16 state
 # Over 8 training steps of a 3-view LateFusion, bf16 EMA state against the float64 oracle
-# with float64 state, ||out - oracle|| / ||oracle|| per run (README, "Spec notes" 23):
-# with the state as mean and variance (Spec note 3), cpu over 200 seeds median 0.14 %,
+# with float64 state, ||out - oracle|| / ||oracle|| per run (docs/spec.md, decision 23):
+# with the state as mean and variance (decision 3 (docs/spec.md)), cpu over 200 seeds median 0.14 %,
 # 95th percentile 0.31 %, worst 0.67 %; triton (interpreter) over 40 seeds median 0.34 %,
-# worst 1.1 %; float32 state at most 2.2e-7 on any backend. (With SPEC's m, v it was
+# worst 1.1 %; float32 state at most 2.2e-7 on any backend. (With the raw moments m, v it was
 # median 0.7 %, worst 33 %, under bounds of 3 % and 60 %.) Tested on 12 fresh seeds: the
 # median within 1 %, every run within 5 %, float32 state within 2e-6.
 BF16_MEDIAN_BOUND, BF16_RUN_BOUND, FLOAT32_RUN_BOUND = 0.01, 0.05, 2e-6

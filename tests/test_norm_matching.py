@@ -1,7 +1,7 @@
-"""Norm matching (SPEC §3.7) checked as the invariant it is: ``||out|| = ||sum_m g_m||``.
+"""Norm matching (docs/spec.md §3.7) checked as the invariant it is: ``||out|| = ||sum_m g_m||``.
 
 The element-wise comparisons with the reference need a backward-stable floor
-(``M * max|g|``, README "Spec notes" 15), under which an output uniformly 1 % too large
+(``M * max|g|``, docs/spec.md, decision 15), under which an output uniformly 1 % too large
 passes in half precision. This invariant has no such floor: the output is scaled in
 float32 and rounded once, each element within the dtype's unit roundoff ``u`` (2^-8
 bf16, 2^-11 fp16) of its exact value, so the norm is within ``u`` of the target. The

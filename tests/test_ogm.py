@@ -1,4 +1,4 @@
-"""OGM-GE (SPEC §4): the reference against hand-worked cases, the calibrator on every
+"""OGM-GE (docs/spec.md §4): the reference against hand-worked cases, the calibrator on every
 backend against the dense computation, the GE noise reproducible and resumed exactly.
 The model here is linear: ``modulate="all"`` makes every tensor modulated (and noised);
 the official defaults are held against a port of the official step in

@@ -48,7 +48,7 @@ def _ids(case):
 
 class Oracle:
     """The method's step in float64 from the per-objective gradients ``g`` (M x N) and the
-    loss values, with its own state: SPEC §3-4 written out, option by option."""
+    loss values, with its own state: docs/spec.md §3-4 written out, option by option."""
 
     def __init__(self, method, options, offsets):
         self.method, self.off = method, offsets

@@ -99,6 +99,6 @@ def test_mgda_weights_lie_on_the_simplex_and_match_a_qp_solver(k):
     qp = _qp_minimum(kn[np.ix_(active, active)])
     scale = np.diag(kn).max()
     assert ours <= qp + 1e-6 * scale  # never worse than scipy, up to the gap tolerance
-    # the duality-gap certificate of SPEC §4
+    # the duality-gap certificate of docs/spec.md §4
     ka = (k @ alpha)[torch.from_numpy(active)]
     assert ours - ka.min().item() <= 1e-6 * scale

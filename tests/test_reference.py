@@ -1,4 +1,4 @@
-"""The reference against small cases worked out by hand, in float64 (SPEC.md §3-4)."""
+"""The reference against small cases worked out by hand, in float64 (docs/spec.md §3-4)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_ema_moments_by_hand():
     g1, g2, beta = t([[2.0, -1.0]]), t([[4.0, -1.0]]), 0.5
     z = torch.zeros(1, 2, dtype=F64)
     mean, var = R.ema_moments(g1, z, z, 1, beta)
-    # step 1: SPEC's m = 0.5 g, v = 0.5 g^2, bias correction 1/(1-0.5): m_hat = g, v_hat = g^2, var = 0
+    # step 1: the moments m = 0.5 g, v = 0.5 g^2, bias correction 1/(1-0.5): m_hat = g, v_hat = g^2, var = 0
     assert torch.equal(mean, t([[2.0, -1.0]])) and torch.equal(var, t([[0.0, 0.0]]))
     mean, var = R.ema_moments(g2, mean, var, 2, beta)
     # step 2: m = 0.5*1 + 0.5*4 = 2.5, v = 0.5*2 + 0.5*16 = 9; /(1-0.25): m_hat = 10/3, v_hat = 12
@@ -31,8 +31,8 @@ def test_ema_moments_by_hand():
 
 @pytest.mark.parametrize("beta", (0.01, 0.5, 0.9, 0.999))
 def test_ema_state_is_specs_bias_corrected_moments(gen, beta):
-    """The state (mean, var) equals SPEC §3.1's m/(1-beta^t) and v/(1-beta^t) - m_hat^2
-    after every step, on float64 (the identity of README Spec note 3)."""
+    """The state (mean, var) equals docs/spec.md §3.1's m/(1-beta^t) and v/(1-beta^t) - m_hat^2
+    after every step, on float64 (the identity of docs/spec.md, decision 3)."""
     g = torch.randn(30, 3, 50, generator=gen, dtype=F64) * torch.exp(3 * torch.randn(1, 3, 1, generator=gen, dtype=F64))
     g = g + 5 * torch.randn(1, 3, 50, generator=gen, dtype=F64)  # a mean the size of the spread
     m = v = mean = var = torch.zeros(3, 50, dtype=F64)

@@ -1,4 +1,4 @@
-// BOGC on the CPU (SPEC.md §3): the fused step over the flat M x N buffer in one pass,
+// BOGC on the CPU (docs/spec.md §3): the fused step over the flat M x N buffer in one pass,
 // plus the element-wise pieces the pure functions of mmgrad.ops expose.
 #include "bogc.h"
 

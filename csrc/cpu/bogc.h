@@ -15,7 +15,7 @@ struct BogcOptions {
 // Each returns the float64 statistics vector of StatsLayout (common.h). `out` receives the
 // calibrated gradient before norm matching in the compute dtype (float32 for fp32/bf16/fp16
 // gradients, float64 for float64): norm matching then rounds to a half dtype once.
-// The EMA state (mean_*, var_*) is SPEC §3.1's bias-corrected mean and variance, updated
+// The EMA state (mean_*, var_*) is docs/spec.md §3.1's bias-corrected mean and variance, updated
 // with this step's weight alpha = (1-beta)/(1-beta^t) (mmgrad_math.h: ema_update).
 at::Tensor bogc_step(const at::Tensor& g, const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& mean_out,
                      const at::Tensor& var_out, const at::Tensor& out, const at::Tensor& group_offsets, double alpha,
@@ -35,7 +35,7 @@ void ds_combine(const at::Tensor& b_pos, const at::Tensor& b_neg, const at::Tens
 
 // MOO kernels (moo.cpp): gram returns [G*M*M Gram | non-finite count]; combine writes
 // out = sum_m alpha[group, m] g_m and, with with_gram, returns the same statistics from
-// the same read (the lagged mode of SPEC §4).
+// the same read (the lagged mode of docs/spec.md §4).
 at::Tensor gram(const at::Tensor& g, const at::Tensor& group_offsets);
 at::Tensor combine(const at::Tensor& g, const at::Tensor& alpha, const at::Tensor& group_offsets, const at::Tensor& out,
                    bool with_gram);

@@ -1,4 +1,4 @@
-// Gram matrix and weighted combination for the multi-objective methods (SPEC.md §4).
+// Gram matrix and weighted combination for the multi-objective methods (docs/spec.md §4).
 // The M x M solve itself is tiny and runs on the host (mmgrad/reference/moo.py).
 #include "bogc.h"
 #include "common.h"

@@ -1,5 +1,5 @@
 // CUDA kernels of mmgrad: the fused BOGC step, the per-group Gram matrix and the weighted
-// combination, over the flat M x N buffer (SPEC.md §3-4).
+// combination, over the flat M x N buffer (docs/spec.md §3-4).
 //
 // The element math is csrc/mmgrad_math.h, the same __host__ __device__ functions the CPU
 // kernels call, so the CPU tests exercise this arithmetic. This file needs no torch
@@ -93,7 +93,7 @@ struct BogcBlockStats {
   double sum_sq = 0, out_sq = 0, nonfinite = 0, u_sum = 0, conflict_sum = 0, share_count = 0;
   double share_sum[kCap] = {}, gram[kPairs] = {};
 
-  // SPEC §3.2-3.6 at one coordinate from its M means and variances; returns the output.
+  // docs/spec.md §3.2-3.6 at one coordinate from its M means and variances; returns the output.
   __device__ __forceinline__ float add(const float* mu, const float* var, int mm, const math::BogcParams<float>& prm) {
     float w[kCap];
     double total = 0;
@@ -115,7 +115,7 @@ struct BogcBlockStats {
 #pragma unroll
         for (int j = i; j < M; ++j) gram[p++] += double(mu[i]) * double(mu[j]);
     }
-    return r.out;  // unscaled, float32: norm matching rounds to a half dtype once (README note 11)
+    return r.out;  // unscaled, float32: norm matching rounds to a half dtype once (docs/spec.md, decision 11)
   }
 };
 
@@ -309,7 +309,7 @@ __global__ void combine_gram_kernel(const scalar_t* __restrict__ g, const double
   }
 }
 
-// SPEC §4's weights for every group on the device (one block per group; M <= 16): the
+// docs/spec.md §4's weights for every group on the device (one block per group; M <= 16): the
 // fixed-iteration solver of mmgrad_math.h, which the CPU tests run through the CPU build.
 // Thread 0 solves (a few microseconds of scalar work); no host synchronisation.
 __global__ void moo_weights_kernel(const double* __restrict__ grams, int m_count, int method, int normalize,

@@ -1,6 +1,6 @@
 """The ``cpu`` backend: checked Python wrappers around the C++/OpenMP kernels of ``mmgrad._C``.
 
-Same names, signatures and results as ``mmgrad.reference`` (SPEC.md §6). Reached through
+Same names, signatures and results as ``mmgrad.reference`` (docs/spec.md §6). Reached through
 ``mmgrad.ops``. ``moo_weights`` is csrc/mmgrad_math.h's solver, the one the GPU backends
 run, compiled for the host; the per-group host solves (``mgda_weights``, ...) have no
 kernel here and ``mmgrad.ops`` runs them on the reference.

@@ -3,7 +3,7 @@
 Built only where torch has CUDA (setup.py says when it skips). The element math and the
 MOO solver are ``csrc/mmgrad_math.h``, the functions the CPU build runs and the CPU tests
 check; this project's CI compiles the kernels and the binding but has no GPU to run them
-on (README, "Backends"). The checked Python side is ``gpu_ops.GpuOps``, shared with the
+on (docs/backends.md). The checked Python side is ``gpu_ops.GpuOps``, shared with the
 triton backend; here are only the launches. Nothing reads a value back to the host.
 """
 

@@ -89,7 +89,7 @@ class GpuOps:
         """``bogc_step`` updating one slot of state ``mean``, ``var`` in place where
         ``commit`` (0-dim device tensor) is non-zero, with ``step`` a 0-dim device tensor
         too: no host synchronisation. The sync-free calibrator commits only a finite step
-        (SPEC §7)."""
+        (docs/spec.md §7)."""
         g = self.check("g", g, 2)
         mean, var = self._state("mean", mean, 2), self._state("var", var, 2)
         V.check_same_shape(("g", "mean", "var"), (g, mean, var))
@@ -138,7 +138,7 @@ class GpuOps:
         """The reference's ``moo_weights`` as one launch, with no host synchronisation.
 
         The device solver (docs/solver.md) is a predictor-corrector interior-point method
-        that meets SPEC §4's certificate within a proven iteration bound. Inputs are not
+        that meets docs/spec.md §4's certificate within a proven iteration bound. Inputs are not
         checked for finiteness (that would synchronise): a non-finite Gram gives
         non-finite weights, which the sync-free step counts as a non-finite step.
         """

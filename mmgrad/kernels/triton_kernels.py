@@ -91,7 +91,7 @@ SAMPLE_MAX_OBJECTIVES = 4
 @triton.jit
 def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma,
              M: tl.constexpr, SOURCE: tl.constexpr, STORE: tl.constexpr):
-    """Objective k's mean and variance on a block (SPEC §3.1). SOURCE 0: EMA (state
+    """Objective k's mean and variance on a block (docs/spec.md §3.1). SOURCE 0: EMA (state
     ``mean, var`` written when STORE, where store_mask; mmgrad_math.h: ema_update, in
     float32, the state in its own dtype: float32 or bfloat16); 1: S samples (S x M x N)."""
     if SOURCE == 0:
@@ -126,7 +126,7 @@ def _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mas
 
 @triton.jit
 def _opinion(mu, var, gamma, eps, WEIGHTS: tl.constexpr):
-    """SPEC §3.2-3.4 (mmgrad_math.h: precision, evidence, opinion) and the raw weight."""
+    """docs/spec.md §3.2-3.4 (mmgrad_math.h: precision, evidence, opinion) and the raw weight."""
     lam = tl.where((mu != 0.0) | (var != 0.0), 1.0 / (var + eps), 0.0)
     e = gamma * ((lam * mu) * mu)  # not mu^2: it overflows float32
     e = tl.where(e < EVIDENCE_MAX_C, e, EVIDENCE_MAX_C)  # an overflow to inf clamps too
@@ -172,7 +172,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     if SOURCE == 0:
         # The commit flag and the EMA's weight come from the device, so the sync-free
         # calibrator updates its one slot of EMA state in place only when the step is
-        # finite, without the host knowing which it is (SPEC §7).
+        # finite, without the host knowing which it is (docs/spec.md §7).
         store_mask = mask & ((offs * 0 + tl.load(commit_ptr)) != 0)  # a block of flags: the interpreter masks no scalars
         alpha = tl.load(alpha_ptr).to(tl.float32)
         oma = tl.load(alpha_ptr + 1).to(tl.float32)
@@ -180,7 +180,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
         store_mask = mask
         alpha = 1.0
         oma = 0.0
-    # The fold in float32 (README, Spec note 12; mmgrad_math.h: fold_objective): each
+    # The fold in float32 (docs/spec.md, decision 12; mmgrad_math.h: fold_objective): each
     # opinion supports one sign, so it is the positive and the negative objectives'
     # products U+-, each a mantissa and an exponent, and their beliefs B+- = 1 - U+-.
     bp = tl.zeros([BLOCK], dtype=tl.float32)
@@ -190,7 +190,7 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
     ep = tl.zeros([BLOCK], dtype=tl.int32)
     en = tl.zeros([BLOCK], dtype=tl.int32)
     w_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in tl.static_range(M):  # SPEC §3.5: the fold (mmgrad_math.h: fold_objective)
+    for k in tl.static_range(M):  # docs/spec.md §3.5: the fold (mmgrad_math.h: fold_objective)
         mu, var = _moments(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, k, n, S, offs, mask, store_mask, alpha, oma, M, SOURCE, False)
         lam, b_pos, b_neg, u, w = _opinion(mu, var, gamma, eps, WEIGHTS)
         w_sum += w
@@ -407,7 +407,7 @@ _MOO_WIDE = tl.constexpr(0.5)  # the predictor's neighbourhood ||a s - mu|| <= 0
 
 @triton.jit
 def _moo_gap(K, a, act):
-    """a^T K a - min_{i active} (K a)_i: SPEC §4's duality gap."""
+    """a^T K a - min_{i active} (K a)_i: docs/spec.md §4's duality gap."""
     g = tl.sum(K * a[None, :], axis=1)
     return tl.sum(a * g, axis=0) - tl.min(tl.where(act, g, float("inf")), axis=0)
 

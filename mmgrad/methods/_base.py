@@ -3,7 +3,7 @@
 A method is a class with a ``name``, its option ``defaults``, a ``check_options`` and a
 ``step(ctx) -> StepResult`` on the layout; its line in ``mmgrad.methods.METHODS`` makes
 ``FusedCalibrator(method=name)`` find it. ``step`` must leave every state it holds
-untouched when the gradients are not finite (SPEC §7): in the host mode it returns
+untouched when the gradients are not finite (docs/spec.md §7): in the host mode it returns
 ``StepResult(False, ...)`` before writing any; in the sync-free mode ``ok`` is a device
 flag and every state write is gated by it.
 """
@@ -30,7 +30,7 @@ class StepContext:
     """What a method's step reads: the layout (rows and output), the backend's functions,
     the M loss values (summed over accumulated calls), the committed step count
     (an int, or a 0-dim device tensor when ``sync_free``), and, when each rank holds a
-    slice of the rows (SPEC §8), the group whose sums make the global statistics."""
+    slice of the rows (docs/spec.md §8), the group whose sums make the global statistics."""
 
     layout: Layout
     ops: ModuleType
@@ -116,7 +116,7 @@ class Method:
 
 
 def all_reduce_sum(ctx: StepContext, tensors: Sequence[Tensor]) -> List[Tensor]:
-    """Sharded (SPEC §8): each tensor summed over the ranks, all in one all-reduce (float64;
+    """Sharded (docs/spec.md §8): each tensor summed over the ranks, all in one all-reduce (float64;
     counts stay exact below 2**53). Unsharded: the tensors as they are."""
     if ctx.group is None:
         return list(tensors)

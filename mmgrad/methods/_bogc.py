@@ -1,9 +1,9 @@
-"""BOGC (SPEC §3): per-coordinate opinions fused by Dempster-Shafer, one pass per segment.
+"""BOGC (docs/spec.md §3): per-coordinate opinions fused by Dempster-Shafer, one pass per segment.
 
 Each segment's rows go through the backend's fused step with its own ``|R|`` objectives
 (an unreached objective is a vacuous opinion, so leaving it out changes nothing); the
 norm matching of §3.7 then scales the whole output once, from the summed norms. The EMA
-state is one slot of ``mean, var`` per reached row (SPEC §7; the bias-corrected mean and
+state is one slot of ``mean, var`` per reached row (docs/spec.md §7; the bias-corrected mean and
 the variance, ``reference.bogc.ema_moments``), updated in place: the step
 reads G once first to know it is finite (host mode), or gates every state write on the
 device flag (sync-free mode).
@@ -94,7 +94,7 @@ class BOGC(Method):
             nonfinite = nonfinite + st["nonfinite"]
             u_sum = u_sum + st["uncertainty"] * seg.numel
             conflict_sum = conflict_sum + st["conflict"] * seg.numel
-        # sharded (SPEC §8): the per-coordinate work was local; these sums are global
+        # sharded (docs/spec.md §8): the per-coordinate work was local; these sums are global
         grams, share_sum, sum_sq, out_sq, share_count, nonfinite, u_sum, conflict_sum = all_reduce_sum(
             ctx, [grams, share_sum, sum_sq, out_sq, share_count, nonfinite, u_sum, conflict_sum])
         if self.takes_samples:  # no state to protect: the step's own count decides
@@ -135,7 +135,7 @@ class BOGC(Method):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.takes_samples:
             return
-        if "mean" not in state and "m" in state:  # mmgrad <= 0.2 saved SPEC's raw moments m, v
+        if "mean" not in state and "m" in state:  # mmgrad <= 0.2 saved the raw EMA moments m, v
             steps, beta = int(state["step_count"]), self.options["beta"]
             pairs = [state_from_moments(m, v, steps, beta) for m, v in zip(state["m"], state["v"])]
             state = {"mean": [p[0] for p in pairs], "var": [p[1] for p in pairs]}

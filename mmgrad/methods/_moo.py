@@ -1,4 +1,4 @@
-"""MGDA and MMPareto (SPEC §4): Gramian weightings (``Weighting``) solved by the backend's
+"""MGDA and MMPareto (docs/spec.md §4): Gramian weightings (``Weighting``) solved by the backend's
 ``moo_weights`` (csrc/mmgrad_math.h's interior-point solver on cpu and cuda, its Triton
 mirror on triton, Wolfe's method on the reference)."""
 

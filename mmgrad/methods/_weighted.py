@@ -1,4 +1,4 @@
-"""MIMO and the mean (SPEC §4): weights that need no Gram matrix, then one combination."""
+"""MIMO and the mean (docs/spec.md §4): weights that need no Gram matrix, then one combination."""
 
 from __future__ import annotations
 

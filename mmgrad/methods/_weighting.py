@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 class Weighting(Method):
     """A Gramian weighting: each parameter group's ``M x M`` Gram matrix of the
     per-objective gradients in, the group's ``M`` weights out; the group's calibrated
-    gradient is then ``sum_m w_m g_m`` (SPEC §4), in one fused combination.
+    gradient is then ``sum_m w_m g_m`` (docs/spec.md §4), in one fused combination.
 
     A subclass gives ``name``, its option ``defaults`` and ``check_options``, and
     ``weights(grams, losses)``: ``G x M x M`` float64 Gram matrices (and the M loss

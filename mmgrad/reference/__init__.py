@@ -1,4 +1,4 @@
-"""The pure-PyTorch oracle: every function of SPEC.md §6, in any float dtype, on any device.
+"""The pure-PyTorch oracle: every function of docs/spec.md §6, in any float dtype, on any device.
 
 ``mmgrad.reference.X`` is what every kernel backend is tested against; use
 ``mmgrad.ops.X(..., backend=...)`` to run the fast versions.

@@ -1,4 +1,4 @@
-"""BOGC in plain PyTorch: the oracle every kernel is tested against (SPEC.md §3).
+"""BOGC in plain PyTorch: the oracle every kernel is tested against (docs/spec.md §3).
 
 Written for clarity, not speed: each step of the spec is one line or two, in any float
 dtype (float64 for the oracle) on any device. The fused kernels compute the same
@@ -14,7 +14,7 @@ import torch
 from .. import _validation as V
 
 # Evidence is clamped to EVIDENCE_MAX so that every opinion keeps u > 0 in float32: the
-# Dempster-Shafer fold then never divides 0 by 0 (mmgrad's choice; README, "Spec notes").
+# Dempster-Shafer fold then never divides 0 by 0 (mmgrad's choice; docs/spec.md, §9).
 from .._constants import EVIDENCE_MAX
 
 Tensor = torch.Tensor
@@ -45,12 +45,12 @@ def ema_weights(step, beta: float):
 
 
 def ema_moments(g: Tensor, mean: Tensor, var: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor]:
-    """EMA estimator of SPEC §3.1: returns the updated state ``(mean, var)``.
+    """EMA estimator of docs/spec.md §3.1: returns the updated state ``(mean, var)``.
 
-    The state is the bias-corrected mean and the variance themselves, not SPEC's ``m, v``
-    (README, Spec note 3): with ``alpha, 1 - alpha = ema_weights(step, beta)`` and
+    The state is the bias-corrected mean and the variance themselves, not the raw moments ``m, v``
+    (docs/spec.md, decision 3): with ``alpha, 1 - alpha = ema_weights(step, beta)`` and
     ``d = g - mean``, ``mean' = mean + alpha d`` and ``var' = (1 - alpha)(var + alpha d^2)``,
-    which is SPEC's ``v/(1-beta**step) - (m/(1-beta**step))**2`` for ``mean, var`` formed
+    which is the moments' ``v/(1-beta**step) - (m/(1-beta**step))**2`` for ``mean, var`` formed
     from ``m, v`` the same way (``state_from_moments``), summed from non-negative terms
     only. ``step`` counts updates including this one. Inputs are not modified.
 
@@ -74,7 +74,7 @@ def ema_moments(g: Tensor, mean: Tensor, var: Tensor, step: int, beta: float) ->
 
 
 def state_from_moments(m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Tensor, Tensor]:
-    """SPEC §3.1's raw moments ``m, v`` after ``step`` updates as ``ema_moments``' state:
+    """docs/spec.md §3.1's raw moments ``m, v`` after ``step`` updates as ``ema_moments``' state:
     ``mean = m/(1-beta**step)``, ``var = max(v/(1-beta**step) - mean**2, 0)``, in float64
     (how checkpoints of mmgrad 0.2 and earlier load). ``step = 0``: zero state."""
     m, v = m.double(), v.double()
@@ -86,7 +86,7 @@ def state_from_moments(m: Tensor, v: Tensor, step: int, beta: float) -> Tuple[Te
 
 
 def sample_moments(samples: Tensor) -> Tuple[Tensor, Tensor]:
-    """Sample estimator of SPEC §3.1: mean and unbiased variance over S >= 2 samples.
+    """Sample estimator of docs/spec.md §3.1: mean and unbiased variance over S >= 2 samples.
 
     ``samples`` is ``S x M x N``; returns ``(mu, var)``, each ``M x N``.
     """
@@ -100,7 +100,7 @@ def sample_moments(samples: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Precision, evidence and the binomial opinion on sign(g) (SPEC §3.2-3.4).
+    """Precision, evidence and the binomial opinion on sign(g) (docs/spec.md §3.2-3.4).
 
     Returns ``(lam, b_pos, b_neg, u)``, each ``M x N``. Where the objective does not
     reach a coordinate (``mu == 0`` and ``var == 0``), ``lam = 0`` and ``u = 1``.
@@ -126,13 +126,13 @@ def opinions(mu: Tensor, var: Tensor, gamma: float, eps: float) -> Tuple[Tensor,
 def _ds_fold(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fold M opinions left to right; also returns the total conflict mass per d."""
     # In float64 whatever the dtype, as the kernels do: the fused u of confident objectives
-    # is a product of u ~ 2e-30 each, below float32's range (README, "Spec notes").
+    # is a product of u ~ 2e-30 each, below float32's range (docs/spec.md, §9).
     dt = b_pos.dtype
     b_pos, b_neg, u = b_pos.double(), b_neg.double(), u.double()
     bp, bn, uu = b_pos[0], b_neg[0], u[0]
     kept = torch.ones_like(uu)
     for k in range(1, b_pos.shape[0]):
-        # Unnormalised masses; their sum is 1 - C without ever forming 1 - C (SPEC §3.5).
+        # Unnormalised masses; their sum is 1 - C without ever forming 1 - C (docs/spec.md §3.5).
         p = bp * b_pos[k] + bp * u[k] + b_pos[k] * uu
         n = bn * b_neg[k] + bn * u[k] + b_neg[k] * uu
         w = uu * u[k]
@@ -148,7 +148,7 @@ def _ds_fold(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, T
 
 
 def ds_combine(b_pos: Tensor, b_neg: Tensor, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reduced Dempster-Shafer combination of M opinions (TMC's rule), SPEC §3.5.
+    """Reduced Dempster-Shafer combination of M opinions (TMC's rule), docs/spec.md §3.5.
 
     Each input is ``M x N`` (each opinion sums to 1 over ``b_pos + b_neg + u``);
     returns the fused ``(b_pos, b_neg, u)``, each ``N``.
@@ -177,10 +177,10 @@ def bogc_from_moments(
     confidence: str = "belief",
     weights: str = "belief",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Calibrated gradient from per-objective means and variances (SPEC §3.2-3.6).
+    """Calibrated gradient from per-objective means and variances (docs/spec.md §3.2-3.6).
 
     Returns ``(out, diagnostics)`` with ``out`` of length N (not norm-matched: that is
-    the step's job, SPEC §3.7) and the diagnostics ``uncertainty``, ``belief_pos``,
+    the step's job, docs/spec.md §3.7) and the diagnostics ``uncertainty``, ``belief_pos``,
     ``belief_neg`` (each N), ``weights`` (M, mean share of each objective where any
     weight is non-zero) and ``conflict`` (mean conflict mass).
 
@@ -323,14 +323,14 @@ def raw_output(out: Tensor) -> Tensor:
 
 
 def finish_output(out: Tensor, raw: Tensor, stats: Dict[str, Tensor], rescale: bool) -> Tensor:
-    """Norm matching (SPEC §3.7) on ``raw``, then one rounding into ``out``."""
+    """Norm matching (docs/spec.md §3.7) on ``raw``, then one rounding into ``out``."""
     if rescale:
         match_norm_(raw, stats)
     return out if raw is out else out.copy_(raw)
 
 
 def match_norm_(out: Tensor, stats: Dict[str, Tensor]) -> Tensor:
-    """SPEC §3.7 in place on the N outputs: ``out *= ||sum_m g_m|| / ||out||`` from a step's stats."""
+    """docs/spec.md §3.7 in place on the N outputs: ``out *= ||sum_m g_m|| / ||out||`` from a step's stats."""
     ratio = _norm_ratio(stats["sum_sq"], stats["out_sq"])
     if out.dtype in (torch.float16, torch.bfloat16):
         # the ratio itself may exceed fp16's range (an output that underflowed to 0 times

@@ -1,4 +1,4 @@
-"""Whether gradients are finite: the read a step makes before it writes any state (SPEC §7)."""
+"""Whether gradients are finite: the read a step makes before it writes any state (docs/spec.md §7)."""
 
 from __future__ import annotations
 

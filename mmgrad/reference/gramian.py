@@ -96,8 +96,8 @@ def upgrad_weights(gram: Tensor, pref_vector: Optional[Sequence[float]] = None, 
 
     >>> j = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
     >>> w = upgrad_weights(j @ j.T)
-    >>> [round(float(x), 4) for x in j.T @ w]
-    [0.2929, 1.9004, 1.9004]
+    >>> print(*[round(float(x), 4) for x in j.T @ w])
+    0.2929 1.9004 1.9004
     """
     k = _gram(gram)
     u = _pref(pref_vector, k.shape[0])
@@ -187,8 +187,8 @@ def cagrad_weights(gram: Tensor, c: float = 0.5, rescale: int = 1, norm_eps: flo
     calls a conic solver and the official code SciPy's SLSQP.
 
     >>> j = torch.tensor([[1.0, 0.0], [-0.5, 1.0]], dtype=torch.float64)
-    >>> [round(float(x), 4) for x in cagrad_weights(j @ j.T, c=0.4, rescale=0)]
-    [0.7448, 0.6384]
+    >>> print(*[round(float(x), 4) for x in cagrad_weights(j @ j.T, c=0.4, rescale=0)])
+    0.7448 0.6384
     """
     k = _gram(gram)
     out = np.zeros(k.shape[0])
@@ -335,8 +335,8 @@ def nash_mtl_weights(gram: Tensor, max_norm: float = 1.0, tol: float = 1e-12) ->
     is Pareto-stationary), the weights are zero.
 
     >>> j = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
-    >>> [round(float(x), 4) for x in nash_mtl_weights(j @ j.T, max_norm=0)]
-    [0.5, 2.0]
+    >>> print(*[round(float(x), 4) for x in nash_mtl_weights(j @ j.T, max_norm=0)])
+    0.5 2.0
     """
     k = _gram(gram)
     m = k.shape[0]

@@ -1,4 +1,4 @@
-"""Multi-objective weights in plain PyTorch/NumPy (SPEC.md §4): the oracle and the host solver.
+"""Multi-objective weights in plain PyTorch/NumPy (docs/spec.md §4): the oracle and the host solver.
 
 The weights need only the M x M Gram matrix of a parameter group, so the solvers here
 are tiny (M <= a few dozen) and run in float64 on the host for the reference and the
@@ -60,9 +60,9 @@ def min_norm_solve(k: np.ndarray) -> np.ndarray:
 
     M = 2 in closed form. M > 2 by Wolfe's minimum-norm-point algorithm on the Gram
     matrix (an active-set method: exact minimisers on faces of the simplex, finitely
-    many faces), stopped by the duality-gap certificate of SPEC §4 or after 1000
+    many faces), stopped by the duality-gap certificate of docs/spec.md §4 or after 1000
     iterations. Projected gradient, as first specified, crawled along the flat
-    directions of rank-deficient K (N < M) and missed the certificate (README, "Spec notes").
+    directions of rank-deficient K (N < M) and missed the certificate (docs/spec.md, §9).
     """
     m = k.shape[0]
     if m == 1:
@@ -173,7 +173,7 @@ def _mmpareto_boost(k: np.ndarray, c: np.ndarray) -> float:
 
 def mmpareto_weights(gram: Tensor, magnitude: float = 1.5) -> Tensor:
     """MMPareto's combination weights for one parameter group, the rule applied once to the
-    whole group (``scope="group"``, mmgrad's variant; SPEC §4).
+    whole group (``scope="group"``, mmgrad's variant; docs/spec.md §4).
 
     Direction: uniform over the objectives that reach the group when every pair has
     a positive cosine, else MGDA's min-norm weights. Magnitude (MMPareto's rule):
@@ -264,7 +264,7 @@ def mimo_weights(losses: Tensor | Sequence[float], rho: float = 1.0, tau: float 
 
 
 def ogm_coefficients(view_losses: Tensor | Sequence[float], alpha: float = 0.5) -> tuple[Tensor, Tensor]:
-    """OGM-GE's modulation (SPEC §4): per view v, confidence ``s_v = exp(-f_v)``, the
+    """OGM-GE's modulation (docs/spec.md §4): per view v, confidence ``s_v = exp(-f_v)``, the
     discrepancy ``rho_v = mean_{u != v} s_v / s_u`` and the coefficient
     ``k_v = 1 - tanh(alpha * rho_v)`` where ``rho_v > 1``, else 1. Returns ``(k, rho)``.
     One view alone is never modulated (``rho = 1``).

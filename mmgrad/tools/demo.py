@@ -221,7 +221,7 @@ def format_table(name: str, res: dict) -> str:
 
 
 def format_markdown(name: str, res: dict) -> str:
-    """The table as the README prints it."""
+    """The table as docs/demo.md prints it."""
     pct = lambda ms: "–" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     lines = [f"**{name}: strongest view {res['strongest']!r} (by single-view validation accuracy)**", "",
              "| method | fused acc % | weak-view probe % | w/o strongest % | vs its control (fused / w/o strongest) "
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="results")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, 1 trial per method: a smoke test")
-    p.add_argument("--markdown", action="store_true", help="print the tables as the README's markdown")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown (docs/demo.md)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = 1, 3

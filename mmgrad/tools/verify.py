@@ -32,14 +32,14 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, to
 
 
 def stable_floor(mu: Tensor) -> float:
-    """The backward-stable error scale of a BOGC output (README, "Spec notes" 15): it is a
+    """The backward-stable error scale of a BOGC output (docs/spec.md, decision 15): it is a
     weighted sum of the M rows of ``mu`` (``M x N``, or ``S x M x N`` samples), so where it
     cancels its natural bound is eps * M * max|mu|, not eps * |output|; for ``rel_err(..., floor)``."""
     return mu.shape[-2] * float(mu.detach().to("cpu", torch.float64).abs().max())
 
 
 def norm_sq_floor(out_sq: Tensor, mu: Tensor) -> float:
-    """The backward-stable floor for ``||out||^2`` (README, "Spec notes" 15): each output
+    """The backward-stable floor for ``||out||^2`` (docs/spec.md, decision 15): each output
     coordinate may err by about eps * M * max_m |mu_m| where the fused beliefs nearly tie,
     so ``||out||^2`` by ``2 ||out|| M ||max_m |mu_m|| ||``; for ``rel_err(..., floor)``."""
     per = mu.detach().to("cpu", torch.float64).abs().reshape(-1, mu.shape[-1]).amax(0).norm()
@@ -84,7 +84,7 @@ def ill_conditioned_gram(seed: int, m: int, kind: str) -> Tensor:
 
 
 def duality_gap(k: Tensor, a: Tensor) -> float:
-    """SPEC §4's duality gap over the objectives that reach the group."""
+    """docs/spec.md §4's duality gap over the objectives that reach the group."""
     ka = k @ a
     return float(a @ ka - ka[k.diagonal() > 0].min())
 
@@ -155,7 +155,7 @@ def _f64(t: Tensor) -> Tensor:
 
 
 def compare_all(backend: str, case: Case) -> Dict[str, float]:
-    """Max relative error of every SPEC §6 function ``backend`` has a kernel for, on ``case``."""
+    """Max relative error of every docs/spec.md §6 function ``backend`` has a kernel for, on ``case``."""
     c, b, errs = case, backend, {}
     ref = reference
     mu = c.g if c.g.dtype == torch.float64 else c.g.float()  # the pure functions compute in float32/64
@@ -174,7 +174,7 @@ def compare_all(backend: str, case: Case) -> Dict[str, float]:
         errs["ds_combine"] = max(rel_err(x, y, 1.0) for x, y in zip(f, rf))
         worst = 0.0
         # |b+ - b-| * mu_F cancels where the fused beliefs nearly tie: judged, as the fuzz tests
-        # do, by the backward-stable bound eps * M * max|mu| (README, "Spec notes" 15), not by
+        # do, by the backward-stable bound eps * M * max|mu| (docs/spec.md, decision 15), not by
         # the output's own size (seed 875069989: b+ 0.2748, b- 0.2725 gave 1.5e-5 in float32).
         floor = stable_floor(mu)
         for conf in ("belief", "certainty", "none"):
