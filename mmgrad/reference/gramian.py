@@ -21,7 +21,7 @@ The projection onto the dual cone is the quadratic program ``min_v v^T G v`` sub
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -224,8 +224,9 @@ def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
     ``w = v / sum(v)``; ``lam`` is then the optimal value. ``v^T K v`` grows with ``lam``
     (its derivative on a support is ``2 sum(v)``); on a fixed support S, ``v_S = lam
     K_SS^-1 1 - K_SS^-1 b_S``, and ``v^T K v = s^2`` is a quadratic in ``lam``. So: bisect
-    on ``lam`` with the exact nonnegative QP (``nonnegative_qp``) until the support's root
-    satisfies every KKT condition, and return that closed-form point.
+    on ``lam`` with the exact nonnegative QP (``nonnegative_qp``), jumping to the support's
+    root where it lies in the bracket, until that root satisfies every KKT condition, and
+    return that closed-form point.
 
     Where the gradients are Pareto-stationary (some ``w`` in the simplex has ``K w = 0``,
     so ``b^T w = 0``), the value is at most 0 and ``lam < 0``; if no ``lam < 0`` reaches
@@ -239,25 +240,31 @@ def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
         return w
     q = k + 1e-15 * float(np.trace(k)) * np.eye(m)  # positive definite for the active-set solves
     lo = float(b.min())  # v = 0 here: v^T K v = 0 < s^2
-    hi = lo + max(1.0, float(np.abs(b).max()))
-    nearest = min_norm_solve(k)
-    if float(nearest @ k @ nearest) <= 1e-24 * float(np.trace(k)):  # Pareto-stationary: lam* < 0
-        hi = 0.0
-        if lo >= 0.0 or _cagrad_norm2(q, b, -1e-300) < s * s:
-            return nearest
-    while _cagrad_norm2(q, b, hi) < s * s:
-        hi = lo + 2 * (hi - lo)
+    # v^T K v >= (lam - b_i)^2 / K_ii for every i (the QP's value -v^T K v / 2 is at most
+    # the vertex's), so it reaches s^2 by the smallest b_i + s sqrt(K_ii): the first jump
+    diag = np.diag(k)
+    reach = np.where(diag > 0, b + s * np.sqrt(np.maximum(diag, 0.0)), np.inf)
+    hi = float(reach.min())
+    if hi > 0.0:  # lam* may lie above 0 unless the gradients are Pareto-stationary
+        nearest = min_norm_solve(k)
+        if float(nearest @ k @ nearest) <= 1e-24 * float(np.trace(k)):  # then lam* < 0
+            hi = 0.0
+            if lo >= 0.0 or _cagrad_norm2(q, b, -1e-300) < s * s:
+                return nearest
+    lam = hi if hi > lo else (lo + hi) / 2
     for _ in range(200):
-        lam = (lo + hi) / 2
         v = nonnegative_qp(q, b - lam)
-        exact = _cagrad_on_support(k, q, b, s, v > 0)
+        exact, root = _cagrad_on_support(k, q, b, s, v > 0)
         if exact is not None:
             return exact / exact.sum()
         if float(v @ q @ v) < s * s:
             lo = lam
         else:
             hi = lam
-        if not lo < (lo + hi) / 2 < hi:  # pragma: no cover - every support failed by rounding
+        # the support's own root, where it lies in the bracket (a piecewise quadratic's
+        # Newton-like jump), else the bracket's middle
+        lam = root if root is not None and lo < root < hi else (lo + hi) / 2
+        if not lo < lam < hi:  # pragma: no cover - every support failed by rounding
             break
     v = nonnegative_qp(q, b - (lo + hi) / 2)  # pragma: no cover
     return v / v.sum()
@@ -268,51 +275,53 @@ def _cagrad_norm2(q: np.ndarray, b: np.ndarray, lam: float) -> float:
     return float(v @ q @ v)
 
 
-def _cagrad_on_support(k: np.ndarray, q: np.ndarray, b: np.ndarray, s: float, support: np.ndarray) -> Optional[np.ndarray]:
+def _cagrad_on_support(k: np.ndarray, q: np.ndarray, b: np.ndarray, s: float,
+                       support: np.ndarray) -> Tuple[Optional[np.ndarray], Optional[float]]:
     """The KKT point with ``v`` supported on ``support`` and ``v^T K v = s^2``, or None if
-    that support holds none (a negative ``v``, a negative multiplier off the support).
+    that support holds none (a negative ``v``, a negative multiplier off the support); and
+    the support's root ``lam`` (None if it has none).
     Solved with K itself: its entries on a support can be large where the gradients'
     norms span decades, and K + eps I would then be another problem. A singular K_SS
     (rank-deficient gradients) is solved with ``q``, K's regularised copy."""
     idx = np.where(support)[0]
     if idx.size == 0:
-        return None
+        return None, None
     for mat in (k, q):
         ks = mat[np.ix_(idx, idx)]
         try:
             with np.errstate(all="ignore"):
-                v = _support_point(mat, ks, idx, b, s)
+                v, lam = _support_point(mat, ks, idx, b, s)
         except np.linalg.LinAlgError:
             continue
         if v is None or not np.isfinite(v).all():
             continue
-        lam = float((mat @ v + b)[idx].mean())
         mult = k @ v + b - lam
         slack = 1e-12 * max(1.0, float(np.abs(b).max()), abs(lam))
         if (v[idx] < -slack).any() or (mult[~support] < -slack).any() or v.sum() <= 0:
-            return None
-        return np.maximum(v, 0.0)
-    return None
+            return None, lam
+        return np.maximum(v, 0.0), lam
+    return None, None
 
 
-def _support_point(mat: np.ndarray, ks: np.ndarray, idx: np.ndarray, b: np.ndarray, s: float) -> Optional[np.ndarray]:
+def _support_point(mat: np.ndarray, ks: np.ndarray, idx: np.ndarray, b: np.ndarray,
+                   s: float) -> Tuple[Optional[np.ndarray], float]:
     p = _scaled_solve(ks, np.ones(idx.size))
     r = _scaled_solve(ks, b[idx])
     # (lam p - r)^T K (lam p - r) = lam^2 1.p - 2 lam 1.r + b.r = s^2
     a2, a1, a0 = float(p.sum()), -2.0 * float(r.sum()), float(b[idx] @ r) - s * s
     disc = a1 * a1 - 4 * a2 * a0
     if not a2 > 0 or not disc >= 0:
-        return None
+        return None, float("nan")
     lam = (-a1 + np.sqrt(disc)) / (2 * a2)  # the larger root: sum(v) = lam 1.p - 1.r > 0 there
     v = np.zeros(b.size)
     for _ in range(4):  # Newton on v^T K v = s^2 (derivative 2 sum(v)): the formula's root cancels digits
         v[idx] = _scaled_solve(ks, lam - b[idx])
         total = float(v.sum())
         if not total > 0:
-            return None
+            return None, float(lam)
         lam -= (float(v @ mat @ v) - s * s) / (2 * total)
     v[idx] = _scaled_solve(ks, lam - b[idx])
-    return v
+    return v, float(lam)
 
 
 def _scaled_solve(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
