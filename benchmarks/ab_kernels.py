@@ -40,26 +40,28 @@ def ema_args(ext, step: int = 3, beta: float = 0.9):
 
 
 def main(argv) -> int:
-    before, after = load(argv[0]), K._ext()
+    before, after = load(argv[0]), K._extension()
     n = 16 * 2**20
     print(f"N = 16 M, float32, {torch.get_num_threads()} threads; % memcpy = t_memcpy / t_kernel, same bytes, one run")
-    print(f"{'kernel':10s} {'M':>2s} {'before ms':>10s} {'after ms':>9s} {'before':>8s} {'after':>8s} {'speed-up':>9s}")
+    print(f"{'kernel':12s} {'M':>2s} {'before ms':>10s} {'after ms':>9s} {'before':>8s} {'after':>8s} {'speed-up':>9s}")
     for m in (2, 4, 8):
         gen = torch.Generator().manual_seed(m)
         g = torch.randn(m, n, generator=gen)
         state = [torch.rand(m, n, generator=gen) for _ in range(2)]
         raw, off = torch.empty(n), torch.tensor([0, n])
+        alpha = torch.full((1, m), 1.0 / m, dtype=torch.float64)
         cases = {
             "bogc_step": ((5 * m + 1) * n * 4,
                           lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, *ema_args(ext),
                                                     1.0, 1e-8, 0, 0)),
             "gram": (m * n * 4, lambda ext: ext.gram(g, off)),
+            "combine+gram": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, raw, True)),  # lagged
         }
         for name, (nbytes, call) in cases.items():
             t_before = timeit(lambda: call(before))
             t_after = timeit(lambda: call(after))
             t_copy = memcpy_seconds(nbytes)
-            print(f"{name:10s} {m:2d} {1e3 * t_before:10.1f} {1e3 * t_after:9.1f} {100 * t_copy / t_before:7.0f}% "
+            print(f"{name:12s} {m:2d} {1e3 * t_before:10.1f} {1e3 * t_after:9.1f} {100 * t_copy / t_before:7.0f}% "
                   f"{100 * t_copy / t_after:7.0f}% {t_before / t_after:8.2f}x")
     return 0
 

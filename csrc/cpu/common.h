@@ -73,18 +73,60 @@ at::Tensor run_chunks(const ChunkPlan& plan, const Layout& layout, int64_t scrat
   return stats;
 }
 
-// Upper triangle of the chunk's Gram matrix, added (symmetrically) to gram[M x M].
+// Two rows of a chunk against four: the 2 x 4 products' sums over the chunk, widened to
+// float64 (each product of two floats is exact in double). One pass loads six rows for
+// eight products, where a pass per pair loads two for one: register blocking, eight
+// float64 accumulators, so the Gram runs at the loads' rate rather than at half of it.
+template <typename acc_t>
+inline void gram_tile_2x4(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
+  double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+  const acc_t *a0 = a[0], *a1 = a[1], *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+  for (int64_t t = 0; t < len; ++t) {
+    const double x0 = a0[t], x1 = a1[t], y0 = b0[t], y1 = b1[t], y2 = b2[t], y3 = b3[t];
+    s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2; s03 += x0 * y3;
+    s10 += x1 * y0; s11 += x1 * y1; s12 += x1 * y2; s13 += x1 * y3;
+  }
+  s[0] = s00; s[1] = s01; s[2] = s02; s[3] = s03; s[4] = s10; s[5] = s11; s[6] = s12; s[7] = s13;
+}
+
+// The 2 x 2 tile, for the last one or two columns (small M).
+template <typename acc_t>
+inline void gram_tile_2x2(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
+  double s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+  const acc_t *a0 = a[0], *a1 = a[1], *b0 = b[0], *b1 = b[1];
+#pragma omp simd reduction(+ : s00, s01, s10, s11)
+  for (int64_t t = 0; t < len; ++t) {
+    const double x0 = a0[t], x1 = a1[t], y0 = b0[t], y1 = b1[t];
+    s00 += x0 * y0; s01 += x0 * y1; s10 += x1 * y0; s11 += x1 * y1;
+  }
+  s[0] = s00; s[1] = s01; s[2] = 0; s[3] = 0; s[4] = s10; s[5] = s11; s[6] = 0; s[7] = 0;
+}
+
+// Upper triangle of the chunk's Gram matrix, added (symmetrically) to gram[M x M], in
+// 2 x 4 tiles of rows (2 x 2 for the last two columns or fewer); a tile's rows past M
+// read a zero row, and its products below the diagonal are dropped.
 template <typename acc_t>
 inline void add_chunk_gram(int M, const acc_t* rows, int64_t len, double* gram) {
-  for (int i = 0; i < M; ++i) {
-    const acc_t* a = rows + i * kChunk;
-    for (int j = i; j < M; ++j) {
-      const acc_t* b = rows + j * kChunk;
-      double s = 0.0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t t = 0; t < len; ++t) s += static_cast<double>(a[t]) * static_cast<double>(b[t]);
-      gram[i * M + j] += s;
-      if (j != i) gram[j * M + i] += s;
+  static const acc_t zeros[kChunk] = {};
+  auto row = [&](int k) { return k < M ? rows + k * kChunk : zeros; };
+  for (int i = 0; i < M; i += 2) {
+    for (int j = i; j < M; j += 4) {
+      const acc_t* const a[2] = {row(i), row(i + 1)};
+      const acc_t* const b[4] = {row(j), row(j + 1), row(j + 2), row(j + 3)};
+      double s[8];
+      if (M - j <= 2)
+        gram_tile_2x2(a, b, len, s);
+      else
+        gram_tile_2x4(a, b, len, s);
+      for (int r = 0; r < 2; ++r) {
+        for (int c = 0; c < 4; ++c) {
+          const int ii = i + r, jj = j + c;
+          if (ii >= M || jj >= M || jj < ii) continue;
+          gram[ii * M + jj] += s[r * 4 + c];
+          if (jj != ii) gram[jj * M + ii] += s[r * 4 + c];
+        }
+      }
     }
   }
 }
