@@ -15,6 +15,12 @@ EVIDENCE_MAX = 1e30
 MOO_GAP_TOL = 1e-7
 #: The device MOO solver holds one group's Gram matrix in registers: at most this many objectives
 MOO_MAX_OBJECTIVES = 16
+#: the smallest ``reg_eps`` whose UPGrad/DualProj projections the triton backend solves on
+#: the device: below it the regularised Gram's condition number (up to 1 / reg_eps)
+#: defeats the float64 face solves (docs/solver.md)
+DUAL_CONE_MIN_REG_EPS = 1e-6
+#: the Gramian weightings that project onto the dual cone (a device solver on triton)
+DUAL_CONE_METHODS = ("upgrad", "dualproj")
 
 CONFIDENCE_MODES = ("belief", "certainty", "none")
 WEIGHT_MODES = ("belief", "precision")

@@ -125,3 +125,22 @@ def check_moo_call(backend: str, grams: torch.Tensor, method: object, normalize:
     else:
         loss_t = torch.ones(mm, dtype=torch.float64, device=grams.device)
     return MOO_METHOD_CODES[method], NORMALIZE_CODES[normalize], loss_t.contiguous(), magnitude
+
+
+def check_pref_vector(pref: object, m: int | None = None) -> None:
+    """None, or a list of non-negative finite numbers, one per objective (``m``, when known)."""
+    if pref is None:
+        return
+    if not isinstance(pref, (list, tuple)) or not pref or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf") for x in pref):
+        raise ValueError(f"pref_vector must be None or a list of numbers >= 0, one per objective; got {pref!r}")
+    if m is not None and len(pref) != m:
+        raise ValueError(f"pref_vector must hold one value per objective (M = {m}); got {len(pref)}")
+
+
+def check_dual_cone_options(pref_vector: object, norm_eps: object, reg_eps: object, m: int | None = None) -> None:
+    """UPGrad's and DualProj's options: the preference vector and two epsilons >= 0."""
+    check_pref_vector(pref_vector, m)
+    for name, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0; got {value!r}")

@@ -143,9 +143,9 @@ class FusedCalibrator:
             raise ValueError(f"method={method!r} cannot run on backend {self.backend_name!r}: {why_not}")
         self.sync_free = self.options["sync_free"]
         if self.sync_free:
-            if not METHODS[method].sync_free:
-                raise ValueError(f"sync_free=True: method {method!r} declares no solve that stays on the device "
-                                 "(its class says sync_free = False)")
+            why_not = METHODS[method].sync_free_refusal(self.options, num_objectives)
+            if why_not:
+                raise ValueError(f"sync_free=True: method {method!r} {why_not}")
             if not getattr(self._ops, "SYNC_FREE", False):
                 raise ValueError(f"sync_free=True needs a backend that solves on the device ('triton'); "
                                  f"backend {self.backend_name!r} reads the step's result on the host")

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 import torch
 
+from . import _validation as V
 from . import reference
-from ._constants import MOO_METHODS
+from ._constants import DUAL_CONE_METHODS, DUAL_CONE_MIN_REG_EPS, MOO_MAX_OBJECTIVES, MOO_METHODS
 from .backends import resolve
 
 __all__ = [
@@ -132,5 +133,15 @@ def moo_weights(grams: torch.Tensor, method: str, *, backend: str = "auto", **op
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes normalize, losses and magnitude")
         return _device_moo_weights(grams, method, backend=backend, **options)
-    resolve(backend, grams.device if isinstance(grams, torch.Tensor) else torch.device("cpu"))  # a valid name
-    return reference.moo_weights(grams, method, **options)  # every backend solves these on the host
+    device = grams.device if isinstance(grams, torch.Tensor) else torch.device("cpu")
+    if method in DUAL_CONE_METHODS:
+        unknown = sorted(set(options) - {"pref_vector", "norm_eps", "reg_eps"})
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes pref_vector, norm_eps and reg_eps")
+        V.check_dual_cone_options(options.get("pref_vector"), options.get("norm_eps", 1e-4), options.get("reg_eps", 1e-4))
+        module = backend_module(backend, device)
+        if (implements(module, "dual_cone_weights") and isinstance(grams, torch.Tensor) and grams.dim() == 3
+                and grams.shape[1] <= MOO_MAX_OBJECTIVES and options.get("reg_eps", 1e-4) >= DUAL_CONE_MIN_REG_EPS):
+            return module.dual_cone_weights(grams, method, **options)  # on the device on triton
+    resolve(backend, device)  # a valid name
+    return reference.moo_weights(grams, method, **options)  # the other backends solve these on the host

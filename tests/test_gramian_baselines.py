@@ -141,11 +141,12 @@ def test_permuted_objectives_permute_the_weights_and_scale_changes_nothing(gen, 
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_each_baseline_checks_its_options_and_refuses_sync_free(name):
+def test_each_baseline_checks_its_options_and_refuses_sync_free_without_a_device_solver(name):
     lin = torch.nn.Linear(3, 2)
     cls = METHODS[name]
-    assert cls.family == "gramian" and not cls.sync_free and cls.defaults["lagged"] is False
-    if mmgrad.backends()["triton"].available:
+    assert cls.family == "gramian" and cls.defaults["lagged"] is False
+    assert cls.sync_free == (name in ("upgrad", "dualproj"))  # their device solver: tests/test_device_dual_cone.py
+    if mmgrad.backends()["triton"].available and not cls.sync_free:
         with pytest.raises(ValueError, match=f"sync_free=True: method '{name}' declares no solve"):
             mmgrad.FusedCalibrator(lin.parameters(), 2, method=name, backend="triton", sync_free=True,
                                    skip_nonfinite=True)

@@ -8,9 +8,9 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = pytest.mark.gpu_proof
 
-from triton_compile import ARCHS, compile_all, offset_types, specialisations  # noqa: E402
+from triton_compile import ARCHS, SOLVERS, compile_all, offset_types, specialisations  # noqa: E402
 
-KERNELS = ("_bogc_kernel", "_combine_gram_kernel", "_moo_weights_kernel")
+KERNELS = ("_bogc_kernel", "_combine_gram_kernel", *SOLVERS)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ def test_no_build_spills_registers(rows):
 
 def test_pointer_offsets_are_64_bit_where_they_can_pass_2_31(rows):
     """row * n and program * BLOCK exceed 2**31 on a large buffer although n fits in 32
-    bits: every offset the kernels add to a pointer is computed in 64 bits (the solver
-    only indexes an M x M Gram matrix, M <= 16)."""
+    bits: every offset the kernels add to a pointer is computed in 64 bits (the solvers
+    only index M x M Gram matrices, M <= 16)."""
     for r in rows:
-        if r["kernel"] != "_moo_weights_kernel":
+        if r["kernel"] not in SOLVERS:
             assert r["offset_types"] == ["i64"], (r["name"], r["offset_types"])
 
 

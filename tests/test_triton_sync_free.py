@@ -62,7 +62,7 @@ def _train(method, sync_free, data, poison_at=None, options=None):
 
 @pytest.mark.parametrize("method, options", [("bogc", {}), ("mgda", {}), ("mmpareto", {"lagged": True}), ("mimo", {}),
                                              ("bogc", {"estimator": "sample"}), ("ogm", {"group_objectives": [1, 2, 2], "modulate": "all"}),
-                                             ("mean", {})])
+                                             ("mean", {}), ("dualproj", {"pref_vector": [0.5, 0.2, 0.3]})])
 def test_sync_free_step_trains_like_the_host_step_and_skips_on_device(gen, method, options):
     sample = options.get("estimator") == "sample"
     data = [[batch(gen, 8) for _ in range(2)] if sample else batch(gen) for _ in range(5)]
@@ -70,6 +70,7 @@ def test_sync_free_step_trains_like_the_host_step_and_skips_on_device(gen, metho
     (host, _, host_cal), (dev, dev_opt, dev_cal) = runs
     for p, q in zip(host.parameters(), dev.parameters()):
         tol = 1e-4 if method in ("mgda", "mmpareto") else 1e-6  # the device MGDA solver stops at the same certificate
+        # (the dual-cone solver's weights are the host's to 1e-8: tests/test_device_dual_cone.py)
         assert torch.allclose(p, q, rtol=0, atol=tol), (p - q).abs().max()
     assert dev_cal.state_dict()["step_count"] == host_cal.state_dict()["step_count"] == 4  # one step skipped
     assert "found_inf" not in vars(dev_opt)  # the flag is only there during the step

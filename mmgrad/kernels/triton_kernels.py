@@ -49,8 +49,8 @@ from .gpu_ops import GpuOps
 Tensor = torch.Tensor
 
 #: what this backend computes in its own kernels (mmgrad.ops runs the rest on the reference)
-__all__ = ["all_finite", "bogc_sample_step", "bogc_step", "bogc_step_gated", "combine", "combine_and_gram", "gram",
-           "moo_weights"]
+__all__ = ["all_finite", "bogc_sample_step", "bogc_step", "bogc_step_gated", "combine", "combine_and_gram",
+           "dual_cone_weights", "gram", "moo_weights"]
 #: the backend's name in ``backend=``
 NAME = "triton"
 #: whether a step can run with no value read on the host (``sync_free=True``)
@@ -427,15 +427,18 @@ def _moo_gap(K, a, act):
 
 
 @triton.jit
-def _moo_newton(K, act, idx, a, s, target, M: tl.constexpr):
-    """A Newton step towards a_i s_i = target on the simplex: u = H^-1 (target/a - s),
-    v = H^-1 1 with H = K + diag(s/a) (SPD), by Gauss-Jordan; da = u + dl v, 1^T da = 0."""
+def _newton_matrix(K, act, idx, a, s):
+    """K + diag(s/a) on the active objectives (SPD where a, s > 0), the identity outside
+    them, so a solve leaves da_i = 0 there."""
     a_safe = tl.where(act, a, 1.0)
     eye = idx[:, None] == idx[None, :]
     h = tl.where(act[:, None] & act[None, :], K, 0.0)
-    h = h + tl.where(eye, tl.where(act, s / a_safe, 1.0)[:, None], 0.0)  # outside the group: da_i = 0
-    u = tl.where(act, target / a_safe - s, 0.0)
-    v = tl.where(act, 1.0, 0.0).to(tl.float64)
+    return h + tl.where(eye, tl.where(act, s / a_safe, 1.0)[:, None], 0.0)
+
+
+@triton.jit
+def _gauss_jordan(h, u, v, idx, M: tl.constexpr):
+    """h^-1 u and h^-1 v for a symmetric positive definite h (positive pivots: no pivoting)."""
     for k in range(M):  # a loop, not unrolled: Triton 3.6 spilled the unrolled elimination at M = 16
         at_k = idx == k
         row = tl.sum(tl.where(at_k[:, None], h, 0.0), axis=0)
@@ -447,6 +450,17 @@ def _moo_newton(K, act, idx, a, s, target, M: tl.constexpr):
         h = tl.where(at_k[:, None], row[None, :], h - col[:, None] * row[None, :])
         u = tl.where(at_k, u_k, u - col * u_k)
         v = tl.where(at_k, v_k, v - col * v_k)
+    return u, v
+
+
+@triton.jit
+def _moo_newton(K, act, idx, a, s, target, M: tl.constexpr):
+    """A Newton step towards a_i s_i = target on the simplex: u = H^-1 (target/a - s),
+    v = H^-1 1 with H = K + diag(s/a) (SPD); da = u + dl v, 1^T da = 0."""
+    h = _newton_matrix(K, act, idx, a, s)
+    u = tl.where(act, target / tl.where(act, a, 1.0) - s, 0.0)
+    v = tl.where(act, 1.0, 0.0).to(tl.float64)
+    u, v = _gauss_jordan(h, u, v, idx, M)
     dl = -tl.sum(u, axis=0) / tl.sum(v, axis=0)
     da = u + dl * v
     ds = tl.where(act, tl.sum(K * da[None, :], axis=1) - dl, 0.0)
@@ -603,3 +617,12 @@ combine_and_gram = _OPS.combine_and_gram
 combine = _OPS.combine
 gram = _OPS.gram
 moo_weights = _OPS.moo_weights
+
+
+def __getattr__(name: str):
+    """``dual_cone_weights``, from its own module, which imports this one's solver steps."""
+    if name == "dual_cone_weights":
+        from .triton_dual_cone import dual_cone_weights
+
+        return dual_cone_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

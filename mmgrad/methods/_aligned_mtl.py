@@ -9,7 +9,6 @@ import torch
 
 from .. import _validation as V
 from ..reference.gramian import ALIGNED_MTL_SCALES, gramian_weights
-from ._dual_cone import check_pref_length, check_pref_vector
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -22,12 +21,12 @@ class AlignedMTL(Weighting):
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:
         super().check_options(o)
-        check_pref_vector(o["pref_vector"])
+        V.check_pref_vector(o["pref_vector"])
         V.check_choice("scale_mode", o["scale_mode"], ALIGNED_MTL_SCALES)
 
     def __init__(self, options: Dict[str, Any], layout) -> None:
         super().__init__(options, layout)
-        check_pref_length(options["pref_vector"], layout)
+        V.check_pref_vector(options["pref_vector"], None if layout is None else layout.num_objectives)
 
     def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
         return gramian_weights(grams, self.name, pref_vector=self.options["pref_vector"],

@@ -97,6 +97,12 @@ class Method:
         missing = [k for k in cls.kernels if not implements(backend, k)]
         return f"it has no kernel for {', '.join(missing)}" if missing else None
 
+    @classmethod
+    def sync_free_refusal(cls, options: Dict[str, Any], num_objectives: int) -> Optional[str]:
+        """Why the method cannot run with ``sync_free=True`` with these options and M
+        objectives, or None."""
+        return None if cls.sync_free else "declares no solve that stays on the device (its class says sync_free = False)"
+
     def step(self, ctx: StepContext) -> StepResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -1,15 +1,19 @@
 """UPGrad and DualProj (Quinton & Rey, 2024): projections onto the dual cone of the
 objectives' gradients, per parameter group, solved exactly on the host
-(``mmgrad.reference.gramian``: an active-set quadratic program, no QP package)."""
+(``mmgrad.reference.gramian``: an active-set quadratic program, no QP package), or on
+the device by the triton backend (``mmgrad.kernels.triton_dual_cone``; ``sync_free=True``)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 from .. import _validation as V
+from .._constants import DUAL_CONE_MIN_REG_EPS, MOO_MAX_OBJECTIVES
+from ..ops import implements
 from ..reference.gramian import gramian_weights
+from ._base import StepContext
 from ._weighting import Weighting
 
 Tensor = torch.Tensor
@@ -17,38 +21,41 @@ Tensor = torch.Tensor
 
 class _DualCone(Weighting):
     """Options shared by the dual-cone weightings: the preference vector (None: the mean)
-    and the Gramian's normalisation and regularisation epsilons (TorchJD's defaults)."""
+    and the Gramian's normalisation and regularisation epsilons (TorchJD's defaults).
+    With ``sync_free=True`` (triton) the device solves them (``reg_eps >= 1e-6``, M <= 16:
+    ``sync_free_refusal``); otherwise the host does, exactly and in microseconds."""
 
     defaults = {"pref_vector": None, "norm_eps": 1e-4, "reg_eps": 1e-4}
+    sync_free = True
 
     @classmethod
     def check_options(cls, o: Dict[str, Any]) -> None:
         super().check_options(o)
-        check_pref_vector(o["pref_vector"])
-        for name in ("norm_eps", "reg_eps"):
-            if isinstance(o[name], bool) or not isinstance(o[name], (int, float)) or not o[name] >= 0:
-                raise ValueError(f"{name} must be a number >= 0; got {o[name]!r}")
+        V.check_dual_cone_options(o["pref_vector"], o["norm_eps"], o["reg_eps"])
+
+    @classmethod
+    def sync_free_refusal(cls, options: Dict[str, Any], num_objectives: int) -> Optional[str]:
+        if num_objectives > MOO_MAX_OBJECTIVES:
+            return f"solves on the device for at most {MOO_MAX_OBJECTIVES} objectives, not M = {num_objectives}"
+        if options["reg_eps"] < DUAL_CONE_MIN_REG_EPS:
+            return (f"solves on the device for reg_eps >= {DUAL_CONE_MIN_REG_EPS:g}; got reg_eps={options['reg_eps']!r} "
+                    "(a smaller one is solved on the host: sync_free=False)")
+        return None
 
     def __init__(self, options: Dict[str, Any], layout) -> None:
         super().__init__(options, layout)
-        check_pref_length(options["pref_vector"], layout)
+        V.check_pref_vector(options["pref_vector"], None if layout is None else layout.num_objectives)
 
     def _options(self) -> Dict[str, Any]:
         return {k: self.options[k] for k in ("pref_vector", "norm_eps", "reg_eps")}
 
+    def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
+        return gramian_weights(grams, self.name, **self._options())
 
-def check_pref_vector(pref: Any) -> None:
-    """None, or a list of non-negative finite numbers (its length is checked against M at the step)."""
-    if pref is None:
-        return
-    if not isinstance(pref, (list, tuple)) or not pref or any(
-            isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf") for x in pref):
-        raise ValueError(f"pref_vector must be None or a list of numbers >= 0, one per objective; got {pref!r}")
-
-
-def check_pref_length(pref: Any, layout) -> None:
-    if pref is not None and layout is not None and len(pref) != layout.num_objectives:
-        raise ValueError(f"pref_vector must hold one value per objective (M = {layout.num_objectives}); got {len(pref)}")
+    def solve(self, ctx: StepContext, grams: Tensor) -> Tensor:
+        if ctx.sync_free and implements(ctx.ops, "dual_cone_weights"):  # the calibrator checked sync_free_refusal
+            return ctx.ops.dual_cone_weights(grams, self.name, **self._options())
+        return super().solve(ctx, grams)
 
 
 class UPGrad(_DualCone):
@@ -57,14 +64,8 @@ class UPGrad(_DualCone):
 
     name = "upgrad"
 
-    def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return gramian_weights(grams, self.name, **self._options())
-
 
 class DualProj(_DualCone):
     """DualProj: the ``pref_vector``-weighted average projected onto the dual cone."""
 
     name = "dualproj"
-
-    def weights(self, grams: Tensor, losses: Tensor) -> Tensor:
-        return gramian_weights(grams, self.name, **self._options())

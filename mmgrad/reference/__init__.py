@@ -17,6 +17,7 @@ from .bogc import (
     state_from_moments,
 )
 from . import gramian  # the Gramian baselines' weights (upgrad_weights, ...)
+from .gramian import dual_cone_weights
 from .finite import all_finite
 
 #: the backend's name in ``backend=``
@@ -35,6 +36,7 @@ __all__ = [
     "combine",
     "combine_and_gram",
     "ds_combine",
+    "dual_cone_weights",
     "ema_moments",
     "ema_weights",
     "gram",

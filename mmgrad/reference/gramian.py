@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from .._constants import DUAL_CONE_METHODS
 from .moo import min_norm_solve
 
 Tensor = torch.Tensor
@@ -78,14 +79,19 @@ def nonnegative_qp(q: np.ndarray, c: np.ndarray, max_iter: int = 500) -> np.ndar
     raise RuntimeError("nonnegative_qp did not converge")  # pragma: no cover - finite for PD q
 
 
-def dual_cone_projection(gram: Tensor, u: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> np.ndarray:
-    """The weights ``v`` of the projection of ``J^T u`` onto the dual cone of J's rows:
-    ``min v^T G v`` subject to ``v >= u``, with G normalised to unit trace (zero below
-    ``norm_eps``) and ``reg_eps`` added to its diagonal."""
+def dual_cone_gram(gram: Tensor, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> np.ndarray:
+    """The Gramian the dual-cone programs solve with: normalised to unit trace (zero when
+    the trace is below ``norm_eps``, or 0) and ``reg_eps`` added to its diagonal."""
     k = _gram(gram)
     trace = float(np.trace(k))
-    k = np.zeros_like(k) if trace < norm_eps else k / trace
-    k = k + reg_eps * np.eye(k.shape[0])
+    k = np.zeros_like(k) if trace < norm_eps or trace == 0 else k / trace
+    return k + reg_eps * np.eye(k.shape[0])
+
+
+def dual_cone_projection(gram: Tensor, u: np.ndarray, norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> np.ndarray:
+    """The weights ``v`` of the projection of ``J^T u`` onto the dual cone of J's rows:
+    ``min v^T G v`` subject to ``v >= u``, with G as ``dual_cone_gram`` poses it."""
+    k = dual_cone_gram(gram, norm_eps, reg_eps)
     # v = u + x, x >= 0: min x^T G x + 2 (G u)^T x
     return u + nonnegative_qp(2 * k, 2 * k @ u)
 
@@ -111,6 +117,22 @@ def dualproj_weights(gram: Tensor, pref_vector: Optional[Sequence[float]] = None
     k = _gram(gram)
     w = dual_cone_projection(gram, _pref(pref_vector, k.shape[0]), norm_eps, reg_eps)
     return torch.from_numpy(w).to(gram.device)
+
+
+def dual_cone_weights(grams: Tensor, method: str, *, pref_vector: Optional[Sequence[float]] = None,
+                      norm_eps: float = 1e-4, reg_eps: float = 1e-4) -> Tensor:
+    """``G x M`` weights of ``"upgrad"`` or ``"dualproj"`` from ``G x M x M`` Gram
+    matrices, solved on the host: the oracle of the triton backend's device solver.
+
+    >>> k = torch.tensor([[[1.0, -1.5], [-1.5, 4.0]]], dtype=torch.float64)
+    >>> w = dual_cone_weights(k, "dualproj", norm_eps=0.0, reg_eps=0.0)  # the mean conflicts with objective 0
+    >>> w, k[0] @ w[0]  # raised until it no longer does
+    (tensor([[0.7500, 0.5000]], dtype=torch.float64), tensor([0.0000, 0.8750], dtype=torch.float64))
+    """
+    V.check_choice("method", method, DUAL_CONE_METHODS)
+    V.check_float_tensor("grams", grams, dim=3)
+    V.check_dual_cone_options(pref_vector, norm_eps, reg_eps, grams.shape[1])
+    return gramian_weights(grams, method, pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps)
 
 
 def pcgrad_weights(gram: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:

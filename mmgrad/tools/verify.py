@@ -83,6 +83,24 @@ def ill_conditioned_gram(seed: int, m: int, kind: str) -> Tensor:
     return g @ g.T
 
 
+def dual_cone_errors(k: Tensor, u: Tensor, v: Tensor, host: Tensor, norm_eps: float = 1e-4,
+                     reg_eps: float = 1e-4) -> Dict[str, float]:
+    """How far weights ``v`` of the projection of ``J^T u`` onto the dual cone (``K = J J^T``)
+    are from the host's exact ``host``, on the program's own Gramian ``Kr``
+    (``reference.gramian.dual_cone_gram``): ``distance``, ``||v - host||_Kr / ||host||_Kr``
+    (which ``f(v) - f(host)`` bounds, squared, for feasible ``v``); ``infeasibility``,
+    ``max(u - v) / max u`` (``v >= u`` is the constraint); ``conflict``, ``max(-Kr v)``
+    relative to ``max|Kr| sum|v|`` (``Kr v >= 0``: the update conflicts with no objective)."""
+    from ..reference.gramian import dual_cone_gram
+
+    kr = torch.from_numpy(dual_cone_gram(k, norm_eps, reg_eps))
+    d = v - host
+    norm = float(host @ kr @ host) ** 0.5
+    return {"distance": max(float(d @ kr @ d), 0.0) ** 0.5 / max(norm, 1e-300),
+            "infeasibility": float((u - v).max()) / max(float(u.max()), 1e-300),
+            "conflict": float(-(kr @ v).min()) / max(float(kr.abs().max()) * float(v.abs().sum()), 1e-300)}
+
+
 def duality_gap(k: Tensor, a: Tensor) -> float:
     """docs/spec.md §4's duality gap over the objectives that reach the group."""
     ka = k @ a
