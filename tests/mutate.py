@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_options.py", "tests/test_pytorch_habits.py", "tests/test_calibrator.py", "tests/test_layout.py",
          "tests/test_ogm.py", "tests/test_errors.py", "tests/test_properties.py", "tests/test_dcp.py",
          "tests/test_norm_matching.py", "tests/test_kernels_cpu.py", "tests/test_weighting.py",
-         "tests/test_faithful.py", "tests/test_gramian_baselines.py"]
+         "tests/test_faithful.py", "tests/test_gramian_baselines.py", "tests/test_device_dual_cone.py"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,10 @@ MUTATIONS = [
              "max_norm=1.0)"),
     Mutation("nash_mtl stops after one Newton step", "mmgrad/reference/gramian.py", "        if dec < tol:\n",
              "        if True:\n"),
+    Mutation("a sync-free dual-cone step solves on the host", "mmgrad/methods/_dual_cone.py",
+             'if ctx.sync_free and implements(ctx.ops, "dual_cone_weights"):', "if False:"),
+    Mutation("the device dual-cone solve skips its face solves", "mmgrad/kernels/triton_dual_cone.py",
+             "return tl.maximum(tl.where(done == 1.0, xc, x), 0.0)", "return tl.maximum(x, 0.0)"),
     Mutation("the cpu backend solves with the reference", "mmgrad/kernels/cpu.py",
              "return _extension().moo_weights_device(grams.to(torch.float64).contiguous(), *codes)",
              "from ..reference.moo import moo_weights as host\n    return host(grams, method, normalize=normalize, "

@@ -117,8 +117,13 @@ def test_what_the_device_solver_refuses():
                                skip_nonfinite=True)
 
 
-def test_a_sync_free_upgrad_step_trains_like_the_host_step(gen):
+def test_a_sync_free_upgrad_step_trains_like_the_host_step(gen, monkeypatch):
     """The calibrator with ``sync_free=True`` solves UPGrad on the device; the host mode on the host."""
+    from mmgrad.kernels import triton_kernels as T
+
+    solves = []
+    on_device = T.dual_cone_weights
+    monkeypatch.setattr(T, "dual_cone_weights", lambda *a, **kw: solves.append(1) or on_device(*a, **kw), raising=False)
     x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 2, generator=gen)
     runs = []
     for sync_free in (False, True):
@@ -133,5 +138,6 @@ def test_a_sync_free_upgrad_step_trains_like_the_host_step(gen):
             opt.step()
             opt.zero_grad()
         runs.append(lin)
+        assert len(solves) == 3 * sync_free  # one device solve per sync-free step, none in the host mode
     for p, q in zip(runs[0].parameters(), runs[1].parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), (p - q).abs().max()
