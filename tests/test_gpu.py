@@ -15,8 +15,8 @@ import torch
 import mmgrad
 from mmgrad import ops
 from mmgrad import reference as R
-from mmgrad.tools.verify import (ILL_CONDITIONED_KINDS, TOLERANCE, compare_all, duality_gap, ill_conditioned_gram,
-                                 random_case)
+from mmgrad.tools.verify import (ILL_CONDITIONED_KINDS, TOLERANCE, compare_all, dual_cone_errors, duality_gap,
+                                 ill_conditioned_gram, random_case)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 GPU_BACKENDS = ("triton", "cuda")
@@ -56,7 +56,22 @@ def test_the_device_solver_meets_the_certificate_on_cuda(gen, backend, m):
         assert math.isclose(float(a.sum()), 1.0, rel_tol=1e-12) and bool((a >= 0).all())
 
 
-@pytest.mark.parametrize("method", ("bogc", "mgda", "mmpareto", "mimo", "ogm", "sum", "mean"))
+@pytest.mark.parametrize("m", (3, 8, 16))
+def test_the_dual_cone_solver_is_the_hosts_on_cuda(gen, m):
+    """UPGrad's and DualProj's projections on the device: every kind, to 1e-8 of the host's."""
+    if not mmgrad.backends()["triton"].available:
+        pytest.skip(mmgrad.backends()["triton"].reason)
+    seeds = torch.randint(0, 2**31, (len(ILL_CONDITIONED_KINDS),), generator=gen).tolist()
+    k = torch.stack([ill_conditioned_gram(s, m, kind) for s, kind in zip(seeds, ILL_CONDITIONED_KINDS)])
+    pref = (torch.rand(m, generator=gen, dtype=torch.float64) + 0.1).tolist()
+    for method in ("dualproj", "upgrad"):
+        w = ops.moo_weights(k.cuda(), method, backend="triton", pref_vector=pref).cpu()
+        host = R.dual_cone_weights(k, method, pref_vector=pref)
+        for kk, a, b, kind in zip(k, w, host, ILL_CONDITIONED_KINDS):
+            assert dual_cone_errors(kk, torch.tensor(pref, dtype=torch.float64), a, b)["distance"] <= 1e-8, (method, kind)
+
+
+@pytest.mark.parametrize("method", ("bogc", "mgda", "mmpareto", "mimo", "ogm", "sum", "mean", "upgrad"))
 @pytest.mark.parametrize("sync_free", (False, True))
 def test_calibrated_training_on_cuda_matches_the_reference_on_cpu(backend, method, sync_free):
     """Five SGD steps of a two-encoder model: the GPU backend on CUDA against the reference
@@ -94,7 +109,8 @@ def test_calibrated_training_on_cuda_matches_the_reference_on_cpu(backend, metho
     assert err <= 1e-4, f"{method} on {backend} (sync_free={sync_free}): parameters {err:.2e} from the reference"
 
 
-@pytest.mark.parametrize("name", ("triton_bogc", "triton_bogc_in_place", "triton_combine", "triton_moo_weights"))
+@pytest.mark.parametrize("name", ("triton_bogc", "triton_bogc_in_place", "triton_combine", "triton_moo_weights",
+                                  "triton_dual_cone"))
 def test_opcheck_passes_for_the_triton_operators_on_cuda(gen, name):
     """On a GPU they are ``triton_op``s (torch.compile sees their kernels): schema, fakes,
     autograd registration and AOT dispatch, with the kernels really launched."""

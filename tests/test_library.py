@@ -140,12 +140,15 @@ def _triton_args(name: str, gen: torch.Generator) -> tuple:
     if name == "triton_combine":
         alpha = torch.rand(2, M, generator=gen, dtype=torch.float64).to(device)
         return (g, alpha, torch.empty(N, device=device), bounds, True)
-    assert name == "triton_moo_weights"
     a = torch.randn(2, M, 2 * M, generator=gen, dtype=torch.float64).to(device)
+    if name == "triton_dual_cone":  # one projection per group (DualProj's), float64 epsilons on the device
+        prefs = torch.rand(1, M, generator=gen, dtype=torch.float64).to(device)
+        return (a @ a.transpose(1, 2), prefs, torch.tensor([1e-4, 1e-4, 1e-15], dtype=torch.float64, device=device))
+    assert name == "triton_moo_weights"
     return (a @ a.transpose(1, 2), 0, 0, torch.ones(M, dtype=torch.float64, device=device), 1.5)
 
 
-TRITON_OPS = ("triton_bogc", "triton_bogc_in_place", "triton_combine", "triton_moo_weights")
+TRITON_OPS = ("triton_bogc", "triton_bogc_in_place", "triton_combine", "triton_moo_weights", "triton_dual_cone")
 
 
 @pytest.mark.skipif(not mmgrad.backends()["triton"].available, reason="triton does not run here")

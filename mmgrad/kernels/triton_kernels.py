@@ -618,9 +618,12 @@ combine = _OPS.combine
 gram = _OPS.gram
 moo_weights = _OPS.moo_weights
 
+from . import triton_dual_cone  # noqa: E402,F401 - registers mmgrad::triton_dual_cone with the others
+
 
 def __getattr__(name: str):
-    """``dual_cone_weights``, from its own module, which imports this one's solver steps."""
+    """``dual_cone_weights``, from its own module, which imports this one's solver steps
+    (looked up late: when that module is imported first, it is not defined yet here)."""
     if name == "dual_cone_weights":
         from .triton_dual_cone import dual_cone_weights
 

@@ -212,12 +212,7 @@ def cagrad_weights(gram: Tensor, c: float = 0.5, rescale: int = 1, norm_eps: flo
     >>> print(*[round(float(x), 4) for x in cagrad_weights(j @ j.T, c=0.4, rescale=0)])
     0.7448 0.6384
     """
-    k = _gram(gram)
-    out = np.zeros(k.shape[0])
-    live = _live_rows(k)
-    if live.any():
-        idx = np.where(live)[0]
-        out[idx] = _cagrad_live(k[np.ix_(idx, idx)], c, norm_eps) / (1.0, 1.0 + c * c, 1.0 + c)[rescale]
+    out = _on_live_rows(_gram(gram), lambda k: _cagrad_live(k, c, norm_eps)) / (1.0, 1.0 + c * c, 1.0 + c)[rescale]
     return torch.from_numpy(out).to(gram.device)
 
 
@@ -232,10 +227,16 @@ def _cagrad_live(k: np.ndarray, c: float, norm_eps: float) -> np.ndarray:
     return u + (sqrt_phi / norm) * w if norm >= norm_eps else np.zeros(m)
 
 
-def _live_rows(k: np.ndarray) -> np.ndarray:
-    """The objectives with a gradient in this group (a zero row: one that reaches none of it)."""
+def _on_live_rows(k: np.ndarray, solve: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``solve`` on the Gram of the objectives with a gradient in this group, weight 0 for
+    the others (a zero row: an objective that reaches none of the group)."""
     diag = np.diag(k)
-    return diag > 1e-14 * float(diag.max()) if diag.size and diag.max() > 0 else np.zeros(diag.size, dtype=bool)
+    live = diag > 1e-14 * float(diag.max()) if diag.size and diag.max() > 0 else np.zeros(diag.size, dtype=bool)
+    out = np.zeros(k.shape[0])
+    if live.any():
+        idx = np.where(live)[0]
+        out[idx] = solve(k[np.ix_(idx, idx)])
+    return out
 
 
 def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
@@ -370,12 +371,7 @@ def nash_mtl_weights(gram: Tensor, max_norm: float = 1.0, tol: float = 1e-12) ->
     0.5 2.0
     """
     k = _gram(gram)
-    m = k.shape[0]
-    live = _live_rows(k)
-    alpha = np.zeros(m)
-    if live.any():
-        idx = np.where(live)[0]
-        alpha[idx] = nash_mtl_solve(k[np.ix_(idx, idx)], tol)
+    alpha = _on_live_rows(k, lambda live: nash_mtl_solve(live, tol))
     norm = float(np.sqrt(max(alpha @ k @ alpha, 0.0)))
     if max_norm > 0 and norm > max_norm:
         alpha = alpha * (max_norm / norm)
