@@ -327,14 +327,15 @@ def _cagrad_on_support(k: np.ndarray, q: np.ndarray, b: np.ndarray, s: float,
 
 
 def _support_point(mat: np.ndarray, ks: np.ndarray, idx: np.ndarray, b: np.ndarray,
-                   s: float) -> Tuple[Optional[np.ndarray], float]:
+                   s: float) -> Tuple[Optional[np.ndarray], Optional[float]]:
+    """The support's point and root ``lam`` (None where the quadratic has no root)."""
     p = _scaled_solve(ks, np.ones(idx.size))
     r = _scaled_solve(ks, b[idx])
     # (lam p - r)^T K (lam p - r) = lam^2 1.p - 2 lam 1.r + b.r = s^2
     a2, a1, a0 = float(p.sum()), -2.0 * float(r.sum()), float(b[idx] @ r) - s * s
     disc = a1 * a1 - 4 * a2 * a0
     if not a2 > 0 or not disc >= 0:
-        return None, float("nan")
+        return None, None
     lam = (-a1 + np.sqrt(disc)) / (2 * a2)  # the larger root: sum(v) = lam 1.p - 1.r > 0 there
     v = np.zeros(b.size)
     for _ in range(4):  # Newton on v^T K v = s^2 (derivative 2 sum(v)): the formula's root cancels digits
