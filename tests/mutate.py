@@ -54,6 +54,8 @@ MUTATIONS = [
              'lagged, by = ctx.layout, self.options["lagged"], self.scope', "lagged, by = ctx.layout, False, self.scope"),
     Mutation("mmpareto ignores magnitude", "mmgrad/methods/_moo.py", 'magnitude=self.options["magnitude"]',
              "magnitude=1.5"),
+    Mutation("mmpareto's per-tensor rule ignores magnitude", "mmgrad/methods/_moo.py",
+             'shares * boost[:, None] * self.options["magnitude"]', "shares * boost[:, None] * 1.5"),
     Mutation("mimo ignores rho", "mmgrad/methods/_weighted.py", 'rho, tau = self.options["rho"], self.options["tau"]',
              'rho, tau = 1.0, self.options["tau"]'),
     Mutation("mimo ignores tau", "mmgrad/methods/_weighted.py", 'rho, tau = self.options["rho"], self.options["tau"]',

@@ -29,6 +29,7 @@ CASES = [
     ("bogc", {"rescale": False}),
     ("mgda", {"normalize": "l2"}), ("mgda", {"normalize": "loss"}), ("mgda", {"lagged": True}),
     ("mmpareto", {"magnitude": 4.0}), ("mmpareto", {"lagged": True}), ("mmpareto", {"scope": "group"}),
+    ("mmpareto", {"scope": "group", "magnitude": 4.0}),  # the group rule's own use of magnitude
     ("mimo", {"rho": 0.2}), ("mimo", {"tau": 5.0}),
     ("ogm", {"alpha": 3.0}), ("ogm", {"unimodal": 0.7}), ("ogm", {"noise": False}), ("ogm", {"seed": 7}),
     ("ogm", {"noise_std": "group"}), ("ogm", {"modulate": "conv"}),
