@@ -317,3 +317,15 @@ def test_ops_moo_weights_names_a_wrong_method_or_option():
         mmgrad.ops.moo_weights(grams, "mgda", c=1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         mmgrad.ops.moo_weights(grams, "upgrad", backend="gpu")
+
+
+def test_cagrad_solves_a_gramian_on_which_the_active_set_cycled():
+    """A rank-2 Gramian of M = 4 (the second rank-deficient draw of seed 1394) made the
+    active-set QP of CAGrad's search cycle (``nonnegative_qp`` raised); the search now
+    retries that QP regularised, and the point is still solved on K itself."""
+    gen = torch.Generator().manual_seed(1394)
+    jacobian(gen, "deficient")
+    j = jacobian(gen, "deficient")
+    g = gramian(j)
+    assert j.shape == (4, 2)
+    assert rel_err(j.T @ cagrad_ours(g), j.T @ theirs("cagrad", g)) <= TOLERANCE["cagrad"]

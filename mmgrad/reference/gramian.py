@@ -276,7 +276,7 @@ def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
                 return nearest
     lam = hi if hi > lo else (lo + hi) / 2
     for _ in range(200):
-        v = nonnegative_qp(q, b - lam)
+        v = _cagrad_qp(q, b - lam)
         exact, root = _cagrad_on_support(k, q, b, s, v > 0)
         if exact is not None:
             return exact / exact.sum()
@@ -289,12 +289,23 @@ def cagrad_simplex_solve(k: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
         lam = root if root is not None and lo < root < hi else (lo + hi) / 2
         if not lo < lam < hi:  # pragma: no cover - every support failed by rounding
             break
-    v = nonnegative_qp(q, b - (lo + hi) / 2)  # pragma: no cover
+    v = _cagrad_qp(q, b - (lo + hi) / 2)  # pragma: no cover
     return v / v.sum()
 
 
+def _cagrad_qp(q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``nonnegative_qp(q, c)``; where rank-deficient gradients leave ``q`` numerically
+    singular (eigenvalues near 1e-15 of its trace) and the active set cycles, the same
+    program on ``q`` regularised by 1e-12 of its trace, for the search only: the point
+    returned is solved on K itself (``_cagrad_on_support``)."""
+    try:
+        return nonnegative_qp(q, c)
+    except RuntimeError:
+        return nonnegative_qp(q + 1e-12 * float(np.trace(q)) * np.eye(q.shape[0]), c)
+
+
 def _cagrad_norm2(q: np.ndarray, b: np.ndarray, lam: float) -> float:
-    v = nonnegative_qp(q, b - lam)
+    v = _cagrad_qp(q, b - lam)
     return float(v @ q @ v)
 
 
