@@ -21,6 +21,8 @@ MOO_MAX_OBJECTIVES = 16
 DUAL_CONE_MIN_REG_EPS = 1e-6
 #: the Gramian weightings that project onto the dual cone (a device solver on triton)
 DUAL_CONE_METHODS = ("upgrad", "dualproj")
+#: their options' defaults (TorchJD's): the preference vector (None: the mean) and epsilons
+DUAL_CONE_DEFAULTS = {"pref_vector": None, "norm_eps": 1e-4, "reg_eps": 1e-4}
 
 CONFIDENCE_MODES = ("belief", "certainty", "none")
 WEIGHT_MODES = ("belief", "precision")

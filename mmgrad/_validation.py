@@ -13,8 +13,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-from ._constants import (CONFIDENCE_MODES, MGDA_NORMALIZATIONS, MOO_MAX_OBJECTIVES, MOO_METHOD_CODES,  # noqa: F401
-                         MOO_METHODS, NORMALIZE_CODES, WEIGHT_MODES)
+from ._constants import (CONFIDENCE_MODES, DUAL_CONE_MIN_REG_EPS, MGDA_NORMALIZATIONS, MOO_MAX_OBJECTIVES,  # noqa: F401
+                         MOO_METHOD_CODES, MOO_METHODS, NORMALIZE_CODES, WEIGHT_MODES)
 
 # eps below this makes 1/eps overflow float32 (mmgrad's own bound).
 MIN_EPS = 1e-30
@@ -144,3 +144,15 @@ def check_dual_cone_options(pref_vector: object, norm_eps: object, reg_eps: obje
     for name, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+
+
+def dual_cone_device_refusal(num_objectives: int, reg_eps: float) -> str | None:
+    """Why the device's UPGrad/DualProj solver cannot take this problem, or None. It holds
+    the Gram matrix in registers (M <= MOO_MAX_OBJECTIVES), and its start and iteration
+    budget are argued for reg_eps >= DUAL_CONE_MIN_REG_EPS (docs/solver.md)."""
+    if num_objectives > MOO_MAX_OBJECTIVES:
+        return f"solves on the device for at most {MOO_MAX_OBJECTIVES} objectives, not M = {num_objectives}"
+    if reg_eps < DUAL_CONE_MIN_REG_EPS:
+        return (f"solves on the device for reg_eps >= {DUAL_CONE_MIN_REG_EPS:g}; got reg_eps={reg_eps!r} "
+                "(a smaller one is solved on the host)")
+    return None

@@ -145,7 +145,7 @@ class FusedCalibrator:
         if self.sync_free:
             why_not = METHODS[method].sync_free_refusal(self.options, num_objectives)
             if why_not:
-                raise ValueError(f"sync_free=True: method {method!r} {why_not}")
+                raise ValueError(f"sync_free=True: method {method!r} {why_not}; with sync_free=False the host solves it")
             if not getattr(self._ops, "SYNC_FREE", False):
                 raise ValueError(f"sync_free=True needs a backend that solves on the device ('triton'); "
                                  f"backend {self.backend_name!r} reads the step's result on the host")

@@ -18,13 +18,13 @@ from __future__ import annotations
 import functools
 import inspect
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
 import torch
 
 from . import _validation as V
 from . import reference
-from ._constants import DUAL_CONE_METHODS, DUAL_CONE_MIN_REG_EPS, MOO_MAX_OBJECTIVES, MOO_METHODS
+from ._constants import DUAL_CONE_DEFAULTS, DUAL_CONE_METHODS, MOO_METHODS
 from .backends import resolve
 
 __all__ = [
@@ -126,6 +126,12 @@ mimo_weights = _dispatching("mimo_weights")
 _device_moo_weights = _dispatching("moo_weights")
 
 
+def _device_takes_dual_cone(num_objectives: int, options: Dict[str, Any]) -> bool:
+    full = {**DUAL_CONE_DEFAULTS, **options}
+    V.check_dual_cone_options(full["pref_vector"], full["norm_eps"], full["reg_eps"])
+    return V.dual_cone_device_refusal(num_objectives, full["reg_eps"]) is None
+
+
 @functools.wraps(_device_moo_weights)
 def moo_weights(grams: torch.Tensor, method: str, *, backend: str = "auto", **options: Any) -> torch.Tensor:
     if method in MOO_METHODS:
@@ -138,10 +144,9 @@ def moo_weights(grams: torch.Tensor, method: str, *, backend: str = "auto", **op
         unknown = sorted(set(options) - {"pref_vector", "norm_eps", "reg_eps"})
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for method={method!r}; it takes pref_vector, norm_eps and reg_eps")
-        V.check_dual_cone_options(options.get("pref_vector"), options.get("norm_eps", 1e-4), options.get("reg_eps", 1e-4))
         module = backend_module(backend, device)
         if (implements(module, "dual_cone_weights") and isinstance(grams, torch.Tensor) and grams.dim() == 3
-                and grams.shape[1] <= MOO_MAX_OBJECTIVES and options.get("reg_eps", 1e-4) >= DUAL_CONE_MIN_REG_EPS):
+                and _device_takes_dual_cone(grams.shape[1], options)):
             return module.dual_cone_weights(grams, method, **options)  # on the device on triton
     resolve(backend, device)  # a valid name
     return reference.moo_weights(grams, method, **options)  # the other backends solve these on the host

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import _validation as V
-from .._constants import DUAL_CONE_METHODS, DUAL_CONE_MIN_REG_EPS, MOO_MAX_OBJECTIVES
+from .._constants import DUAL_CONE_METHODS
 from .triton_kernels import (INTERPRET, MOO_BISECTIONS, MOO_MAXNREG, _gauss_jordan, _moo_predictor_length, _newton_matrix,
                              _operator, moo_warps)
 
@@ -104,16 +104,18 @@ def _dual_cone_kernel(k_ptr, u_ptr, eps_ptr, v_ptr, M: tl.constexpr, MB: tl.cons
     norm_eps = tl.load(eps_ptr)  # float64 in memory: a float argument would be fp32 on the GPU
     reg_eps = tl.load(eps_ptr + 1)
     target = tl.load(eps_ptr + 2)
-    trace = tl.sum(tl.sum(tl.where(eye, K, 0.0), axis=1), axis=0)
+    diag = tl.sum(tl.where(eye, K, 0.0), axis=1)
+    trace = tl.sum(diag, axis=0)
     unit = (trace >= norm_eps) & (trace > 0.0)
     K = tl.where(unit, K / tl.where(unit, trace, 1.0), 0.0) + tl.where(eye & both, reg_eps, 0.0)
+    diag = tl.where(unit, diag / tl.where(unit, trace, 1.0), 0.0) + tl.where(valid, reg_eps, 0.0)  # K's, as K
     u = tl.load(u_ptr + p * M + idx, mask=valid, other=0.0).to(tl.float64)
     scale = tl.max(u, axis=0)  # the projection is positively homogeneous in u: solve at max u = 1
     u = u / tl.where(scale > 0.0, scale, 1.0)
     # a start that dominates the solution: v* K v* <= u K u (v = u is feasible), so
     # x*_i <= ||v*||_2 + max u <= ||u||_K / sqrt(reg_eps) + 1 and s*_i = (K v*)_i <= sqrt(K_ii) ||u||_K
     u_k = tl.sqrt(tl.maximum(tl.sum(u * tl.sum(K * u[None, :], axis=1), axis=0), 0.0))
-    top = tl.max(tl.where(valid, tl.sum(tl.where(eye, K, 0.0), axis=1), 0.0), axis=0)
+    top = tl.max(tl.where(valid, diag, 0.0), axis=0)
     x0 = u_k / tl.sqrt(reg_eps) + 1.0
     s0 = tl.maximum(tl.sqrt(top) * u_k, reg_eps)
     x = _dual_cone_excess(K, u, valid, idx, x0, s0, target, M, ITERS, BISECTIONS, CROSSOVERS)
@@ -156,7 +158,7 @@ def dual_cone_weights(grams: Tensor, method: str, *, pref_vector: Optional[Seque
     """``G x M`` float64 weights of ``upgrad`` or ``dualproj`` from ``G x M x M`` Gram
     matrices on the device, in one launch and one sum, with no host synchronisation:
     ``mmgrad.reference.gramian``'s weights to its solver's accuracy (docs/solver.md).
-    ``reg_eps`` must be at least ``DUAL_CONE_MIN_REG_EPS``. Inputs are not checked for
+    M <= 16 and ``reg_eps >= DUAL_CONE_MIN_REG_EPS`` (``dual_cone_device_refusal``). Inputs are not checked for
     finiteness (that would synchronise): a non-finite Gram gives non-finite weights."""
     V.check_choice("method", method, DUAL_CONE_METHODS)
     grams = V.check_float_tensor("grams", grams, dim=3)
@@ -165,13 +167,10 @@ def dual_cone_weights(grams: Tensor, method: str, *, pref_vector: Optional[Seque
     if not (grams.is_cuda or INTERPRET):
         raise ValueError(f"grams must be a CUDA tensor for backend='triton'; got one on {grams.device}")
     m = grams.shape[1]
-    if m > MOO_MAX_OBJECTIVES:
-        raise ValueError(f"the triton backend's dual-cone solver takes M <= {MOO_MAX_OBJECTIVES} objectives; got {m} "
-                         "(backend='reference' solves any M)")
     V.check_dual_cone_options(pref_vector, norm_eps, reg_eps, m)
-    if reg_eps < DUAL_CONE_MIN_REG_EPS:
-        raise ValueError(f"reg_eps must be >= {DUAL_CONE_MIN_REG_EPS:g} for the device solver; got {reg_eps!r} "
-                         "(smaller values are solved on the host)")
+    why_not = V.dual_cone_device_refusal(m, reg_eps)
+    if why_not is not None:
+        raise ValueError(f"the triton backend {why_not}; backend='reference' solves any problem")
     pref = None if pref_vector is None else tuple(float(x) for x in pref_vector)
     prefs, eps = _constants(method, pref, m, float(norm_eps), float(reg_eps), grams.device)
     v = torch.ops.mmgrad.triton_dual_cone(grams.to(torch.float64).contiguous(), prefs, eps)

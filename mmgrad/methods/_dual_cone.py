@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import _validation as V
-from .._constants import DUAL_CONE_MIN_REG_EPS, MOO_MAX_OBJECTIVES
+from .._constants import DUAL_CONE_DEFAULTS
 from ..ops import implements
 from ..reference.gramian import gramian_weights
 from ._base import StepContext
@@ -25,7 +25,7 @@ class _DualCone(Weighting):
     With ``sync_free=True`` (triton) the device solves them (``reg_eps >= 1e-6``, M <= 16:
     ``sync_free_refusal``); otherwise the host does, exactly and in microseconds."""
 
-    defaults = {"pref_vector": None, "norm_eps": 1e-4, "reg_eps": 1e-4}
+    defaults = dict(DUAL_CONE_DEFAULTS)
     sync_free = True
 
     @classmethod
@@ -35,12 +35,7 @@ class _DualCone(Weighting):
 
     @classmethod
     def sync_free_refusal(cls, options: Dict[str, Any], num_objectives: int) -> Optional[str]:
-        if num_objectives > MOO_MAX_OBJECTIVES:
-            return f"solves on the device for at most {MOO_MAX_OBJECTIVES} objectives, not M = {num_objectives}"
-        if options["reg_eps"] < DUAL_CONE_MIN_REG_EPS:
-            return (f"solves on the device for reg_eps >= {DUAL_CONE_MIN_REG_EPS:g}; got reg_eps={options['reg_eps']!r} "
-                    "(a smaller one is solved on the host: sync_free=False)")
-        return None
+        return V.dual_cone_device_refusal(num_objectives, options["reg_eps"])
 
     def __init__(self, options: Dict[str, Any], layout) -> None:
         super().__init__(options, layout)
