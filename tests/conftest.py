@@ -26,6 +26,14 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test``), each worker's torch threads get its share of the
+    cores: N workers of all-core threads on N cores would slow one another."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_addoption(parser) -> None:
     parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
                      help="run the test modules, and the tests in each, in an order shuffled by SEED "
