@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.mmgrad-deps
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 PYTEST_ARGS ?=
 
-.PHONY: install build test docs gpu-proofs matrix-check device-check mutate flake-hunt random-order soak demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
+.PHONY: install build test docs docs-screenshots gpu-proofs matrix-check device-check mutate flake-hunt random-order soak demo bench bench-pytest verify cuda-check triton-check cuda-build install-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -140,6 +140,12 @@ $(DOCS_STAMP): | $(PY)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# PNGs of the built site's home and API pages (and any PAGES=...) as headless Chromium
+# (Qt WebEngine, offscreen) renders them, into build/site-screenshots.
+docs-screenshots: docs
+	$(PIP) install -q PyQt6-WebEngine
+	$(PY) tests/site_screenshot.py $(PAGES)
 
 # TorchJD is an optional benchmark dependency (its aggregators are the "x TorchJD" column).
 BENCH_STAMP := $(VENV)/.mmgrad-bench-deps

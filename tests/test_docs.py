@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -45,3 +47,14 @@ def test_every_relative_link_names_a_file_in_the_repository():
             if not path.is_relative_to(ROOT) or not path.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "links that leave the repository or name no file:\n" + "\n".join(broken)
+
+
+def test_the_screenshot_tool_asks_for_a_built_site(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import site_screenshot
+
+    with pytest.raises(SystemExit) as exc:
+        site_screenshot.main(["--site", str(tmp_path), "--out", str(tmp_path / "png")])
+    assert exc.value.code == 2
+    assert f"--site {tmp_path} holds no index.html: run `make docs` first" in capsys.readouterr().err
+    assert not (tmp_path / "png").exists()
