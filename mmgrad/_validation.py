@@ -147,12 +147,12 @@ def check_dual_cone_options(pref_vector: object, norm_eps: object, reg_eps: obje
 
 
 def dual_cone_device_refusal(num_objectives: int, reg_eps: float) -> str | None:
-    """Why the device's UPGrad/DualProj solver cannot take this problem, or None. It holds
+    """Why the device's UPGrad/DualProj solver cannot take this problem, or None (each
+    caller names its own way to the host). It holds
     the Gram matrix in registers (M <= MOO_MAX_OBJECTIVES), and its start and iteration
     budget are argued for reg_eps >= DUAL_CONE_MIN_REG_EPS (docs/solver.md)."""
     if num_objectives > MOO_MAX_OBJECTIVES:
         return f"solves on the device for at most {MOO_MAX_OBJECTIVES} objectives, not M = {num_objectives}"
     if reg_eps < DUAL_CONE_MIN_REG_EPS:
-        return (f"solves on the device for reg_eps >= {DUAL_CONE_MIN_REG_EPS:g}; got reg_eps={reg_eps!r} "
-                "(a smaller one is solved on the host)")
+        return f"solves on the device for reg_eps >= {DUAL_CONE_MIN_REG_EPS:g}; got reg_eps={reg_eps!r}"
     return None

@@ -108,7 +108,7 @@ def _dual_cone_kernel(k_ptr, u_ptr, eps_ptr, v_ptr, M: tl.constexpr, MB: tl.cons
     trace = tl.sum(diag, axis=0)
     unit = (trace >= norm_eps) & (trace > 0.0)
     K = tl.where(unit, K / tl.where(unit, trace, 1.0), 0.0) + tl.where(eye & both, reg_eps, 0.0)
-    diag = tl.where(unit, diag / tl.where(unit, trace, 1.0), 0.0) + tl.where(valid, reg_eps, 0.0)  # K's, as K
+    diag = tl.where(unit, diag / tl.where(unit, trace, 1.0), 0.0) + tl.where(valid, reg_eps, 0.0)  # K's diagonal, scaled as K
     u = tl.load(u_ptr + p * M + idx, mask=valid, other=0.0).to(tl.float64)
     scale = tl.max(u, axis=0)  # the projection is positively homogeneous in u: solve at max u = 1
     u = u / tl.where(scale > 0.0, scale, 1.0)
