@@ -88,6 +88,36 @@ def check_bogc_options(gamma: object, eps: object, confidence: object, weights: 
     return gamma, eps
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' byte spans in one storage intersect (exact for contiguous ones)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def check_out(out: object, g: torch.Tensor, *, unrounded: bool = False) -> torch.Tensor:
+    """A kernel's output vector over ``g`` (``... x N``), or a new one when ``out`` is None:
+    length N, contiguous, on g's device, in g's dtype (with ``unrounded``, the BOGC steps,
+    also float32 for half g: it receives the output unrounded, as the calibrator
+    norm-matches several segments together and rounds once), and sharing no memory with g,
+    which the kernels read while they write ``out``."""
+    if out is None:
+        return torch.empty(g.shape[-1], dtype=g.dtype, device=g.device)
+    out = check_float_tensor("out", out, dim=1)
+    allowed = (g.dtype, torch.float32) if unrounded and g.dtype in (torch.float16, torch.bfloat16) else (g.dtype,)
+    if out.dtype not in allowed or out.shape != (g.shape[-1],):
+        raise ValueError(f"out must be a {' or '.join(map(str, allowed))} vector of length {g.shape[-1]}; "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if out.device != g.device:
+        raise ValueError(f"out is on {out.device} but the gradients are on {g.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (call .contiguous() on it)")
+    if shares_memory(out, g):
+        raise ValueError("out shares memory with the gradients it is computed from; pass a separate tensor")
+    return out
+
+
 def check_group_offsets(group_offsets: torch.Tensor | None, n: int) -> torch.Tensor:
     """Offsets ``[0, n_1, ..., N]`` of the parameter groups along N (int64, CPU)."""
     if group_offsets is None:

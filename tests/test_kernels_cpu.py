@@ -102,14 +102,20 @@ def test_combine_and_gram_share_one_read(gen):
     assert rel_err(st["gram"], R.gram(f64(c.g), group_offsets=c.group_offsets)) <= 1e-12
 
 
-def test_nonfinite_entries_are_counted(gen):
-    c = random_case(3, 1023, torch.float32, gen)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_entries_are_counted(gen, dtype):
+    """float32/float64 rows are counted as the combination reads them in place, half rows as
+    they are widened; the Gram alone counts nothing, and a poisoned row poisons its diagonal."""
+    c = random_case(3, 1023, dtype, gen)
     g = c.g.clone()
     g[1, 5], g[2, 700], g[0, 1022] = float("nan"), float("inf"), -float("inf")
     *_, st = ops.bogc_step(g, c.mean, c.var, 1, backend="cpu")
     assert int(st["nonfinite"]) == 3
     _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu")
     assert int(st["nonfinite"]) == 3
+    _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu", with_gram=False)
+    assert int(st["nonfinite"]) == 3
+    assert not torch.isfinite(ops.gram(g, backend="cpu").diagonal()).any()
 
 
 def test_confident_opposite_objectives_float32_kernel():
@@ -137,6 +143,10 @@ def test_confident_opposite_objectives_float32_kernel():
         (lambda: ops.bogc_step(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1, out=torch.zeros(3), backend="cpu"), ValueError, "out"),
         (lambda: ops.bogc_sample_step(torch.randn(1, 2, 4), backend="cpu"), ValueError, "S >= 2"),
         (lambda: ops.combine(torch.randn(2, 4), torch.ones(3), backend="cpu"), ValueError, "alpha"),
+        (lambda: ops.combine(torch.randn(2, 4), torch.ones(2), out=torch.zeros(4, dtype=torch.float64), backend="cpu"), ValueError, "out must be a torch.float32 vector of length 4"),
+        (lambda: ops.combine(torch.randn(2, 4), torch.ones(2), out=torch.zeros(4, 2)[:, 0], backend="cpu"), ValueError, "out must be contiguous"),
+        (lambda: ops.combine(torch.randn(2, 4), torch.ones(2), out=[0.0] * 4, backend="cpu"), TypeError, "out must be a torch.Tensor"),
+        (lambda: ops.bogc_step(torch.randn(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1, out=torch.zeros(4, dtype=torch.float16), backend="cpu"), ValueError, "out must be a torch.float32 vector"),
         (lambda: ops.gram(torch.randn(2, 4), group_offsets=torch.tensor([0, 5]), backend="cpu"), ValueError, "group_offsets"),
         (lambda: ops.gram(torch.randn(70, 4), backend="cpu"), ValueError, "at most 64"),
         (lambda: ops.gram(torch.randn(2, 4), backend="gpu"), ValueError, "backend must be one of"),
@@ -146,6 +156,23 @@ def test_confident_opposite_objectives_float32_kernel():
 def test_bad_input_gives_a_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_an_output_that_shares_memory_with_the_gradients_is_refused(backend):
+    """The kernels read float32 rows in place while they write ``out``: an ``out`` inside g
+    would change the rows (and the Gram read after them) mid-pass, so it is refused."""
+    if not mmgrad.backends()[backend].available:
+        pytest.skip(f"backend {backend} unavailable")
+    g = torch.randn(3, 8)
+    for call in (lambda: ops.combine(g, torch.ones(3), out=g[1], backend=backend),
+                 lambda: ops.combine_and_gram(g, torch.ones(3), out=g.view(-1)[4:12], backend=backend),
+                 lambda: ops.bogc_step(g, torch.zeros(3, 8), torch.zeros(3, 8), 1, out=g[0], backend=backend)):
+        with pytest.raises(ValueError, match="out shares memory with the gradients"):
+            call()
+    out = torch.empty(8)
+    ops.combine(g, torch.ones(3), out=out, backend=backend)  # a separate tensor is taken, and written
+    assert torch.allclose(out, g.sum(0), atol=1e-6)
 
 
 @pytest.mark.parametrize("weights", ["belief", "precision"])

@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include "../mmgrad_math.h"
 
 namespace mmgrad {
@@ -73,52 +77,76 @@ at::Tensor run_chunks(const ChunkPlan& plan, const Layout& layout, int64_t scrat
   return stats;
 }
 
-// Two rows of a chunk against four: the 2 x 4 products' sums over the chunk, widened to
-// float64 (each product of two floats is exact in double). One pass loads six rows for
-// eight products, where a pass per pair loads two for one: register blocking, eight
-// float64 accumulators, so the Gram runs at the loads' rate rather than at half of it.
-template <typename acc_t>
-inline void gram_tile_2x4(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
-  double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-  const acc_t *a0 = a[0], *a1 = a[1], *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-  for (int64_t t = 0; t < len; ++t) {
-    const double x0 = a0[t], x1 = a1[t], y0 = b0[t], y1 = b1[t], y2 = b2[t], y3 = b3[t];
-    s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2; s03 += x0 * y3;
-    s10 += x1 * y0; s11 += x1 * y1; s12 += x1 * y2; s13 += x1 * y3;
-  }
-  s[0] = s00; s[1] = s01; s[2] = s02; s[3] = s03; s[4] = s10; s[5] = s11; s[6] = s12; s[7] = s13;
-}
+// Four float64 lanes: the tiles below are written in GCC's vector extension, so they
+// are vectorised whatever GCC decides when it inlines them (an `omp simd` 2 x 2 tile,
+// inlined into the M = 8 Gram, stayed scalar: a quarter of that pass's time). Without
+// AVX (MMGRAD_PORTABLE=1) GCC lowers the lanes to SSE2 pairs; its ABI note on 32-byte
+// vectors concerns calls across builds, and these functions are all inline.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef double f64x4 __attribute__((vector_size(32)));
 
-// The 2 x 2 tile, for the last one or two columns (small M).
-template <typename acc_t>
-inline void gram_tile_2x2(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
-  double s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-  const acc_t *a0 = a[0], *a1 = a[1], *b0 = b[0], *b1 = b[1];
-#pragma omp simd reduction(+ : s00, s01, s10, s11)
-  for (int64_t t = 0; t < len; ++t) {
-    const double x0 = a0[t], x1 = a1[t], y0 = b0[t], y1 = b1[t];
-    s00 += x0 * y0; s01 += x0 * y1; s10 += x1 * y0; s11 += x1 * y1;
+// Four elements of a row from p (any alignment), widened to float64 lanes. GCC 12 splits
+// __builtin_convertvector into 128-bit halves, so with AVX the widening load is the
+// one instruction it should be.
+inline f64x4 load_f64x4(const float* p) {
+#ifdef __AVX__
+  return _mm256_cvtps_pd(_mm_loadu_ps(p));
+#else
+  typedef float f32x4 __attribute__((vector_size(16)));
+  f32x4 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, f64x4);
+#endif
+}
+inline f64x4 load_f64x4(const double* p) {
+  f64x4 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline double lanes_sum(f64x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+// R rows of a chunk against C (R x C <= 2 x 4): the products' sums over the chunk, in
+// float64 (each product of two floats is exact in double). One pass loads R + C rows for
+// R x C products, four elements at a time into R x C float64x4 accumulators (at most 8
+// of AVX2's 16 registers, with the 6 loaded rows: no spill), so the Gram runs at the
+// loads' rate. s[r * 4 + c] receives row r against column c. Out of line: inlined into a
+// pass's loop, GCC kept the accumulators on the stack.
+template <int R, int C, typename acc_t>
+__attribute__((noinline)) void gram_tile(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
+  f64x4 acc[R][C] = {};
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {
+    f64x4 x[R], y[C];
+    for (int r = 0; r < R; ++r) x[r] = load_f64x4(a[r] + t);
+    for (int c = 0; c < C; ++c) y[c] = load_f64x4(b[c] + t);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] += x[r] * y[c];
   }
-  s[0] = s00; s[1] = s01; s[2] = 0; s[3] = 0; s[4] = s10; s[5] = s11; s[6] = 0; s[7] = 0;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      double tail = 0.0;
+      for (int64_t u = t; u < len; ++u) tail += static_cast<double>(a[r][u]) * static_cast<double>(b[c][u]);
+      s[r * 4 + c] = lanes_sum(acc[r][c]) + tail;
+    }
 }
 
 // Upper triangle of the chunk's Gram matrix, added (symmetrically) to gram[M x M], in
-// 2 x 4 tiles of rows (2 x 2 for the last two columns or fewer); a tile's rows past M
-// read a zero row, and its products below the diagonal are dropped.
-template <typename acc_t>
-inline void add_chunk_gram(int M, const acc_t* rows, int64_t len, double* gram) {
+// 2 x 4 tiles of rows (2 x 2 for the last two columns or fewer); row(k) is the chunk's
+// row k, a tile's rows past M read a zero row, and its products below the diagonal are
+// dropped.
+template <typename acc_t, typename RowOf>
+inline void add_chunk_gram(int M, const RowOf& row_of, int64_t len, double* gram) {
   static const acc_t zeros[kChunk] = {};
-  auto row = [&](int k) { return k < M ? rows + k * kChunk : zeros; };
+  auto row = [&](int k) -> const acc_t* { return k < M ? row_of(k) : zeros; };
   for (int i = 0; i < M; i += 2) {
     for (int j = i; j < M; j += 4) {
       const acc_t* const a[2] = {row(i), row(i + 1)};
       const acc_t* const b[4] = {row(j), row(j + 1), row(j + 2), row(j + 3)};
-      double s[8];
+      double s[8] = {};
       if (M - j <= 2)
-        gram_tile_2x2(a, b, len, s);
+        gram_tile<2, 2>(a, b, len, s);
       else
-        gram_tile_2x4(a, b, len, s);
+        gram_tile<2, 4>(a, b, len, s);
       for (int r = 0; r < 2; ++r) {
         for (int c = 0; c < 4; ++c) {
           const int ii = i + r, jj = j + c;
@@ -129,6 +157,12 @@ inline void add_chunk_gram(int M, const acc_t* rows, int64_t len, double* gram) 
       }
     }
   }
+}
+
+// The same for M rows kChunk apart in a scratch buffer.
+template <typename acc_t>
+inline void add_chunk_gram(int M, const acc_t* rows, int64_t len, double* gram) {
+  add_chunk_gram<acc_t>(M, [rows](int k) { return rows + k * kChunk; }, len, gram);
 }
 
 // Copy M rows of a chunk into the float scratch (converting bf16/fp16), counting non-finite.

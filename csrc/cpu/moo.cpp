@@ -3,6 +3,8 @@
 #include "bogc.h"
 #include "common.h"
 
+#include <type_traits>
+
 namespace mmgrad {
 namespace cpu {
 namespace {
@@ -13,28 +15,49 @@ struct GramLayout {
   int64_t size() const { return nonfinite() + 1; }
 };
 
+// out = sum_k alpha[group, k] g_k and/or the per-group Gram, one chunk at a time, with the
+// count of non-finite entries of g when out is written. float32/float64 rows are read
+// where they are (the Gram's tiles then find them in L1/L2, just read by the combination);
+// half rows are widened into scratch first, which counts them. A Gram alone counts
+// nothing (the kernels' `gram` returns only the Gram; a non-finite row makes it so).
 template <typename scalar_t, typename acc_t, int MT>
 at::Tensor combine_pass(const at::Tensor& g, const double* alpha, const ChunkPlan& plan, scalar_t* out,
                         bool with_gram) {
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const int M = MT > 0 ? MT : static_cast<int>(g.size(0));
   const int64_t N = g.size(1);
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const GramLayout L{M, plan.num_groups()};
-  return run_chunks<acc_t>(plan, L, M * kChunk, [&](int64_t c, double* st, acc_t* rows) {
+  return run_chunks<acc_t>(plan, L, kInPlace ? 0 : M * kChunk, [&](int64_t c, double* st, acc_t* scratch) {
     int64_t grp, lo, len;
     plan.locate(c, grp, lo, len);
-    st[L.nonfinite()] += load_rows(M, gp + lo, N, len, rows);
+    const acc_t* rows;
+    int64_t stride;
+    if constexpr (kInPlace) {
+      rows = gp + lo;
+      stride = N;
+    } else {
+      st[L.nonfinite()] += load_rows(M, gp + lo, N, len, scratch);
+      rows = scratch;
+      stride = kChunk;
+    }
     if (out != nullptr) {
       acc_t a[MT > 0 ? MT : math::kMaxObjectives];
       for (int k = 0; k < M; ++k) a[k] = static_cast<acc_t>(alpha[grp * M + k]);
-#pragma omp simd
+      int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
       for (int64_t t = 0; t < len; ++t) {
         acc_t s = acc_t(0);
-        for (int k = 0; k < M; ++k) s += a[k] * rows[k * kChunk + t];
+        for (int k = 0; k < M; ++k) {
+          const acc_t x = rows[k * stride + t];
+          s += a[k] * x;
+          if constexpr (kInPlace) bad += (x - x == x - x) ? 0 : 1;  // x - x is NaN exactly when x is inf or NaN
+        }
         out[lo + t] = static_cast<scalar_t>(s);
       }
+      st[L.nonfinite()] += static_cast<double>(bad);
     }
-    if (with_gram) add_chunk_gram(M, rows, len, st + grp * M * M);
+    if (with_gram) add_chunk_gram<acc_t>(M, [&](int k) { return rows + k * stride; }, len, st + grp * M * M);
   });
 }
 

@@ -190,7 +190,7 @@ def bogc_step(
     off = V.check_group_offsets(group_offsets, g.shape[1])
     mean_out = torch.empty_like(mean) if mean_out is None else _check_state("mean_out", mean_out, g, like=mean)
     var_out = torch.empty_like(var) if var_out is None else _check_state("var_out", var_out, g, like=mean)
-    out = _check_out(out, g, unrounded=True)
+    out = V.check_out(out, g, unrounded=True)
     raw = raw_output(out)
     stats = _kernels().bogc_step(g, mean, var, mean_out, var_out, raw, off, step, beta, gamma, eps,
                              CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
@@ -214,24 +214,11 @@ def bogc_sample_step(
         raise ValueError(f"samples needs S >= 2 along dim 0 for an unbiased variance; got S={samples.shape[0]}")
     gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
     off = V.check_group_offsets(group_offsets, samples.shape[2])
-    out = _check_out(out, samples[0], unrounded=True)
+    out = V.check_out(out, samples, unrounded=True)
     raw = raw_output(out)
     stats = _kernels().bogc_sample_step(samples, raw, off, gamma, eps, CONFIDENCE_CODES[confidence], WEIGHT_CODES[weights])
     s = step_stats.parse(stats, samples.shape[1], off.numel() - 1, samples.shape[2])
     return finish_output(out, raw, s, rescale), s
-
-
-def _check_out(out: Optional[Tensor], g: Tensor, unrounded: bool = False) -> Tensor:
-    """``out`` in g's dtype; with ``unrounded`` (the BOGC steps), for half g also float32,
-    which receives the output unrounded (the calibrator norm-matches several segments'
-    outputs together, then rounds once)."""
-    if out is None:
-        return torch.empty(g.shape[-1], dtype=g.dtype)
-    _kernel_input("out", out, 1)
-    allowed = (g.dtype, torch.float32) if unrounded and g.dtype in (torch.float16, torch.bfloat16) else (g.dtype,)
-    if out.dtype not in allowed or out.shape != (g.shape[-1],):
-        raise ValueError(f"out must be a {' or '.join(map(str, allowed))} vector of length {g.shape[-1]}; got {out.dtype} {tuple(out.shape)}")
-    return out
 
 
 def gram(g: Tensor, *, group_offsets: Optional[Tensor] = None) -> Tensor:
@@ -265,7 +252,7 @@ def combine_and_gram(
     if tuple(alpha.shape) != want:
         raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
     a = alpha.detach().to("cpu", torch.float64).reshape(groups, m).contiguous()
-    out = _check_out(out, g)
+    out = V.check_out(out, g)
     stats = _kernels().combine(g, a, off, out, with_gram)
     res = {"nonfinite": stats[-1].to(torch.int64)}
     if with_gram:

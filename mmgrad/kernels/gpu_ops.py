@@ -65,7 +65,7 @@ class GpuOps:
               gamma: float, eps: float, confidence: str, weights: str, rescale: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
         gamma, eps = V.check_bogc_options(gamma, eps, confidence, weights)
         off = V.check_group_offsets(group_offsets, g.shape[-1])
-        out = torch.empty(g.shape[-1], dtype=g.dtype, device=g.device) if out is None else out
+        out = V.check_out(out, g, unrounded=True)
         raw = raw_output(out)
         parts = self.launch_bogc(g, *states, raw, off, samples, alpha, commit, gamma, eps, confidence, weights)
         st = step_stats.from_block_partials(parts, g.shape[-2], off.numel() - 1, g.shape[-1])
@@ -117,7 +117,7 @@ class GpuOps:
         if tuple(alpha.shape) != want:
             raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
         a = alpha.detach().to(g.device, torch.float64).reshape(groups, mm).contiguous()
-        out = torch.empty(n, dtype=g.dtype, device=g.device) if out is None else out
+        out = V.check_out(out, g)
         tot = self.launch_combine(g, a if _with_out else None, out if _with_out else None, off, with_gram).sum(dim=1)
         res = {"nonfinite": tot[:, -1].sum().to(torch.int64)}
         if with_gram:
