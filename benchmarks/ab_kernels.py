@@ -7,9 +7,10 @@ Builds the earlier commit's extension elsewhere (``git worktree add /tmp/before 
 both kernels on the same inputs, alternately, with a memcpy of the same bytes into
 memory already touched (``mmgrad.tools.bench.memcpy_seconds``: the warm-up call takes the
 page faults). bogc_step moves (5M + 1) N floats: G read, the two EMA rows read and
-written, the output written; the Gram reads G once. Builds before the EMA kept
-``mean, var`` (docs/spec.md, decision 3) take the step count and beta instead of the step's
-weights; each is called its own way, on the same bytes.
+written, the output written; the Gram reads G once; the combination (with or without the
+Gram) reads G and writes the output. Builds before the EMA kept ``mean, var``
+(docs/spec.md, decision 3) take the step count and beta instead of the step's weights;
+each is called its own way, on the same bytes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(argv) -> int:
                           lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, *ema_args(ext),
                                                     1.0, 1e-8, 0, 0)),
             "gram": (m * n * 4, lambda ext: ext.gram(g, off)),
+            "combine": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, raw, False)),
             "combine+gram": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, raw, True)),  # lagged
         }
         for name, (nbytes, call) in cases.items():
