@@ -81,7 +81,8 @@ at::Tensor run_chunks(const ChunkPlan& plan, const Layout& layout, int64_t scrat
 // are vectorised whatever GCC decides when it inlines them (an `omp simd` 2 x 2 tile,
 // inlined into the M = 8 Gram, stayed scalar: a quarter of that pass's time). Without
 // AVX (MMGRAD_PORTABLE=1) GCC lowers the lanes to SSE2 pairs; its ABI note on 32-byte
-// vectors concerns calls across builds, and these functions are all inline.
+// vectors concerns passing them between builds, and they pass only within the tiles
+// (GCC reports the note at the end of the unit, so it is off for the whole unit).
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef double f64x4 __attribute__((vector_size(32)));
 
@@ -103,7 +104,7 @@ inline f64x4 load_f64x4(const double* p) {
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-inline double lanes_sum(f64x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline double lanes_sum(const f64x4& v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 // R rows of a chunk against C (R x C <= 2 x 4): the products' sums over the chunk, in
 // float64 (each product of two floats is exact in double). One pass loads R + C rows for
