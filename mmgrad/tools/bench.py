@@ -193,6 +193,34 @@ def format_row(r: Row) -> str:
             f"{f(r.x_eager, '8.1f')} {f(r.x_compile, '9.2f')} {f(r.compile_seconds, '9.1f')} {f(r.x_torchjd, '9.2f')}")
 
 
+def markdown_tables(rows: Sequence[Row]) -> str:
+    """The kernel tables as ``docs/benchmarks.md`` prints them: one per method, in the
+    rows' order, a line per (N, M); the TorchJD column only where TorchJD was timed.
+
+    >>> print(markdown_tables([Row("mgda", 2**20, 2, 1e-3, 20.0, 25.0, 4.0, 3.0, 1.5, 1.2)]))
+    **mgda**
+    <BLANKLINE>
+    | N | M | ms | GB/s | % memcpy | × eager | × compile (compile s) | × TorchJD |
+    |---|---|---|---|---|---|---|---|
+    | 1 M | 2 | 1.0 | 20.0 | 25 % | 4.0 | 3.0 (1.5) | 1.20 |
+    <BLANKLINE>
+    """
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    parts = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        jd = any(r.x_torchjd is not None for r in mine)
+        cols = ["N", "M", "ms", "GB/s", "% memcpy", "× eager", "× compile (compile s)"] + (["× TorchJD"] if jd else [])
+        lines = [f"**{method}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in mine:
+            compiled = "–" if r.x_compile is None else f"{r.x_compile:.1f} ({f(r.compile_seconds, '.1f')})"
+            cells = [f"{r.n // 2**20} M", str(r.m), f"{1e3 * r.seconds:.1f}", f"{r.gbps:.1f}", f"{r.pct_memcpy:.0f} %",
+                     f(r.x_eager, ".1f"), compiled] + ([f(r.x_torchjd, ".2f")] if jd else [])
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def plot_scaling(rows: Sequence[Row], path: Path) -> None:
     """Log-log: time versus N (one line per method and M), and time versus N*M."""
     import matplotlib
@@ -232,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-compare", action="store_true", help="skip the eager, torch.compile and TorchJD baselines")
     p.add_argument("--plot", type=Path, default=Path("docs/bench_scaling.png"), help="where the log-log PNG goes")
     p.add_argument("--json", type=Path, default=Path("docs/bench.json"), help="where the rows go")
+    p.add_argument("--markdown", type=Path, help="also write the kernel tables as docs/benchmarks.md prints them")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end step")
     p.add_argument("--skip-step", action="store_true", help="only the kernel tables")
     args = p.parse_args(argv)
@@ -254,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
         print(f"\nwrote {args.plot} and {args.json}")
+        if args.markdown is not None:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(markdown_tables(rows))
+            print(f"wrote {args.markdown}")
     if not args.skip_step:
         from .bench_step import main as step_main
 
