@@ -117,8 +117,8 @@ class GpuOps:
         if tuple(alpha.shape) != want:
             raise ValueError(f"alpha must have shape {want}; got {tuple(alpha.shape)}")
         a = alpha.detach().to(g.device, torch.float64).reshape(groups, mm).contiguous()
-        out = V.check_out(out, g)
-        tot = self.launch_combine(g, a if _with_out else None, out if _with_out else None, off, with_gram).sum(dim=1)
+        out = V.check_out(out, g) if _with_out else None  # the Gram alone writes no output
+        tot = self.launch_combine(g, a if _with_out else None, out, off, with_gram).sum(dim=1)
         res = {"nonfinite": tot[:, -1].sum().to(torch.int64)}
         if with_gram:
             res["gram"] = tot[:, :-1].reshape(groups, mm, mm)

@@ -187,8 +187,13 @@ HEADER = (f"{'method':8s} {'N':>6s} {'M':>2s} {'time ms':>9s} {'GB/s':>6s} {'% m
           f"{'x compile':>9s} {'compile s':>9s} {'x TorchJD':>9s}")
 
 
+def _cell(x: Optional[float], fmt: str, missing: str = "-") -> str:
+    """A measured figure, or ``missing`` where it was not measured."""
+    return missing if x is None else format(x, fmt)
+
+
 def format_row(r: Row) -> str:
-    f = lambda x, fmt: "-" if x is None else format(x, fmt)
+    f = _cell
     return (f"{r.method:8s} {r.n // 2**20:5d}M {r.m:2d} {1e3 * r.seconds:9.2f} {r.gbps:6.1f} {r.pct_memcpy:8.0f}% "
             f"{f(r.x_eager, '8.1f')} {f(r.x_compile, '9.2f')} {f(r.compile_seconds, '9.1f')} {f(r.x_torchjd, '9.2f')}")
 
@@ -205,7 +210,7 @@ def markdown_tables(rows: Sequence[Row]) -> str:
     | 1 M | 2 | 1.0 | 20.0 | 25 % | 4.0 | 3.0 (1.5) | 1.20 |
     <BLANKLINE>
     """
-    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    f = lambda x, fmt: _cell(x, fmt, "–")  # noqa: E731 - the page's dash
     parts = []
     for method in dict.fromkeys(r.method for r in rows):
         mine = [r for r in rows if r.method == method]
