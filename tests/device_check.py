@@ -13,8 +13,9 @@ budget left is below its estimate:
 4. ``selftest``: ``python -m mmgrad selftest`` (verify, speed, a CUDA-graph replay);
 5. ``sanitizer``: compute-sanitizer memcheck and racecheck over one small step of each
    method on each GPU backend (tests/gpu_small_steps.py);
-6. ``bench``: each method's step on both GPU backends against a device-to-device copy
-   of the same bytes, CUDA events, N = 64 M and 256 M, M = 2, 4, 8, fp32 and bf16;
+6. ``bench``: each method's step, and the Gram and combination kernels alone and fused, on
+   both GPU backends against a device-to-device copy of the same bytes, CUDA events,
+   N = 64 M and 256 M, M = 2, 4, 8, fp32 and bf16;
 7. ``end-to-end``: a calibrated training step against a plain summed one, time and memory;
 8. ``torchjd``: mgda against TorchJD's MGDA at N = 64 M (if torchjd can be imported);
 9. ``suite``: the whole test suite with CUDA visible (interpreter tests included).
@@ -233,11 +234,15 @@ def step_bench(c: Check) -> dict:
                                                            out=out, with_gram=False, backend=b),
                     "combine": lambda b: ops.combine_and_gram(g, weights, group_offsets=off, out=out, with_gram=False,
                                                               backend=b),
+                    "gram": lambda b: ops.gram(g, group_offsets=off, backend=b),
+                    "combine_and_gram": lambda b: ops.combine_and_gram(g, weights, group_offsets=off, out=out, backend=b),
                 }
                 # bytes each step must move at least: G once per read, the state read and written
                 moved = {"bogc": g.numel() * g.element_size() + 4 * mean.numel() * 4 + out.numel() * out.element_size(),
                          "mgda": 2 * g.numel() * g.element_size() + out.numel() * out.element_size(),
-                         "combine": g.numel() * g.element_size() + out.numel() * out.element_size()}
+                         "combine": g.numel() * g.element_size() + out.numel() * out.element_size(),
+                         "gram": g.numel() * g.element_size(),
+                         "combine_and_gram": g.numel() * g.element_size() + out.numel() * out.element_size()}
                 for method, fn in steps.items():
                     src = torch.ones(moved[method] // 2, dtype=torch.uint8, device=device)
                     dst = torch.empty_like(src)
@@ -365,7 +370,7 @@ def _has_xdist() -> bool:
 
 
 STEPS = (("env", 5, step_env), ("build", 150, step_build), ("gpu-tests", 90, step_gpu_tests), ("selftest", 60, step_selftest),
-         ("sanitizer", 90, step_sanitizer), ("bench", 60, step_bench), ("end-to-end", 20, step_end_to_end),
+         ("sanitizer", 90, step_sanitizer), ("bench", 90, step_bench), ("end-to-end", 20, step_end_to_end),
          ("torchjd", 10, step_torchjd), ("suite", 120, step_suite))
 
 

@@ -37,7 +37,7 @@ def test_the_rehearsal_runs_every_step_and_meets_the_schema(rehearsal):
         assert status[runs_on_a_cpu] == "passed", rep
     assert "no CUDA device" in next(s["why"] for s in rep["steps"] if s["name"] == "sanitizer")
     bench = next(s for s in rep["steps"] if s["name"] == "bench")["data"]["rows"]
-    assert {r["method"] for r in bench} == {"bogc", "mgda", "combine"} and all(r["ms"] > 0 for r in bench)
+    assert {r["method"] for r in bench} == {"bogc", "mgda", "combine", "gram", "combine_and_gram"} and all(r["ms"] > 0 for r in bench)
     assert "== selftest: passed" in log
 
 

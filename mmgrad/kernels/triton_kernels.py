@@ -274,28 +274,47 @@ def _bogc_kernel(g_ptr, m_ptr, v_ptr, mo_ptr, vo_ptr, out_ptr, part_ptr, n, lo, 
 @triton.jit
 def _combine_gram_kernel(g_ptr, alpha_ptr, out_ptr, part_ptr, n, lo, hi,
                          M: tl.constexpr, WITH_OUT: tl.constexpr, WITH_GRAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid-stride over [lo, hi): program p takes blocks p, p + P, ... and its threads keep
+    every pair's float64 products (a tuple of M(M+1)/2 per-thread sums) across them, each
+    row read once a block; one block reduction per pair at the end, as the CUDA kernel."""
     n = tl.cast(n, tl.int64)  # 64-bit offsets, as in _bogc_kernel
     pid = tl.program_id(0).to(tl.int64)
-    offs = lo + pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < hi
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    stride = tl.num_programs(0).to(tl.int64) * BLOCK
+    PAIRS: tl.constexpr = M * (M + 1) // 2 if WITH_GRAM else 1
+    gram = (tl.zeros([BLOCK], dtype=tl.float64),) * PAIRS
     nonfinite = tl.zeros([BLOCK], dtype=tl.float32)
-    row = part_ptr + pid * (M * M + 1)
+    weights = ()
     for k in tl.static_range(M):
-        x = tl.load(g_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float32)
-        nonfinite += tl.where((x == x) & (tl.abs(x) < float("inf")), 0.0, 1.0)
+        weights = weights + ((tl.load(alpha_ptr + k).to(tl.float32) if WITH_OUT else 0.0),)
+    start = lo + pid * BLOCK
+    while start < hi:  # not range(): Triton 3.6's interpreter cannot take its runtime bounds (see _moments)
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < hi
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        rows = ()
+        for k in tl.static_range(M):
+            x = tl.load(g_ptr + k * n + offs, mask=mask, other=0.0).to(tl.float32)
+            nonfinite += tl.where((x == x) & (tl.abs(x) < float("inf")), 0.0, 1.0)
+            if WITH_OUT:
+                acc += weights[k] * x
+            rows = rows + (x.to(tl.float64),)  # masked lanes read 0: they add nothing below
         if WITH_OUT:
-            acc += tl.load(alpha_ptr + k).to(tl.float32) * x
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         if WITH_GRAM:
-            for j in tl.static_range(M):
-                if j >= k:
-                    y = tl.load(g_ptr + j * n + offs, mask=mask, other=0.0).to(tl.float32)
-                    kk = tl.sum(tl.where(mask, x.to(tl.float64) * y.to(tl.float64), 0.0), axis=0)
-                    tl.store(row + k * M + j, kk)
-                    tl.store(row + j * M + k, kk)
-    if WITH_OUT:
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(row + M * M, tl.sum(tl.where(mask, nonfinite, 0.0).to(tl.float64), axis=0))
+            summed = ()
+            for i in tl.static_range(M):
+                for j in tl.static_range(i, M):
+                    summed = summed + (gram[i * M - i * (i - 1) // 2 + j - i] + rows[i] * rows[j],)
+            gram = summed
+        start += stride
+    row = part_ptr + pid * (M * M + 1)
+    if WITH_GRAM:
+        for i in tl.static_range(M):
+            for j in tl.static_range(i, M):
+                kk = tl.sum(gram[i * M - i * (i - 1) // 2 + j - i], axis=0)
+                tl.store(row + i * M + j, kk)
+                tl.store(row + j * M + i, kk)
+    tl.store(row + M * M, tl.sum(nonfinite.to(tl.float64), axis=0))
 
 
 # the offsets of the statistics vector (stats.py, csrc/mmgrad_math.h StatsLayout)
@@ -308,17 +327,24 @@ _BOGC_KERNEL_WIDE = _bogc_kernel if INTERPRET else triton.autotune(_WIDE_CONFIGS
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
 
 
-def _launch(kernel, n_lo_hi, *args, **meta) -> None:
+def _launch(kernel, n_lo_hi, *args, cap: Optional[int] = None, **meta) -> None:
+    """One program per block of [lo, hi), or at most ``cap`` programs (a grid-stride kernel)."""
     lo, hi = n_lo_hi
-    programs = max(1, triton.cdiv(hi - lo, _MIN_BLOCK))
+    cap = cap or 1 << 62
     if INTERPRET:
-        kernel[(programs,)](*args, BLOCK=_MIN_BLOCK, **meta)
+        kernel[(min(max(1, triton.cdiv(hi - lo, _MIN_BLOCK)), cap),)](*args, BLOCK=_MIN_BLOCK, **meta)
     else:
-        wrap_triton(kernel)[lambda m: (triton.cdiv(hi - lo, m["BLOCK"]),)](*args, **meta)
+        wrap_triton(kernel)[lambda m: (min(triton.cdiv(hi - lo, m["BLOCK"]), cap),)](*args, **meta)
 
 
-def _rows(bounds: List[int]) -> int:
-    return max(max(1, triton.cdiv(b - a, _MIN_BLOCK)) for a, b in zip(bounds[:-1], bounds[1:]))
+def grid_stride_programs(device: torch.device) -> int:
+    """The programs of a grid-stride launch: 8 per SM, as many as the CUDA kernels launch
+    (2 under the interpreter, so that its tests take several blocks per program)."""
+    return 2 if INTERPRET else 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rows(bounds: List[int], cap: Optional[int] = None) -> int:
+    return max(min(max(1, triton.cdiv(b - a, _MIN_BLOCK)), cap or 1 << 62) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def _operator(name: str, mutates_args, fake):
@@ -335,9 +361,10 @@ def _operator(name: str, mutates_args, fake):
     return register
 
 
-def _partials(like: Tensor, bounds: List[int], width: int) -> Tensor:
-    """Per-group, per-block partial statistics (float64), summed later on the device."""
-    return torch.zeros(len(bounds) - 1, _rows(bounds), width, dtype=torch.float64, device=like.device)
+def _partials(like: Tensor, bounds: List[int], width: int, cap: Optional[int] = None) -> Tensor:
+    """Per-group, per-program partial statistics (float64), summed later on the device; a
+    grid-stride launch (``cap`` programs at most) fills fewer rows, the rest stay 0."""
+    return torch.zeros(len(bounds) - 1, _rows(bounds, cap), width, dtype=torch.float64, device=like.device)
 
 
 def _bogc_width(g: Tensor) -> int:
@@ -349,7 +376,7 @@ def _fake_bogc(g, mean, var, mean_out, var_out, raw, group_offsets, *rest):
 
 
 def _fake_combine(g, alpha, out, group_offsets, with_gram):
-    return _partials(g, group_offsets, g.shape[0] ** 2 + 1)
+    return _partials(g, group_offsets, g.shape[0] ** 2 + 1, grid_stride_programs(g.device))
 
 
 def _fake_moo(grams, *rest):
@@ -387,12 +414,13 @@ def _combine_op(g: Tensor, alpha: Optional[Tensor], out: Tensor, group_offsets: 
     returns the per-block partials ``G x blocks x [M*M | 1]`` (Gram, non-finite count)."""
     mm, n = g.shape
     bounds = group_offsets
-    parts = _partials(g, bounds, mm * mm + 1)
+    cap = grid_stride_programs(g.device)
+    parts = _partials(g, bounds, mm * mm + 1, cap)
     with_out = alpha is not None
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi > lo:
             _launch(_COMBINE_KERNEL, (lo, hi), g, alpha[i] if with_out else g, out if with_out else g, parts[i], n, lo, hi,
-                    M=mm, WITH_OUT=with_out, WITH_GRAM=with_gram)
+                    cap=cap, M=mm, WITH_OUT=with_out, WITH_GRAM=with_gram)
     return parts
 
 
