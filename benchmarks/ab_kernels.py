@@ -1,6 +1,6 @@
 """Before/after in one process: the CPU kernels of an earlier build against this tree's.
 
-    python benchmarks/ab_kernels.py PATH/TO/OLD/_C.cpython-311-x86_64-linux-gnu.so
+    python benchmarks/ab_kernels.py PATH/TO/OLD/_C.cpython-311-x86_64-linux-gnu.so [--n N] [--m M ...]
 
 Builds the earlier commit's extension elsewhere (``git worktree add /tmp/before REV``,
 ``python setup.py build_ext --inplace`` there), loads it beside ``mmgrad._C``, and times
@@ -10,11 +10,14 @@ page faults). bogc_step moves (5M + 1) N floats: G read, the two EMA rows read a
 written, the output written; the Gram reads G once; the combination (with or without the
 Gram) reads G and writes the output. Builds before the EMA kept ``mean, var``
 (docs/spec.md, decision 3) take the step count and beta instead of the step's weights;
-each is called its own way, on the same bytes.
+each is called its own way, on the same bytes. ``--n`` (2**24 by default) and ``--m``
+(2 4 8) choose the sizes: rows a power-of-two stride apart share cache sets, so an N such
+as 2**24 + 10485 shows what the alignment costs.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import sys
@@ -41,11 +44,15 @@ def ema_args(ext, step: int = 3, beta: float = 0.9):
 
 
 def main(argv) -> int:
-    before, after = load(argv[0]), K._extension()
-    n = 16 * 2**20
-    print(f"N = 16 M, float32, {torch.get_num_threads()} threads; % memcpy = t_memcpy / t_kernel, same bytes, one run")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", help="the earlier build's mmgrad/_C*.so")
+    parser.add_argument("--n", type=int, default=2**24, help="coordinates per row (default 2**24)")
+    parser.add_argument("--m", type=int, nargs="+", default=[2, 4, 8], help="objective counts (default 2 4 8)")
+    args = parser.parse_args(argv)
+    before, after, n = load(args.before), K._extension(), args.n
+    print(f"N = {n}, float32, {torch.get_num_threads()} threads; % memcpy = t_memcpy / t_kernel, same bytes, one run")
     print(f"{'kernel':12s} {'M':>2s} {'before ms':>10s} {'after ms':>9s} {'before':>8s} {'after':>8s} {'speed-up':>9s}")
-    for m in (2, 4, 8):
+    for m in args.m:
         gen = torch.Generator().manual_seed(m)
         g = torch.randn(m, n, generator=gen)
         state = [torch.rand(m, n, generator=gen) for _ in range(2)]

@@ -102,20 +102,40 @@ def test_combine_and_gram_share_one_read(gen):
     assert rel_err(st["gram"], R.gram(f64(c.g), group_offsets=c.group_offsets)) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("m", (5, 8))
+def test_rows_sharing_cache_sets_combine_as_any_rows(gen, m, dtype):
+    """At N a multiple of 4 KiB of rows every row falls in the same L1 sets, and the
+    combination reads M > 4 rows in two passes: the same sums, bit for bit, as one pass over
+    rows that do not align (the first N columns of N + 1), and the reference's."""
+    n = 4096
+    wide = torch.randn(m, n + 1, generator=gen).to(dtype)
+    g = wide[:, :n].contiguous()
+    alpha = torch.rand(m, dtype=torch.float64, generator=gen)
+    out, out_wide = torch.full((n,), float("nan"), dtype=dtype), torch.full((n + 1,), float("nan"), dtype=dtype)
+    ops.combine(g, alpha, out=out, backend="cpu")
+    ops.combine(wide, alpha, out=out_wide, backend="cpu")
+    assert torch.equal(out, out_wide[:n])
+    assert rel_err(out, R.combine(f64(g), alpha)) <= TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_nonfinite_entries_are_counted(gen, dtype):
+@pytest.mark.parametrize("m, n", [(3, 1023), (7, 1023), (7, 2048)])  # M = 7, N = 2048: rows 0-2, then 3-6
+def test_nonfinite_entries_are_counted(gen, dtype, m, n):
     """float32/float64 rows are counted as the combination reads them in place, half rows as
     they are widened; the Gram alone counts nothing, and a poisoned row poisons its diagonal."""
-    c = random_case(3, 1023, dtype, gen)
+    c = random_case(m, n, dtype, gen)
     g = c.g.clone()
-    g[1, 5], g[2, 700], g[0, 1022] = float("nan"), float("inf"), -float("inf")
+    g[1, 5], g[m - 1, 700], g[0, 1022] = float("nan"), float("inf"), -float("inf")
     *_, st = ops.bogc_step(g, c.mean, c.var, 1, backend="cpu")
     assert int(st["nonfinite"]) == 3
-    _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu")
+    _, st = ops.combine_and_gram(g, torch.ones(m, dtype=torch.float64), backend="cpu")
     assert int(st["nonfinite"]) == 3
-    _, st = ops.combine_and_gram(g, torch.ones(3, dtype=torch.float64), backend="cpu", with_gram=False)
+    _, st = ops.combine_and_gram(g, torch.ones(m, dtype=torch.float64), backend="cpu", with_gram=False)
     assert int(st["nonfinite"]) == 3
-    assert not torch.isfinite(ops.gram(g, backend="cpu").diagonal()).any()
+    poisoned = torch.zeros(m, dtype=torch.bool)
+    poisoned[[0, 1, m - 1]] = True
+    assert torch.equal(~torch.isfinite(ops.gram(g, backend="cpu").diagonal()), poisoned)
 
 
 def test_confident_opposite_objectives_float32_kernel():
