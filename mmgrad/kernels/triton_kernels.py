@@ -301,17 +301,18 @@ def _combine_gram_kernel(g_ptr, alpha_ptr, out_ptr, part_ptr, n, lo, hi,
         if WITH_OUT:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         if WITH_GRAM:
-            summed = ()
+            summed = ()  # the pairs (i, j), i <= j, in order: pair p is gram[p]
             for i in tl.static_range(M):
                 for j in tl.static_range(i, M):
-                    summed = summed + (gram[i * M - i * (i - 1) // 2 + j - i] + rows[i] * rows[j],)
+                    summed = summed + (gram[len(summed)] + rows[i] * rows[j],)
             gram = summed
         start += stride
     row = part_ptr + pid * (M * M + 1)
     if WITH_GRAM:
         for i in tl.static_range(M):
             for j in tl.static_range(i, M):
-                kk = tl.sum(gram[i * M - i * (i - 1) // 2 + j - i], axis=0)
+                kk = tl.sum(gram[0], axis=0)  # the pairs in the same order, taken from the front
+                gram = gram[1:]
                 tl.store(row + i * M + j, kk)
                 tl.store(row + j * M + i, kk)
     tl.store(row + M * M, tl.sum(nonfinite.to(tl.float64), axis=0))
@@ -327,10 +328,13 @@ _BOGC_KERNEL_WIDE = _bogc_kernel if INTERPRET else triton.autotune(_WIDE_CONFIGS
 _COMBINE_KERNEL = _combine_gram_kernel if INTERPRET else triton.autotune(_CONFIGS, key=["M", "WITH_GRAM"])(_combine_gram_kernel)
 
 
+_UNCAPPED = 1 << 62
+
+
 def _launch(kernel, n_lo_hi, *args, cap: Optional[int] = None, **meta) -> None:
     """One program per block of [lo, hi), or at most ``cap`` programs (a grid-stride kernel)."""
     lo, hi = n_lo_hi
-    cap = cap or 1 << 62
+    cap = cap or _UNCAPPED
     if INTERPRET:
         kernel[(min(max(1, triton.cdiv(hi - lo, _MIN_BLOCK)), cap),)](*args, BLOCK=_MIN_BLOCK, **meta)
     else:
@@ -344,7 +348,7 @@ def grid_stride_programs(device: torch.device) -> int:
 
 
 def _rows(bounds: List[int], cap: Optional[int] = None) -> int:
-    return max(min(max(1, triton.cdiv(b - a, _MIN_BLOCK)), cap or 1 << 62) for a, b in zip(bounds[:-1], bounds[1:]))
+    return max(min(max(1, triton.cdiv(b - a, _MIN_BLOCK)), cap or _UNCAPPED) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def _operator(name: str, mutates_args, fake):
