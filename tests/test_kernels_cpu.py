@@ -102,6 +102,17 @@ def test_combine_and_gram_share_one_read(gen):
     assert rel_err(st["gram"], R.gram(f64(c.g), group_offsets=c.group_offsets)) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_gram_at_every_m_up_to_17(gen, dtype):
+    """The Gram's tiles (2 x 4, then the row pairs left with the last columns two at a time
+    as 4 x 2, one 2 x 2 for an odd one out) cover the upper triangle once at every M, in
+    chunks with a tail (N = 1037: three chunks, the last 13 long)."""
+    for m in range(1, 18):
+        g = torch.randn(m, 1037, generator=gen).to(dtype)
+        err = rel_err(ops.gram(g, backend="cpu"), R.gram(f64(g)))
+        assert err <= 1e-12, f"M={m}: {err:.2e}"
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("m", (5, 8))
 def test_rows_sharing_cache_sets_combine_as_any_rows(gen, m, dtype):

@@ -106,14 +106,15 @@ inline f64x4 load_f64x4(const double* p) {
 }
 inline double lanes_sum(const f64x4& v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-// R rows of a chunk against C (R x C <= 2 x 4): the products' sums over the chunk, in
-// float64 (each product of two floats is exact in double). One pass loads R + C rows for
-// R x C products, four elements at a time into R x C float64x4 accumulators (at most 8
-// of AVX2's 16 registers, with the 6 loaded rows: no spill), so the Gram runs at the
-// loads' rate. s[r * 4 + c] receives row r against column c. Out of line: inlined into a
-// pass's loop, GCC kept the accumulators on the stack.
+// R rows of a chunk against C (R x C <= 8): the products' sums over the chunk, in float64
+// (each product of two floats is exact in double). One pass loads R + C rows for R x C
+// products, four elements at a time into R x C float64x4 accumulators (at most 8 of
+// AVX2's 16 registers, with the 6 loaded rows: no spill), so the Gram runs at the loads'
+// rate. s[r * C + c] receives row r against column c. Out of line: inlined into a pass's
+// loop, GCC kept the accumulators on the stack.
 template <int R, int C, typename acc_t>
-__attribute__((noinline)) void gram_tile(const acc_t* const a[2], const acc_t* const b[4], int64_t len, double s[8]) {
+__attribute__((noinline)) void gram_tile(const acc_t* const* a, const acc_t* const* b, int64_t len, double* s) {
+  static_assert(R * C <= 8, "at most 8 accumulators: AVX2 has 16 registers");
   f64x4 acc[R][C] = {};
   int64_t t = 0;
   for (; t + 4 <= len; t += 4) {
@@ -127,36 +128,66 @@ __attribute__((noinline)) void gram_tile(const acc_t* const a[2], const acc_t* c
     for (int c = 0; c < C; ++c) {
       double tail = 0.0;
       for (int64_t u = t; u < len; ++u) tail += static_cast<double>(a[r][u]) * static_cast<double>(b[c][u]);
-      s[r * 4 + c] = lanes_sum(acc[r][c]) + tail;
+      s[r * C + c] = lanes_sum(acc[r][c]) + tail;
+    }
+}
+
+// Adds an R x C tile's sums s (rows ri[r], columns cj[c]) to the upper triangle of
+// gram[M x M] and its mirror; rows or columns past M, and products below the diagonal,
+// are dropped.
+template <int R, int C>
+inline void add_tile(int M, const int* ri, const int* cj, const double* s, double* gram) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const int ii = ri[r], jj = cj[c];
+      if (ii >= M || jj >= M || jj < ii) continue;
+      gram[ii * M + jj] += s[r * C + c];
+      if (jj != ii) gram[jj * M + ii] += s[r * C + c];
     }
 }
 
 // Upper triangle of the chunk's Gram matrix, added (symmetrically) to gram[M x M], in
-// 2 x 4 tiles of rows (2 x 2 for the last two columns or fewer); row(k) is the chunk's
-// row k, a tile's rows past M read a zero row, and its products below the diagonal are
-// dropped.
+// 2 x 4 tiles of rows; row(k) is the chunk's row k, a tile's rows past M read a zero row.
+// The row pairs left with the last one or two columns share those columns (one class of
+// row pairs, i = 0 or 2 mod 4, has them at a given M), and are taken two at a time as a
+// 4 x 2 tile: a 2 x 2 tile's 4 accumulators cannot cover the FMA's latency on two pipes
+// (it ran at half rate), 8 can.
 template <typename acc_t, typename RowOf>
 inline void add_chunk_gram(int M, const RowOf& row_of, int64_t len, double* gram) {
   static const acc_t zeros[kChunk] = {};
   auto row = [&](int k) -> const acc_t* { return k < M ? row_of(k) : zeros; };
+  int left[math::kMaxObjectives], n_left = 0, j_left = 0;  // row pairs left with columns j_left, j_left + 1
   for (int i = 0; i < M; i += 2) {
     for (int j = i; j < M; j += 4) {
+      if (M - j <= 2) {
+        left[n_left++] = i;
+        j_left = j;
+        continue;
+      }
+      const int ri[2] = {i, i + 1}, cj[4] = {j, j + 1, j + 2, j + 3};
       const acc_t* const a[2] = {row(i), row(i + 1)};
       const acc_t* const b[4] = {row(j), row(j + 1), row(j + 2), row(j + 3)};
-      double s[8] = {};
-      if (M - j <= 2)
-        gram_tile<2, 2>(a, b, len, s);
-      else
-        gram_tile<2, 4>(a, b, len, s);
-      for (int r = 0; r < 2; ++r) {
-        for (int c = 0; c < 4; ++c) {
-          const int ii = i + r, jj = j + c;
-          if (ii >= M || jj >= M || jj < ii) continue;
-          gram[ii * M + jj] += s[r * 4 + c];
-          if (jj != ii) gram[jj * M + ii] += s[r * 4 + c];
-        }
-      }
+      double s[8];
+      gram_tile<2, 4>(a, b, len, s);
+      add_tile<2, 4>(M, ri, cj, s, gram);
     }
+  }
+  const int cj[2] = {j_left, j_left + 1};
+  const acc_t* const b[2] = {row(j_left), row(j_left + 1)};
+  int q = 0;
+  for (; q + 2 <= n_left; q += 2) {
+    const int ri[4] = {left[q], left[q] + 1, left[q + 1], left[q + 1] + 1};
+    const acc_t* const a[4] = {row(ri[0]), row(ri[1]), row(ri[2]), row(ri[3])};
+    double s[8];
+    gram_tile<4, 2>(a, b, len, s);
+    add_tile<4, 2>(M, ri, cj, s, gram);
+  }
+  if (q < n_left) {
+    const int ri[2] = {left[q], left[q] + 1};
+    const acc_t* const a[2] = {row(ri[0]), row(ri[1])};
+    double s[4];
+    gram_tile<2, 2>(a, b, len, s);
+    add_tile<2, 2>(M, ri, cj, s, gram);
   }
 }
 
