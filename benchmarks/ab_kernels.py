@@ -43,6 +43,16 @@ def ema_args(ext, step: int = 3, beta: float = 0.9):
     return (step, beta) if old else ema_weights(step, beta)
 
 
+def moo_cases(g, alpha, off, out) -> dict:
+    """The MOO kernels on float32 rows ``g`` (M x N), as ``name: (bytes moved, call(ext))``:
+    the Gram reads G once; the combination, alone or with the next Gram (lagged), reads G
+    and writes ``out``."""
+    m, n = g.shape
+    return {"gram": (m * n * 4, lambda ext: ext.gram(g, off)),
+            "combine": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, out, False)),
+            "combine+gram": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, out, True))}
+
+
 def main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="the earlier build's mmgrad/_C*.so")
@@ -62,9 +72,7 @@ def main(argv) -> int:
             "bogc_step": ((5 * m + 1) * n * 4,
                           lambda ext: ext.bogc_step(g, state[0], state[1], state[0], state[1], raw, off, *ema_args(ext),
                                                     1.0, 1e-8, 0, 0)),
-            "gram": (m * n * 4, lambda ext: ext.gram(g, off)),
-            "combine": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, raw, False)),
-            "combine+gram": ((m + 1) * n * 4, lambda ext: ext.combine(g, alpha, off, raw, True)),  # lagged
+            **moo_cases(g, alpha, off, raw),
         }
         for name, (nbytes, call) in cases.items():
             t_before = timeit(lambda: call(before))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from ab_kernels import moo_cases  # beside this script (sys.path[0])
 
 from mmgrad.kernels import cpu as K
 from mmgrad.tools.timing import memcpy_seconds, timeit
@@ -36,11 +37,8 @@ def main(argv=None) -> int:
             g = torch.randn(m, n, generator=gen)
             out, off = torch.empty(n), torch.tensor([0, n])
             alpha = torch.full((1, m), 1.0 / m, dtype=torch.float64)
-            cases = {"gram": (m * n * 4, lambda: ext.gram(g, off)),
-                     "combine": ((m + 1) * n * 4, lambda: ext.combine(g, alpha, off, out, False)),
-                     "combine+gram": ((m + 1) * n * 4, lambda: ext.combine(g, alpha, off, out, True))}
-            for name, (nbytes, call) in cases.items():
-                t, t_copy = timeit(call), memcpy_seconds(nbytes)
+            for name, (nbytes, call) in moo_cases(g, alpha, off, out).items():
+                t, t_copy = timeit(lambda: call(ext)), memcpy_seconds(nbytes)
                 print(f"{n:10d} {name:12s} {1e3 * t:8.1f} {1e3 * t_copy:10.1f} {100 * t_copy / t:8.0f}%", flush=True)
             del g, out
     return 0

@@ -193,9 +193,9 @@ def _cell(x: Optional[float], fmt: str, missing: str = "-") -> str:
 
 
 def format_row(r: Row) -> str:
-    f = _cell
     return (f"{r.method:8s} {r.n // 2**20:5d}M {r.m:2d} {1e3 * r.seconds:9.2f} {r.gbps:6.1f} {r.pct_memcpy:8.0f}% "
-            f"{f(r.x_eager, '8.1f')} {f(r.x_compile, '9.2f')} {f(r.compile_seconds, '9.1f')} {f(r.x_torchjd, '9.2f')}")
+            f"{_cell(r.x_eager, '8.1f')} {_cell(r.x_compile, '9.2f')} {_cell(r.compile_seconds, '9.1f')} "
+            f"{_cell(r.x_torchjd, '9.2f')}")
 
 
 def markdown_tables(rows: Sequence[Row]) -> str:
